@@ -1,0 +1,31 @@
+import json
+
+import sorsa_kernels as sk
+from sorsa_kernels import bench, cli
+
+
+def test_info_lists_backends(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "sorsa-kernels" in out and "torch" in out and "backends:" in out
+
+
+def test_bench_quick_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "linear_cases", lambda device, quick: [(64, 48, 40, 8)])
+    path = tmp_path / "r.json"
+    assert cli.main(["bench", "--quick", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "sorsa-1.0.1" in out and "ours[torch]" in out
+    data = json.loads(path.read_text())
+    impls = {r["impl"] for r in data["results"]}
+    assert {"ours[torch]", "sorsa-1.0.1", "dense F.linear"} <= impls
+    assert all(r["ms"] > 0 for r in data["results"])
+
+
+def test_reference_forward_matches_layer():
+    import torch
+    m = sk.SORSALinear(12, 10, r=3, alpha=6.0)
+    m.sorsa_init()
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(bench.reference_forward(x, m.weight, m.sorsa_A, m.sorsa_S, m.sorsa_B, m.scale), m(x),
+                               atol=1e-5, rtol=1e-5)

@@ -1,0 +1,102 @@
+"""apply_sorsa / merge / parameter helpers on small multi-layer models."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sorsa_kernels as sk
+
+
+class Attn(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.q_proj_norm = nn.LayerNorm(d)  # name contains "q_proj" but is not a Linear
+
+    def forward(self, x):
+        a = torch.softmax(self.q_proj(x) @ self.k_proj(x).transpose(-1, -2) / x.shape[-1] ** 0.5, -1)
+        return self.o_proj(a @ self.v_proj(self.q_proj_norm(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.attn = Attn(d)
+        self.mlp = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
+        self.up_proj = nn.Linear(d, h)  # "up_proj" also appears as a substring below
+        self.up_proj_2 = nn.Linear(h, d)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.mlp(x) + self.up_proj_2(self.up_proj(x))
+
+
+def model(d=16, h=24, n=2):
+    torch.manual_seed(0)
+    return nn.Sequential(*[Block(d, h) for _ in range(n)], nn.Linear(d, 5))
+
+
+def test_apply_sorsa_replaces_by_substring_and_keeps_output():
+    m = model()
+    x = torch.randn(2, 3, 16)
+    y0 = m(x)
+    out = sk.apply_sorsa(m, ["q_proj", "v_proj", "up_proj", "mlp"], r=4, alpha=8.0)
+    assert out is m
+    names = {n for n, mod in m.named_modules() if isinstance(mod, sk.SORSALinear)}
+    expect = {f"{i}.{s}" for i in range(2) for s in
+              ("attn.q_proj", "attn.v_proj", "up_proj", "up_proj_2", "mlp.0", "mlp.2")}
+    assert names == expect
+    assert isinstance(m[0].attn.q_proj_norm, nn.LayerNorm) and isinstance(m[0].attn.k_proj, nn.Linear)
+    torch.testing.assert_close(m(x), y0, atol=1e-5, rtol=1e-5)  # init leaves the model's function unchanged
+    sk.mark_only_sorsa_trainable(m)
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all("sorsa_" in n for n in trainable)
+    assert len(sk.sorsa_parameters(m)) == 3 * len(expect)
+
+
+def test_shared_linear_replaced_once_everywhere():
+    lin = nn.Linear(8, 8)
+    m = nn.ModuleDict({"enc": nn.ModuleDict({"proj": lin}), "dec": nn.ModuleDict({"proj": lin})})
+    sk.apply_sorsa(m, "proj", r=2)
+    assert m["enc"]["proj"] is m["dec"]["proj"]
+    assert isinstance(m["enc"]["proj"], sk.SORSALinear)
+
+
+def test_train_step_with_regularizer_then_merge():
+    m = model()
+    sk.apply_sorsa(m, ["proj", "mlp"], r=4, dropout=0.1)
+    sk.mark_only_sorsa_trainable(m)
+    opt = torch.optim.AdamW(sk.sorsa_parameters(m), lr=1e-2)
+    x, tgt = torch.randn(4, 16), torch.randn(4, 5)
+    m.train()
+    loss = torch.nn.functional.mse_loss(m(x), tgt)
+    loss.backward()
+    reg = sk.orthonormal_grad_(m, gamma=0.1, lr=1e-2)
+    assert reg is not None and reg < 1e-4  # orthonormal right after init
+    opt.step()
+    m.eval()
+    y = m(x)
+    sk.merge_sorsa(m)
+    assert all(l.merged for l in sk.sorsa_layers(m))
+    torch.testing.assert_close(m(x), y, atol=1e-5, rtol=1e-5)
+    sk.unmerge_sorsa(m)
+    torch.testing.assert_close(m(x), y, atol=1e-5, rtol=1e-5)
+
+
+def test_state_dict_round_trip_whole_model():
+    m = model()
+    sk.apply_sorsa(m, ["q_proj", "mlp"], r=3)
+    m2 = sk.apply_sorsa(model(), ["q_proj", "mlp"], r=3, init=None)
+    m2.load_state_dict(m.state_dict(), strict=True)
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(m2(x), m(x))
+
+
+def test_no_match_is_an_error():
+    with pytest.raises(ValueError, match="target_modules.*matched no nn.Linear"):
+        sk.apply_sorsa(model(), ["nonexistent"], r=2)
+    with pytest.raises(ValueError, match="target_modules"):
+        sk.apply_sorsa(model(), [], r=2)
+    with pytest.raises(TypeError, match="target_modules"):
+        sk.apply_sorsa(model(), [3], r=2)
