@@ -1,8 +1,19 @@
 import importlib.util
 import os
 
+# Kernels run under the Triton interpreter on CPU tensors; must be set before triton is
+# imported. benchmarks/gpu_check.sh sets TRITON_INTERPRET=0 to run the same tests on a GPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
+
+import sorsa_kernels._backend as _backend
+
+HAS_TRITON = _backend.triton_status()[0]
+# Device the kernel tests run on: the GPU when present (gpu_check.sh), else the CPU interpreter.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() and not _backend.triton_interpret() else "cpu"
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (pip install triton)")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # absolute floor of the tolerance rule, by dtype (a few ulps at unit scale)

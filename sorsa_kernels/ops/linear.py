@@ -9,7 +9,7 @@ Under autocast every operand is first cast to the autocast dtype, as ``nn.Linear
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -81,15 +81,95 @@ def check_linear_args(x, weight, A, S, B, bias) -> None:
             raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
 
 
-def _sorsa_linear_torch(x, weight, A, S, B, scale, bias, dropout_p, training):
-    # Factored form: never materialises B·diag(S)·A (out×in) per step; the adapter's
-    # up-projection accumulates into y inside one addmm instead of a separate add pass.
-    dt = x.dtype
-    x2 = x.reshape(-1, x.shape[-1])
+def _torch_keep(x2: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """Keep-mask of the torch backend, regenerated from ``seed`` in backward (never saved)."""
+    g = torch.Generator(device=x2.device).manual_seed(int(seed.item()))
+    return torch.rand(x2.shape, generator=g, device=x2.device) >= p
+
+
+def _torch_fwd(x2, weight, A, S, B, bias, scale: float, p: float, seed):
+    """Unfused factored forward: ``(y, xa)`` with ``xa = drop(x)·Aᵀ`` in fp32 (saved for backward).
+    Never materialises B·diag(S)·A; the up-projection accumulates into y in one addmm."""
+    dt = x2.dtype
+    xd = x2 * _torch_keep(x2, p, seed).to(dt) / (1.0 - p) if p > 0 else x2
+    xa = xd @ A.to(dt).t()
     y = F.linear(x2, weight, None if bias is None else bias.to(dt))
-    xd = F.dropout(x2, dropout_p, training=True) if (training and dropout_p > 0) else x2
-    s = (xd @ A.to(dt).t()) * (S.to(dt) * scale)
-    return torch.addmm(y, s, B.to(dt).t()).reshape(*x.shape[:-1], weight.shape[0])
+    y = torch.addmm(y, xa * (S.to(dt) * scale), B.to(dt).t())
+    return y, xa.float()
+
+
+def _torch_bwd(dy, x2, weight, A, S, B, xa, scale: float, p: float, seed, need_dx: bool):
+    """Unfused backward: ``(dx, dA, dS, dB)`` from the formulas in the module docstring."""
+    dt = dy.dtype
+    Sf = S.float() * scale
+    g = (dy @ B.to(dt)).float()
+    dS = (g * xa).sum(0) * scale
+    gs = (g * Sf).to(dt)
+    dB = dy.t() @ (xa * Sf).to(dt)
+    keep = _torch_keep(x2, p, seed).to(dt) / (1.0 - p) if p > 0 else None
+    dA = gs.t() @ (x2 if keep is None else x2 * keep)
+    dx = None
+    if need_dx:
+        up = gs @ A.to(dt)
+        dx = dy @ weight + (up if keep is None else up * keep)
+    return dx, dA.to(A.dtype), dS.to(S.dtype), dB.to(B.dtype)
+
+
+# backend name -> (forward, backward); the Triton pair is added when Triton imports.
+_KERNELS = {"torch": (_torch_fwd, _torch_bwd)}
+if _backend.triton_status()[0]:
+    from ..kernels import linear_launch as _tl
+
+    _KERNELS["triton"] = (_tl.linear_fwd, _tl.linear_bwd)
+    _backend.register(OP, "triton")
+
+
+@torch.library.custom_op("sorsa_kernels::linear_fwd", mutates_args=())
+def _linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor,
+                   bias: Optional[torch.Tensor], scale: float, p: float, seed: torch.Tensor,
+                   backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    y, xa = _KERNELS[backend][0](x, weight, A, S, B, bias, scale, p, seed)
+    return y, xa
+
+
+@_linear_fwd_op.register_fake
+def _(x, weight, A, S, B, bias, scale, p, seed, backend):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("sorsa_kernels::linear_bwd", mutates_args=())
+def _linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, S: torch.Tensor,
+                   B: torch.Tensor, xa: torch.Tensor, scale: float, p: float, seed: torch.Tensor, backend: str,
+                   need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # custom ops cannot return None: an unneeded dx comes back as an empty tensor
+    dx, dA, dS, dB = _KERNELS[backend][1](dy, x, weight, A, S, B, xa, scale, p, seed, need_dx)
+    return (x.new_empty(0) if dx is None else dx), dA, dS, dB
+
+
+@_linear_bwd_op.register_fake
+def _(dy, x, weight, A, S, B, xa, scale, p, seed, backend, need_dx):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(A), torch.empty_like(S), torch.empty_like(B)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, A, S, B, bias, scale, p, seed, backend = inputs
+    ctx.save_for_backward(x, weight, A, S, B, output[1], seed)
+    ctx.scale, ctx.p, ctx.backend, ctx.has_bias = scale, p, backend, bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy, _dxa):
+    x, weight, A, S, B, xa, seed = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx, dA, dS, dB = _linear_bwd_op(dy, x, weight, A, S, B, xa, ctx.scale, ctx.p, seed, ctx.backend,
+                                    ctx.needs_input_grad[0])
+    dW = dy.t() @ x if ctx.needs_input_grad[1] else None  # only if the caller unfroze W_r
+    db = dy.sum(0).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[5] else None
+    return (dx if ctx.needs_input_grad[0] else None), dW, dA, dS, dB, db, None, None, None, None
+
+
+_linear_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def sorsa_linear(
@@ -108,13 +188,13 @@ def sorsa_linear(
     """Differentiable SORSA linear ``x·Wᵀ + scale·((drop(x)·Aᵀ)⊙S)·Bᵀ + bias``.
 
     Args:
-        x: input ``(..., in_features)``.
-        weight: frozen residual ``W_r`` ``(out_features, in_features)``; receives no gradient
-            through this op unless it requires grad.
+        x: input ``(..., in_features)``; any strides.
+        weight: frozen residual ``W_r`` ``(out_features, in_features)``.
         A, S, B: adapters ``(r, in)``, ``(r,)``, ``(out, r)``, ``r >= 1``.
         scale: ``alpha / r`` (1 when alpha is None).
         bias: optional ``(out_features,)``.
         dropout_p: dropout on the adapter branch's input, applied only when ``training``.
+            The mask is regenerated from a seed in backward, never stored.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`sorsa_kernels._backend`).
 
     Returns:
@@ -123,10 +203,12 @@ def sorsa_linear(
     x, weight, A, S, B, bias = _autocast(x, weight, A, S, B, bias)
     check_linear_args(x, weight, A, S, B, bias)
     scale = check_scale(scale)
-    dropout_p = check_dropout_p(dropout_p)
-    impl = _IMPLS[_backend.resolve(OP, backend, x.device)]
-    return impl(x, weight, A, S, B, scale, bias, dropout_p, bool(training))
-
-
-# backend name -> implementation with the signature of _sorsa_linear_torch
-_IMPLS = {"torch": _sorsa_linear_torch}
+    p = check_dropout_p(dropout_p) if training else 0.0
+    impl = _backend.resolve(OP, backend, x.device)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if p > 0:
+        seed = torch.randint(0, 2 ** 31 - 1, (1,), device=x.device, dtype=torch.int64)
+    else:
+        seed = torch.zeros(1, device=x.device, dtype=torch.int64)
+    y, _ = _linear_fwd_op(x2, weight, A, S, B, bias, scale, p, seed, impl)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

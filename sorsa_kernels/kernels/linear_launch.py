@@ -1,0 +1,156 @@
+"""Launchers for the SORSA linear Triton kernels: shapes, strides, configs, grids.
+
+Configs (the AOT test compiles every one of them for sm_80 and sm_90):
+  MM  128×128×64, 8 warps, 3 stages: the Hopper/Ampere workhorse for the big GEMMs
+      (y, dX) — 3 stages of bf16 A/B tiles fit both GPUs' shared memory;
+  MM  128×256×64, 8 warps, 3 stages: wide N tiles for N ≥ 4096 on Hopper (more reuse of x);
+  MM  64×128×32, 4 warps, 4 stages: Ampere-friendly, fewer registers, ragged/small M;
+  MM  128×32×64 / 128×64×64, 4 warps: the rank-r outputs (x·Aᵀ and dY·B), N = r is small.
+  TN  BLOCK_A=32/64/128 (the rank dimension) × 128 × BLOCK_M=64: dA and dBᵀ, split over M.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from .._backend import triton_interpret
+from .linear_kernels import sorsa_mm_kernel, sorsa_tn_kernel
+
+
+def _cfg(**kw):
+    nw, ns = kw.pop("num_warps"), kw.pop("num_stages")
+    return triton.Config(kw, num_warps=nw, num_stages=ns)
+
+
+MM_CONFIGS = [
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
+    _cfg(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+]
+TN_CONFIGS = [
+    _cfg(BLOCK_A=32, BLOCK_B=128, BLOCK_M=64, num_warps=4, num_stages=4),
+    _cfg(BLOCK_A=64, BLOCK_B=128, BLOCK_M=64, num_warps=4, num_stages=3),
+    _cfg(BLOCK_A=128, BLOCK_B=128, BLOCK_M=64, num_warps=8, num_stages=3),
+]
+# The interpreter runs numpy: one small config keeps the tests fast and hits ragged edges.
+INTERP_MM = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+INTERP_TN = dict(BLOCK_A=16, BLOCK_B=16, BLOCK_M=16)
+SPLIT_M_GRAIN = 64  # every split of M is a multiple of every TN config's BLOCK_M
+
+_mm_tuned = triton.autotune(MM_CONFIGS, key=["N", "K", "R", "HAS_SEG2", "DROP_IN", "DROP_OUT"])(sorsa_mm_kernel)
+_tn_tuned = triton.autotune(TN_CONFIGS, key=["DA", "DB", "DROP_Q"])(sorsa_tn_kernel)
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products (as torch's default matmul), not TF32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return triton_interpret() and dtype == torch.bfloat16
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _dummy(device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def mm(
+    x1: torch.Tensor, w1: torch.Tensor, out: torch.Tensor, *,
+    x2: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None,
+    p: float = 0.0, drop_in: bool = False, drop_out: bool = False, drop_ld: int = 0,
+) -> torch.Tensor:
+    """``out = drop_in(x1)·w1ᵀ + drop_out(x2·w2ᵀ) + bias``; x1 (M,K), w1 (N,K), x2 (M,R), w2 (N,R)."""
+    M, K = x1.shape
+    N = w1.shape[0]
+    has2 = x2 is not None
+    R = x2.shape[1] if has2 else 0
+    x2_, w2_ = (x2, w2) if has2 else (x1, w1)
+    big = M * max(drop_ld, 1) >= 2 ** 31
+    args = (x1, w1, x2_, w2_, bias if bias is not None else out, out,
+            seed if seed is not None else _dummy(x1.device),
+            M, N, K, R,
+            x1.stride(0), x1.stride(1), w1.stride(0), w1.stride(1),
+            x2_.stride(0), x2_.stride(1), w2_.stride(0), w2_.stride(1),
+            out.stride(0), out.stride(1),
+            float(p), 1.0 / (1.0 - p), drop_ld)
+    flags = dict(HAS_SEG2=has2, HAS_BIAS=bias is not None, DROP_IN=drop_in, DROP_OUT=drop_out,
+                 BIG=big, UPCAST=_upcast(x1.dtype), PREC=_prec(x1.dtype))
+    if triton_interpret():
+        grid = (triton.cdiv(M, INTERP_MM["BLOCK_M"]) * triton.cdiv(N, INTERP_MM["BLOCK_N"]),)
+        sorsa_mm_kernel[grid](*args, **flags, **INTERP_MM)
+    else:
+        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
+        _mm_tuned[grid](*args, **flags)
+    return out
+
+
+def tn(p_mat: torch.Tensor, q: torch.Tensor, *, seed: Optional[torch.Tensor] = None,
+       p: float = 0.0, drop_q: bool = False, drop_ld: int = 0) -> torch.Tensor:
+    """fp32 ``p_matᵀ·drop(q)``: p_mat (M, DA), q (M, DB) → (DA, DB); split over M, summed in order."""
+    M, DA = p_mat.shape
+    DB = q.shape[1]
+    interp = triton_interpret()
+    if interp or M <= SPLIT_M_GRAIN:
+        splits = 1
+    else:
+        tiles = triton.cdiv(DA, 64) * triton.cdiv(DB, 128)
+        splits = max(1, min(triton.cdiv(M, 4 * SPLIT_M_GRAIN), (2 * _num_sms(q.device.index or 0)) // tiles))
+    m_per = triton.cdiv(triton.cdiv(M, splits), SPLIT_M_GRAIN) * SPLIT_M_GRAIN
+    splits = triton.cdiv(M, m_per)
+    part = torch.empty((splits, DA, DB), dtype=torch.float32, device=q.device)
+    big = M * max(drop_ld, 1) >= 2 ** 31
+    args = (p_mat, q, part, seed if seed is not None else _dummy(q.device),
+            M, DA, DB, m_per,
+            p_mat.stride(0), p_mat.stride(1), q.stride(0), q.stride(1),
+            part.stride(0), part.stride(1), part.stride(2),
+            float(p), 1.0 / (1.0 - p), drop_ld)
+    flags = dict(DROP_Q=drop_q, BIG=big, UPCAST=_upcast(q.dtype), PREC=_prec(q.dtype))
+    if interp:
+        grid = (triton.cdiv(DA, INTERP_TN["BLOCK_A"]), triton.cdiv(DB, INTERP_TN["BLOCK_B"]), splits)
+        sorsa_tn_kernel[grid](*args, **flags, **INTERP_TN)
+    else:
+        grid = lambda META: (triton.cdiv(DA, META["BLOCK_A"]), triton.cdiv(DB, META["BLOCK_B"]), splits)  # noqa: E731
+        _tn_tuned[grid](*args, **flags)
+    return part[0] if splits == 1 else part.sum(0)
+
+
+def linear_fwd(x, weight, A, S, B, bias, scale: float, p: float, seed) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward: shrink ``xa = drop(x)·Aᵀ`` (fp32, saved), then ``[x | s]·[W_r | B]ᵀ + bias``."""
+    M, K = x.shape
+    dt, r = x.dtype, A.shape[0]
+    drop = p > 0
+    xa = mm(x, A.to(dt), torch.empty((M, r), dtype=torch.float32, device=x.device),
+            seed=seed, p=p, drop_in=drop, drop_ld=K)
+    s = (xa * (S.float() * scale)).to(dt)
+    y = torch.empty((M, weight.shape[0]), dtype=dt, device=x.device)
+    mm(x, weight, y, x2=s, w2=B.to(dt), bias=None if bias is None else bias.to(dt))
+    return y, xa
+
+
+def linear_bwd(dy, x, weight, A, S, B, xa, scale: float, p: float, seed, need_dx: bool):
+    """Backward: ``g = dY·B`` once; dX = dY·W_r + drop(gs·A) in one GEMM; dA, dBᵀ split over M."""
+    M, K = x.shape
+    dt, r = x.dtype, A.shape[0]
+    drop = p > 0
+    Sf = S.float() * scale
+    g = mm(dy, B.to(dt).t(), torch.empty((M, r), dtype=torch.float32, device=x.device))
+    dS = (g * xa).sum(0) * scale
+    gs = (g * Sf).to(dt)
+    dx = None
+    if need_dx:
+        dx = mm(dy, weight.t(), torch.empty_like(x, memory_format=torch.contiguous_format),
+                x2=gs, w2=A.to(dt).t(), seed=seed, p=p, drop_out=drop, drop_ld=K)
+    dA = tn(gs, x, seed=seed, p=p, drop_q=drop, drop_ld=K)
+    dBt = tn((xa * Sf).to(dt), dy)
+    return dx, dA.to(A.dtype), dS.to(S.dtype), dBt.t().to(B.dtype)
