@@ -11,7 +11,6 @@ nothing else in the package branches on the backend name.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Callable, Dict, Optional
@@ -36,9 +35,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_status() -> tuple[bool, str]:
-    """(usable, reason). Import is attempted once; the reason says what is missing."""
+def _probe_triton() -> tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "the 'triton' package is not installed (pip install triton)"
     try:
@@ -47,6 +44,14 @@ def triton_status() -> tuple[bool, str]:
     except Exception as exc:  # pragma: no cover - broken installs only
         return False, f"'import triton' failed: {exc!r}"
     return True, "ok"
+
+
+_TRITON_STATUS = _probe_triton()  # probed once at import: a plain constant for torch.compile
+
+
+def triton_status() -> tuple[bool, str]:
+    """(usable, reason): the reason says what is missing."""
+    return _TRITON_STATUS
 
 
 def available_backends(op: str) -> list[str]:

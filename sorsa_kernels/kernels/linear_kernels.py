@@ -76,7 +76,12 @@ def sorsa_mm_kernel(
         acc = tl.dot(a, b, acc, input_precision=PREC)
 
     if HAS_SEG2:
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # Without an output mask the rank-r segment accumulates straight into acc: a second
+        # 128×128 fp32 accumulator would spill.
+        if DROP_OUT:
+            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc2 = acc
         for r0 in range(0, R, BLOCK_K):
             kk = r0 + rk
             a = tl.load(X2 + rm[:, None] * s_x2m + kk[None, :] * s_x2r, mask=m_ok & (kk[None, :] < R), other=0.0)
@@ -87,8 +92,9 @@ def sorsa_mm_kernel(
             acc2 = tl.dot(a, b, acc2, input_precision=PREC)
         if DROP_OUT:
             keep = _keep(seed, rm[:, None], rn[None, :], drop_ld, p, BIG)
-            acc2 = tl.where(keep, acc2 * inv_keep, 0.0)
-        acc += acc2
+            acc += tl.where(keep, acc2 * inv_keep, 0.0)
+        else:
+            acc = acc2
 
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]

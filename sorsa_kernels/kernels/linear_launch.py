@@ -1,12 +1,17 @@
 """Launchers for the SORSA linear Triton kernels: shapes, strides, configs, grids.
 
-Configs (the AOT test compiles every one of them for sm_80 and sm_90):
-  MM  128×128×64, 8 warps, 3 stages: the Hopper/Ampere workhorse for the big GEMMs
-      (y, dX) — 3 stages of bf16 A/B tiles fit both GPUs' shared memory;
-  MM  128×256×64, 8 warps, 3 stages: wide N tiles for N ≥ 4096 on Hopper (more reuse of x);
-  MM  64×128×32, 4 warps, 4 stages: Ampere-friendly, fewer registers, ragged/small M;
-  MM  128×32×64 / 128×64×64, 4 warps: the rank-r outputs (x·Aᵀ and dY·B), N = r is small.
-  TN  BLOCK_A=32/64/128 (the rank dimension) × 128 × BLOCK_M=64: dA and dBᵀ, split over M.
+Configs are per role and dtype family; the AOT check (kernels/aot_check.py) compiles every
+one for sm_80 and sm_90 with the role's flags and fails on spills or shared memory overflow.
+  main  (y = [x|s]·[W_r|B]ᵀ + bias, dX = dY·W_r + gs·A): 128×128×64 / 8 warps / 3 stages
+        is the standard Hopper+Ampere bf16 tile; 64×128×32 / 4 warps / 4 stages for small M
+        and for Ampere's lower register budget per SM.
+  main_drop (dX with the dropout mask regenerated in the epilogue): the per-element Philox
+        spills a 128×128 tile, so 64-row tiles.
+  skinny (x·Aᵀ with in-loop dropout, dY·B; N = r): BLOCK_N 32/64/128 so r is not padded to a
+        big tile; BLOCK_K 32 because the in-loop Philox costs registers per element.
+  tn    (dA, dBᵀ; A = r): BLOCK_A 32 or 128 × 128, BLOCK_M 32 (the in-loop Philox of dA
+        spills at 64), split over M.
+  fp32 inputs compute true-fp32 (non tensor-core) products: smaller tiles of each role.
 """
 from __future__ import annotations
 
@@ -20,30 +25,39 @@ from .._backend import triton_interpret
 from .linear_kernels import sorsa_mm_kernel, sorsa_tn_kernel
 
 
-def _cfg(**kw):
-    nw, ns = kw.pop("num_warps"), kw.pop("num_stages")
-    return triton.Config(kw, num_warps=nw, num_stages=ns)
+def _cfg(bm, bn, bk, w, s, **kw):
+    names = ("BLOCK_A", "BLOCK_B", "BLOCK_M") if kw.pop("tn", False) else ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    d = dict(zip(names, (bm, bn, bk)), **({} if names[0] == "BLOCK_A" else {"GROUP_M": 8}))
+    return triton.Config(d, num_warps=w, num_stages=s)
 
 
-MM_CONFIGS = [
-    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    _cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
-    _cfg(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-    _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-]
-TN_CONFIGS = [
-    _cfg(BLOCK_A=32, BLOCK_B=128, BLOCK_M=64, num_warps=4, num_stages=4),
-    _cfg(BLOCK_A=64, BLOCK_B=128, BLOCK_M=64, num_warps=4, num_stages=3),
-    _cfg(BLOCK_A=128, BLOCK_B=128, BLOCK_M=64, num_warps=8, num_stages=3),
-]
+# (role, fp32?) -> configs. Flags each role compiles with are in ROLE_FLAGS.
+CONFIGS = {
+    ("main", False): [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 32, 4, 4)],
+    ("main", True): [_cfg(64, 64, 16, 4, 3), _cfg(32, 64, 32, 4, 3)],
+    ("main_drop", False): [_cfg(64, 128, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
+    ("main_drop", True): [_cfg(32, 64, 32, 4, 3)],
+    ("skinny", False): [_cfg(64, 32, 32, 4, 3), _cfg(64, 64, 32, 4, 3), _cfg(64, 128, 32, 8, 3)],
+    ("skinny", True): [_cfg(32, 32, 32, 4, 3), _cfg(32, 64, 32, 4, 3)],
+    ("tn", False): [_cfg(32, 128, 32, 4, 3, tn=True), _cfg(128, 128, 32, 8, 3, tn=True)],
+    ("tn", True): [_cfg(32, 64, 16, 4, 3, tn=True)],
+}
+ROLE_FLAGS = {
+    "main": dict(HAS_SEG2=True, HAS_BIAS=True, DROP_IN=False, DROP_OUT=False, BIG=False),
+    "main_drop": dict(HAS_SEG2=True, HAS_BIAS=False, DROP_IN=False, DROP_OUT=True, BIG=False),
+    "skinny": dict(HAS_SEG2=False, HAS_BIAS=False, DROP_IN=True, DROP_OUT=False, BIG=False),
+    "tn": dict(DROP_Q=True, BIG=False),
+}
+_MM_KEY = ["N", "K", "R", "HAS_SEG2", "DROP_IN", "DROP_OUT"]
+_TUNED = {
+    key: triton.autotune(cfgs, key=(["DA", "DB", "DROP_Q"] if key[0] == "tn" else _MM_KEY))(
+        sorsa_tn_kernel if key[0] == "tn" else sorsa_mm_kernel)
+    for key, cfgs in CONFIGS.items()
+}
 # The interpreter runs numpy: one small config keeps the tests fast and hits ragged edges.
 INTERP_MM = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
 INTERP_TN = dict(BLOCK_A=16, BLOCK_B=16, BLOCK_M=16)
 SPLIT_M_GRAIN = 64  # every split of M is a multiple of every TN config's BLOCK_M
-
-_mm_tuned = triton.autotune(MM_CONFIGS, key=["N", "K", "R", "HAS_SEG2", "DROP_IN", "DROP_OUT"])(sorsa_mm_kernel)
-_tn_tuned = triton.autotune(TN_CONFIGS, key=["DA", "DB", "DROP_Q"])(sorsa_tn_kernel)
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -91,7 +105,7 @@ def mm(
         sorsa_mm_kernel[grid](*args, **flags, **INTERP_MM)
     else:
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
-        _mm_tuned[grid](*args, **flags)
+        _TUNED[(("main_drop" if drop_out else "main") if has2 else "skinny", x1.dtype == torch.float32)][grid](*args, **flags)
     return out
 
 
@@ -121,7 +135,7 @@ def tn(p_mat: torch.Tensor, q: torch.Tensor, *, seed: Optional[torch.Tensor] = N
         sorsa_tn_kernel[grid](*args, **flags, **INTERP_TN)
     else:
         grid = lambda META: (triton.cdiv(DA, META["BLOCK_A"]), triton.cdiv(DB, META["BLOCK_B"]), splits)  # noqa: E731
-        _tn_tuned[grid](*args, **flags)
+        _TUNED[("tn", q.dtype == torch.float32)][grid](*args, **flags)
     return part[0] if splits == 1 else part.sum(0)
 
 
@@ -153,4 +167,4 @@ def linear_bwd(dy, x, weight, A, S, B, xa, scale: float, p: float, seed, need_dx
                 x2=gs, w2=A.to(dt).t(), seed=seed, p=p, drop_out=drop, drop_ld=K)
     dA = tn(gs, x, seed=seed, p=p, drop_q=drop, drop_ld=K)
     dBt = tn((xa * Sf).to(dt), dy)
-    return dx, dA.to(A.dtype), dS.to(S.dtype), dBt.t().to(B.dtype)
+    return dx, dA.to(A.dtype), dS.to(S.dtype), dBt.t().to(B.dtype).contiguous()
