@@ -121,7 +121,7 @@ def run(ops: Optional[List[str]] = None, dtype: Optional[torch.dtype] = None, qu
     return results
 
 
-def format_table(results: List[Result], baselines=("sorsa-1.0.1", "dense F.linear")) -> str:
+def format_table(results: List[Result], baselines=("sorsa-1.0.1", "ours[torch]", "dense F.linear")) -> str:
     """One row per (op, case, impl): time and ratio vs each baseline from the same run."""
     base = {(r.op, r.case, r.impl): r.ms for r in results}
     head = f"{'op':<14} {'case':<28} {'impl':<16} {'ms':>10}" + "".join(f" {'x vs ' + b:>20}" for b in baselines)
@@ -137,3 +137,22 @@ def format_table(results: List[Result], baselines=("sorsa-1.0.1", "dense F.linea
 
 def to_json(results: List[Result]) -> List[dict]:
     return [asdict(r) for r in results]
+
+
+def summary_table(results: List[Result]) -> str:
+    """One line per (op, case): our fastest backend vs sorsa 1.0.1, unfused torch and the dense floor."""
+    by: Dict[tuple, Dict[str, float]] = {}
+    for r in results:
+        by.setdefault((r.op, r.case), {})[r.impl] = r.ms
+    head = f"{'op':<14} {'case':<28} {'best ours':<14} {'ms':>9} {'vs 1.0.1':>9} {'vs torch':>9} {'/dense':>8}"
+    lines = [head, "-" * len(head)]
+    for (op, case), d in by.items():
+        ours = {k: v for k, v in d.items() if k.startswith("ours[")}
+        if not ours:
+            continue
+        best = min(ours, key=ours.get)
+        ms = ours[best]
+        f = lambda key, inv=False: (f"{(ms / d[key] if inv else d[key] / ms):.2f}x" if key in d else "-")  # noqa: E731
+        lines.append(f"{op:<14} {case:<28} {best:<14} {ms:>9.3f} {f('sorsa-1.0.1'):>9} {f('ours[torch]'):>9} "
+                     f"{f('dense F.linear', inv=True):>8}")
+    return "\n".join(lines)

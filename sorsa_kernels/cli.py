@@ -50,6 +50,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(info(), "\n", flush=True)
     results = bench.run(a.ops, DTYPES.get(a.dtype), a.quick)
     print(bench.format_table(results))
+    print()
+    print(bench.summary_table(results))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"info": info(), "results": bench.to_json(results)}, f, indent=1)

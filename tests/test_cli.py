@@ -29,3 +29,21 @@ def test_reference_forward_matches_layer():
     x = torch.randn(5, 12)
     torch.testing.assert_close(bench.reference_forward(x, m.weight, m.sorsa_A, m.sorsa_S, m.sorsa_B, m.scale), m(x),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_check_script_dry_run():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(["bash", os.path.join(root, "benchmarks", "gpu_check.sh"), "--dry-run"],
+                         env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "dry run OK" in out.stdout
+
+
+def test_summary_table_ratios():
+    rs = [bench.Result("linear_fwd", "c", "ours[torch]", 2.0), bench.Result("linear_fwd", "c", "sorsa-1.0.1", 5.0),
+          bench.Result("linear_fwd", "c", "dense F.linear", 1.0)]
+    line = bench.summary_table(rs).splitlines()[-1]
+    assert "2.50x" in line and "2.00x" in line

@@ -1,0 +1,56 @@
+"""GPU checks (run by benchmarks/gpu_check.sh): the same comparisons as the interpreter tests
+with bigger shapes and the native bf16 tensor-core path. Skipped without a CUDA GPU."""
+import pytest
+import torch
+
+import sorsa_kernels as sk
+from sorsa_kernels.ops import sorsa_linear, sorsa_linear_naive
+
+from conftest import HAS_TRITON, assert_tolerance
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton (benchmarks/gpu_check.sh)"),
+]
+
+
+def _run(fn, ops, dt, dev, p=0.0, seed=None):
+    x = ops["x"].to(dev, dt, copy=True).requires_grad_()
+    A, S, B = (ops[k].to(dev, dt, copy=True).requires_grad_() for k in "ASB")
+    b = ops["b"].to(dev, dt, copy=True).requires_grad_()
+    if seed is not None:
+        torch.manual_seed(seed)
+    y = fn(x, ops["W"].to(dev, dt), A, S, B, b)
+    y.backward(ops["dy"].to(dev, dt))
+    return [y.detach().cpu()] + [t.grad.cpu() for t in (x, A, S, B, b)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M,k,n,r", [(1000, 1030, 770, 16), (4096, 1024, 2752, 128), (333, 515, 260, 512), (1, 64, 64, 1)])
+def test_gpu_triton_vs_float64(dtype, M, k, n, r):
+    g = torch.Generator().manual_seed(0)
+    rn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    ops = dict(x=rn(M, k), W=rn(n, k) / k ** 0.5, A=rn(r, k) / k ** 0.5, S=rn(r).abs() + 0.5, B=rn(n, r) / n ** 0.5,
+               b=rn(n), dy=rn(M, n))
+    fused = lambda x, W, A, S, B, b: sorsa_linear(x, W, A, S, B, 0.5, b, backend="triton")  # noqa: E731
+    naive = lambda x, W, A, S, B, b: sorsa_linear_naive(x, W, A, S, B, 0.5, b)  # noqa: E731
+    out = _run(fused, ops, dtype, "cuda")
+    low = _run(naive, ops, dtype, "cuda")  # plain torch on the GPU, same precision
+    ref = _run(naive, ops, torch.float64, "cpu")
+    for name, a, l, r64 in zip(["y", "dx", "dA", "dS", "dB", "dbias"], out, low, ref):
+        assert_tolerance(a, l, r64, name)
+
+
+def test_gpu_auto_uses_triton_and_dropout_is_replayable():
+    m = sk.SORSALinear(512, 384, r=32, dropout=0.1, dtype=torch.bfloat16, device="cuda")
+    m.sorsa_init()
+    x = torch.randn(2, 300, 512, device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(3)
+    y1 = m(x)
+    torch.manual_seed(3)
+    y2 = m(x)
+    assert torch.equal(y1, y2)
+    y1.float().sum().backward()
+    assert torch.isfinite(m.sorsa_A.grad).all()
+    from sorsa_kernels import _backend
+    assert _backend.resolve("sorsa_linear", "auto", x.device) == "triton"
