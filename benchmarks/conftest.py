@@ -1,5 +1,35 @@
+"""Shared pieces of the pytest-benchmark suites (one file per op):
+
+    pytest benchmarks --benchmark-only          # all ops on the hardware present
+
+Each test times one implementation of one case with pytest-benchmark (synchronised calls) and
+stores the CUDA-event / wall-clock median from sorsa_kernels.bench.time_fn in extra_info, so
+ratios between implementations come from the same run. CPU shapes are scaled down.
+"""
 import os
-import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "0")
-sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sorsa_kernels import bench  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DT = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+QUICK = DEV.type == "cpu"
+
+
+@pytest.fixture
+def measure(benchmark):
+    def run(fn, grad=True):
+        sync = torch.cuda.synchronize if DEV.type == "cuda" else (lambda: None)
+
+        def call():
+            fn()
+            sync()
+
+        with torch.set_grad_enabled(grad):
+            benchmark.extra_info["median_ms"] = bench.time_fn(call, DEV)
+            benchmark.pedantic(call, rounds=5, iterations=1, warmup_rounds=1)
+    return run

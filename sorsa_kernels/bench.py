@@ -60,6 +60,7 @@ def reference_forward(x, weight, A, S, B, scale, bias=None):
 
 
 def linear_cases(device: torch.device, quick: bool):
+    """(M, in, out, r) cases: Llama-2-7B-like on GPU, scaled down on CPU."""
     if device.type == "cuda":
         shapes = [(8192, 4096, 4096), (8192, 4096, 11008), (8192, 11008, 4096)]
         ranks = [16, 64, 128]
@@ -71,38 +72,139 @@ def linear_cases(device: torch.device, quick: bool):
     return [(m, k, n, r) for (m, k, n) in shapes for r in ranks]
 
 
+def _randn(*shape, device, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+def linear_callables(case, backward: bool, device: torch.device, dtype: torch.dtype) -> Dict[str, Callable[[], object]]:
+    """impl name -> zero-argument callable running one fwd (or fwd+bwd) of the case."""
+    m, k, n, r = case
+    mk = lambda *s: _randn(*s, device=device, dtype=dtype, seed=len(s) + sum(s))  # noqa: E731
+    x = mk(m, k).requires_grad_(backward)
+    W = mk(n, k) / k ** 0.5
+    A = (mk(r, k) / k ** 0.5).requires_grad_()
+    S = mk(r).abs().requires_grad_()
+    B = (mk(n, r) / n ** 0.5).requires_grad_()
+    dy = mk(m, n)
+    backends = [b for b in _backend.available_backends(LINEAR_OP) if b == "torch" or device.type == "cuda"]
+    impls = {f"ours[{b}]": (lambda b=b: sorsa_linear(x, W, A, S, B, 2.0, backend=b)) for b in backends}
+    impls["sorsa-1.0.1"] = lambda: reference_forward(x, W, A, S, B, 2.0)
+    impls["dense F.linear"] = lambda: F.linear(x, W)  # the floor; with backward: dX only (frozen W)
+    if not backward:
+        return impls
+
+    def fb(f):
+        def run():
+            f().backward(dy)
+            for t in (x, A, S, B):
+                t.grad = None
+        return run
+    return {name: fb(f) for name, f in impls.items()}
+
+
 def bench_linear(device: torch.device, dtype: torch.dtype, quick: bool, backward: bool) -> List[Result]:
     op = "linear_fwdbwd" if backward else "linear_fwd"
     out: List[Result] = []
-    backends = [b for b in _backend.available_backends(LINEAR_OP)
-                if b == "torch" or device.type == "cuda"]
-    for (m, k, n, r) in linear_cases(device, quick):
-        g = torch.Generator(device="cpu").manual_seed(0)
-        mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-        x = mk(m, k).requires_grad_(backward)
-        W = mk(n, k) / k ** 0.5
-        A = (mk(r, k) / k ** 0.5).requires_grad_()
-        S = mk(r).abs().requires_grad_()
-        B = (mk(n, r) / n ** 0.5).requires_grad_()
-        dy = mk(m, n)
-        impls = {f"ours[{b}]": (lambda b=b: sorsa_linear(x, W, A, S, B, 2.0, backend=b)) for b in backends}
-        impls["sorsa-1.0.1"] = lambda: reference_forward(x, W, A, S, B, 2.0)
-        impls["dense F.linear"] = lambda: F.linear(x, W)
-        case = f"M={m} in={k} out={n} r={r}"
-        for name, f in impls.items():
-            # fwd+bwd of the dense floor computes dx only: its weight is frozen.
-            fn = (lambda f=f: f().backward(dy)) if backward else f
+    for case in linear_cases(device, quick):
+        m, k, n, r = case
+        label = f"M={m} in={k} out={n} r={r}"
+        for name, fn in linear_callables(case, backward, device, dtype).items():
             with torch.set_grad_enabled(backward):
-                ms = time_fn(fn, device)
-            for t in (x, A, S, B):
-                t.grad = None
-            out.append(Result(op, case, name, ms))
+                out.append(Result(op, label, name, time_fn(fn, device), {"r": r}))
+    return out
+
+
+def adapter_shapes(device: torch.device, quick: bool):
+    """(layers, [(in, out)] per layer, r): Llama-2-7B's q,k,v,o,gate,up,down on GPU, scaled on CPU."""
+    if device.type == "cuda":
+        d, h, layers, r = 4096, 11008, 32, 128
+    elif quick:
+        d, h, layers, r = 256, 688, 2, 16
+    else:
+        d, h, layers, r = 512, 1376, 4, 32
+    return layers, [(d, d)] * 4 + [(d, h), (d, h), (h, d)], r
+
+
+def ortho_callables(device: torch.device, dtype: torch.dtype, quick: bool) -> Dict[str, Callable[[], object]]:
+    """The regularizer step (value + gradient into .grad) over a whole model's adapters."""
+    from .layer import SORSALinear
+    from .ops.ortho import OP as ORTHO_OP
+    from .regularizer import calc_ortho, orthonormal_grad_
+    layers, shapes, r = adapter_shapes(device, quick)
+    model = torch.nn.ModuleList()
+    for i in range(layers * len(shapes)):
+        k, n = shapes[i % len(shapes)]
+        layer = SORSALinear(k, n, r=r, device="meta")
+        layer.sorsa_A = torch.nn.Parameter(_randn(r, k, device=device, dtype=dtype, seed=i) / k ** 0.5)
+        layer.sorsa_B = torch.nn.Parameter(_randn(n, r, device=device, dtype=dtype, seed=i + 7) / n ** 0.5)
+        model.append(layer)
+    params = [p for n, p in model.named_parameters() if "sorsa_A" in n or "sorsa_B" in n]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+
+    def reference():  # sorsa 1.0.1: Python loop of matmul/sub/norm, then autograd of (gamma/lr)·reg
+        (0.5 * calc_ortho(model)).backward()
+
+    impls = {f"ours[{b}]": (lambda b=b: orthonormal_grad_(model, 0.5, 1.0, backend=b))
+             for b in _backend.available_backends(ORTHO_OP) if b == "torch" or device.type == "cuda"}
+    impls["sorsa-1.0.1"] = reference
+    # floor: the bytes the step must move (two reads of every adapter + grad read-modify-write),
+    # timed as a device copy of the same volume in this run
+    nbytes = sum(p.numel() * p.element_size() for p in params) * 4
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    impls["bandwidth floor"] = lambda: dst.copy_(src)
+    return impls
+
+
+def bench_ortho(device: torch.device, dtype: torch.dtype, quick: bool) -> List[Result]:
+    layers, shapes, r = adapter_shapes(device, quick)
+    label = f"{layers}x{len(shapes)} adapters r={r}"
+    return [Result("ortho_step", label, name, time_fn(fn, device), {"r": r})
+            for name, fn in ortho_callables(device, dtype, quick).items()]
+
+
+def init_cases(device: torch.device, quick: bool):
+    """(count, m, n, r): a stack of same-shaped weights to initialise."""
+    if device.type == "cuda":
+        return [(16, 4096, 4096, 128)]
+    return [(4, 512, 512, 32)] if quick else [(8, 1024, 1024, 64)]
+
+
+def init_callables(case, device: torch.device, dtype: torch.dtype) -> Dict[str, Callable[[], object]]:
+    """SVD init of ``count`` weights: ours (apply-time init) vs the reference's full SVD vs svd_lowrank."""
+    from .init import sorsa_decompose
+    count, m, n, r = case
+    # power-law spectrum + flat noise tail, like pretrained weights
+    Ws = []
+    for i in range(count):
+        U = torch.linalg.qr(_randn(m, min(m, n), device=device, dtype=torch.float32, seed=i))[0]
+        V = torch.linalg.qr(_randn(n, min(m, n), device=device, dtype=torch.float32, seed=i + 99))[0]
+        s = torch.arange(1, min(m, n) + 1, device=device, dtype=torch.float32) ** -0.7 + 0.02
+        Ws.append(((U * s) @ V.T).to(dtype))
+    return {
+        "ours[svd]": lambda: [sorsa_decompose(W, r, 1.0) for W in Ws],
+        "sorsa-1.0.1": lambda: [torch.linalg.svd(W.T, full_matrices=False) for W in Ws],
+        "svd_lowrank(q=r,niter=4)": lambda: [torch.svd_lowrank(W.float(), q=r, niter=4) for W in Ws],
+    }
+
+
+def bench_init(device: torch.device, dtype: torch.dtype, quick: bool) -> List[Result]:
+    out = []
+    for case in init_cases(device, quick):
+        count, m, n, r = case
+        label = f"{count}x {m}x{n} r={r}"
+        for name, fn in init_callables(case, device, dtype).items():
+            out.append(Result("init", label, name, time_fn(fn, device, min_time_s=0.1, warmup=1), {"r": r}))
     return out
 
 
 OPS: Dict[str, Callable[..., List[Result]]] = {
     "linear_fwd": lambda d, dt, q: bench_linear(d, dt, q, backward=False),
     "linear_fwdbwd": lambda d, dt, q: bench_linear(d, dt, q, backward=True),
+    "ortho_step": bench_ortho,
+    "init": bench_init,
 }
 
 
@@ -121,7 +223,7 @@ def run(ops: Optional[List[str]] = None, dtype: Optional[torch.dtype] = None, qu
     return results
 
 
-def format_table(results: List[Result], baselines=("sorsa-1.0.1", "ours[torch]", "dense F.linear")) -> str:
+def format_table(results: List[Result], baselines=("sorsa-1.0.1", "ours[torch]")) -> str:
     """One row per (op, case, impl): time and ratio vs each baseline from the same run."""
     base = {(r.op, r.case, r.impl): r.ms for r in results}
     head = f"{'op':<14} {'case':<28} {'impl':<16} {'ms':>10}" + "".join(f" {'x vs ' + b:>20}" for b in baselines)
@@ -139,12 +241,47 @@ def to_json(results: List[Result]) -> List[dict]:
     return [asdict(r) for r in results]
 
 
+FLOORS = ("dense F.linear", "bandwidth floor")
+
+
+def plot(results: List[Result], path: str) -> Optional[str]:
+    """PNG of our best speed-up over sorsa 1.0.1 per case, grouped by op (needs matplotlib:
+    ``pip install sorsa-kernels[plot]``). Returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    by: Dict[tuple, Dict[str, float]] = {}
+    for r in results:
+        by.setdefault((r.op, r.case), {})[r.impl] = r.ms
+    ops = sorted({op for op, _ in by})
+    fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4.5), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        cases = [(c, d) for (o, c), d in by.items() if o == op and "sorsa-1.0.1" in d]
+        labels, vals = [], []
+        for c, d in cases:
+            ours = min(v for k, v in d.items() if k.startswith("ours["))
+            labels.append(c.replace(" ", "\n"))
+            vals.append(d["sorsa-1.0.1"] / ours)
+        ax.bar(range(len(vals)), vals, color="tab:blue")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(vals)), labels, fontsize=6)
+        ax.set_title(op)
+        ax.set_ylabel("speed-up vs sorsa 1.0.1 (x)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def summary_table(results: List[Result]) -> str:
     """One line per (op, case): our fastest backend vs sorsa 1.0.1, unfused torch and the dense floor."""
     by: Dict[tuple, Dict[str, float]] = {}
     for r in results:
         by.setdefault((r.op, r.case), {})[r.impl] = r.ms
-    head = f"{'op':<14} {'case':<28} {'best ours':<14} {'ms':>9} {'vs 1.0.1':>9} {'vs torch':>9} {'/dense':>8}"
+    head = f"{'op':<14} {'case':<28} {'best ours':<14} {'ms':>9} {'vs 1.0.1':>9} {'vs torch':>9} {'/floor':>8}"
     lines = [head, "-" * len(head)]
     for (op, case), d in by.items():
         ours = {k: v for k, v in d.items() if k.startswith("ours[")}
@@ -153,6 +290,7 @@ def summary_table(results: List[Result]) -> str:
         best = min(ours, key=ours.get)
         ms = ours[best]
         f = lambda key, inv=False: (f"{(ms / d[key] if inv else d[key] / ms):.2f}x" if key in d else "-")  # noqa: E731
+        floor = next((k for k in FLOORS if k in d), None)
         lines.append(f"{op:<14} {case:<28} {best:<14} {ms:>9.3f} {f('sorsa-1.0.1'):>9} {f('ours[torch]'):>9} "
-                     f"{f('dense F.linear', inv=True):>8}")
+                     f"{f(floor, inv=True) if floor else '-':>8}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from typing import List, Optional
@@ -39,9 +40,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub.add_parser("info", help="versions, backends, GPU, extension")
     b = sub.add_parser("bench", help="benchmark ours vs sorsa 1.0.1 vs the dense floor on this hardware")
     b.add_argument("--quick", action="store_true", help="small shapes, < 1 min on a CPU")
-    b.add_argument("--ops", nargs="+", default=None, help="subset of ops to run")
+    b.add_argument("--ops", nargs="+", default=None, help="subset of: linear_fwd linear_fwdbwd ortho_step init")
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
-    b.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
+    b.add_argument("--json", default=None, metavar="PATH", help="write results as JSON (and a PNG plot next to it)")
+    b.add_argument("--plot", default=None, metavar="PATH", help="PNG plot path (default: the JSON path with .png)")
     a = p.parse_args(argv)
     if a.cmd == "info":
         print(info())
@@ -55,6 +57,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"info": info(), "results": bench.to_json(results)}, f, indent=1)
+    png = a.plot or (os.path.splitext(a.json)[0] + ".png" if a.json else None)
+    if png:
+        made = bench.plot(results, png)
+        print(f"plot: {made}" if made else "plot: skipped (pip install 'sorsa-kernels[plot]' for matplotlib)")
     return 0
 
 

@@ -13,13 +13,34 @@ def test_info_lists_backends(capsys):
 def test_bench_quick_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "linear_cases", lambda device, quick: [(64, 48, 40, 8)])
     path = tmp_path / "r.json"
-    assert cli.main(["bench", "--quick", "--json", str(path)]) == 0
+    assert cli.main(["bench", "--quick", "--ops", "linear_fwd", "linear_fwdbwd", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "sorsa-1.0.1" in out and "ours[torch]" in out
     data = json.loads(path.read_text())
     impls = {r["impl"] for r in data["results"]}
     assert {"ours[torch]", "sorsa-1.0.1", "dense F.linear"} <= impls
     assert all(r["ms"] > 0 for r in data["results"])
+
+
+def test_bench_all_ops_table_json_and_plot(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "linear_cases", lambda device, quick: [(32, 24, 20, 4)])
+    monkeypatch.setattr(bench, "adapter_shapes", lambda device, quick: (1, [(24, 20), (20, 36)], 4))
+    monkeypatch.setattr(bench, "init_cases", lambda device, quick: [(2, 40, 30, 5)])
+    path = tmp_path / "all.json"
+    assert cli.main(["bench", "--quick", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads(path.read_text())
+    ops = {r["op"] for r in data["results"]}
+    assert ops == {"linear_fwd", "linear_fwdbwd", "ortho_step", "init"}
+    assert "bandwidth floor" in out and "svd_lowrank" in out and "/floor" in out
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "all.png").stat().st_size > 1000
+    except ImportError:
+        assert "plot: skipped" in out
+    import pytest
+    with pytest.raises(ValueError, match="ops must be among"):
+        bench.run(["nope"])
 
 
 def test_reference_forward_matches_layer():
