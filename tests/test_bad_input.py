@@ -60,6 +60,8 @@ def test_op_shape_errors():
         sorsa_linear(x, W, A, S, B, bias=torch.randn(5))
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
         sorsa_linear(x, W, A, S, B, dropout_p=-0.1)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        sorsa_linear(x, W, A, S, B, dropout_p=1.5, training=False)
     with pytest.raises(ValueError, match="scale must be finite"):
         sorsa_linear(x, W, A, S, B, scale=float("nan"))
 

@@ -203,7 +203,8 @@ def sorsa_linear(
     x, weight, A, S, B, bias = _autocast(x, weight, A, S, B, bias)
     check_linear_args(x, weight, A, S, B, bias)
     scale = check_scale(scale)
-    p = check_dropout_p(dropout_p) if training else 0.0
+    p = check_dropout_p(dropout_p)  # validated even in eval, where it is not applied
+    p = p if training else 0.0
     impl = _backend.resolve(OP, backend, x.device)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if p > 0:
