@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from . import _backend
-from .ops.ortho import OP, calc_ortho_naive, ortho_value_and_grads
+from .ops.ortho import OP, calc_ortho_naive, ortho_torch_
 
 NamedParams = Iterable[Tuple[str, torch.Tensor]]
 
@@ -70,17 +70,13 @@ def orthonormal_grad_(
     if not mats:
         return None
     impl = _IMPLS[_backend.resolve(OP, backend, mats[0].device)]
-    vals, grads = impl(mats, is_b, squared)
-    coef = gamma / (lr * len(mats))
-    for p, g in zip(mats, grads):
-        if not p.requires_grad:
-            continue
-        g = (g * coef).to(p.dtype)
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
+    vals = impl(mats, is_b, squared, gamma / (lr * len(mats)))
     return float(vals.double().mean())
 
 
-_IMPLS = {"torch": ortho_value_and_grads}
+_IMPLS = {"torch": ortho_torch_}
+if _backend.triton_status()[0]:
+    from .kernels.ortho_launch import ortho_triton_
+
+    _IMPLS["triton"] = ortho_triton_
+    _backend.register(OP, "triton")

@@ -36,6 +36,9 @@ class Job:
 
 def _jobs(archs, dtypes) -> List[Job]:
     from .linear_launch import CONFIGS, ROLE_FLAGS
+    from .ortho_launch import configs as ortho_configs
+    import torch
+    TORCH_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     jobs = []
     for arch in archs:
         for dt in dtypes:
@@ -49,6 +52,11 @@ def _jobs(archs, dtypes) -> List[Job]:
                     for big in bigs:
                         jobs.append(Job("tn" if role == "tn" else "mm", arch, dt, dict(c.kwargs), c.num_warps,
                                         c.num_stages, dict(flags, BIG=big)))
+            # the regularizer's three grouped kernels, with the config ortho_launch ships for dt
+            (gram, gw, gs), (fin, fw, fs), (grad, dw, ds) = ortho_configs(TORCH_DT[dt])
+            jobs.append(Job("ortho_gram", arch, dt, gram, gw, gs, dict(UPCAST=False, PREC="ieee" if dt == "fp32" else "tf32")))
+            jobs.append(Job("ortho_finalize", arch, dt, fin, fw, fs, {}))
+            jobs.append(Job("ortho_grad", arch, dt, grad, dw, ds, dict(PREC="ieee" if dt == "fp32" else "tf32")))
     return jobs
 
 
@@ -79,16 +87,22 @@ def _ptxas() -> str:
 def compile_one(job: Job) -> Tuple[str, bool, str]:
     import triton
     from triton.backends.compiler import GPUTarget
-    from . import linear_kernels
-    fn = {"mm": linear_kernels.sorsa_mm_kernel, "tn": linear_kernels.sorsa_tn_kernel}[job.kernel]
+    from . import linear_kernels, ortho_kernels
+    fn = {"mm": linear_kernels.sorsa_mm_kernel, "tn": linear_kernels.sorsa_tn_kernel,
+          "ortho_gram": ortho_kernels.ortho_gram_kernel, "ortho_finalize": ortho_kernels.ortho_finalize_kernel,
+          "ortho_grad": ortho_kernels.ortho_grad_kernel}[job.kernel]
     tag = (f"{job.kernel} sm_{job.arch} {job.dtype} {job.config} w{job.num_warps} s{job.num_stages}"
            f"{' int64-offsets' if job.flags.get('BIG') else ''}")
     const = dict(job.flags, **job.config)
     if job.kernel in ("mm", "tn"):
         const.update(UPCAST=False, PREC="ieee" if job.dtype == "fp32" else "tf32")
     t = PTR_T[job.dtype]
+    tables = dict(META="*i64", WORK="*i64", WS="*fp32", E="*fp32", NSQ="*fp32", COEF="*fp32")
     ptrs = {"mm": dict(X1=t, W1=t, X2=t, W2=t, BIAS=t, C=t, SEED_PTR="*i64"),
-            "tn": dict(P=t, Q=t, C="*fp32", SEED_PTR="*i64")}[job.kernel]
+            "tn": dict(P=t, Q=t, C="*fp32", SEED_PTR="*i64")}.get(job.kernel, tables)
+    if job.kernel in ("ortho_gram", "ortho_grad"):
+        import triton.language as tl
+        const["DT"] = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[job.dtype]
     sig = _signature(fn, ptrs, const)
     try:
         k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),

@@ -27,6 +27,15 @@ def calc_ortho_naive(named_params: Iterable[Tuple[str, torch.Tensor]]) -> Option
     return total / den if den else None
 
 
+def accumulate_grad_(p: torch.Tensor, g: torch.Tensor) -> None:
+    """``p.grad += g`` (cast to p's dtype), creating ``.grad`` where it is None."""
+    g = g.to(p.dtype)
+    if p.grad is None:
+        p.grad = g.contiguous() if g.shape == p.shape else g.reshape(p.shape)
+    else:
+        p.grad.add_(g)
+
+
 def ortho_value_and_grads(
     mats: Sequence[torch.Tensor], is_b: Sequence[bool], squared: bool = False
 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -56,3 +65,12 @@ def ortho_value_and_grads(
         for j, i in enumerate(idx):
             norms[i], grads[i] = val[j], g[j]
     return torch.stack(norms) if norms else torch.zeros(0), grads  # type: ignore[return-value]
+
+
+def ortho_torch_(mats: Sequence[torch.Tensor], is_b: Sequence[bool], squared: bool, coef: float) -> torch.Tensor:
+    """Torch backend of the in-place step: values, and ``coef ·`` gradient into each ``.grad``."""
+    vals, grads = ortho_value_and_grads(mats, is_b, squared)
+    for p, g in zip(mats, grads):
+        if p.requires_grad:
+            accumulate_grad_(p, g * coef)
+    return vals
