@@ -1,6 +1,8 @@
-"""Build script. The pure-Python package always installs; the C++/CUDA extension in csrc/
-is built only when csrc/ has sources *and* torch is importable at build time (CUDA parts
-additionally need nvcc and a CUDA build of torch). Set SORSA_KERNELS_NO_EXT=1 to skip it."""
+"""Build script. Always builds the C++ extension ``sorsa_kernels._C`` (CPU implementations of
+the randomized-SVD building blocks, g++ only). Adds the CUDA implementations (csrc/*.cu)
+when ``SORSA_KERNELS_CUDA=1`` or a GPU is visible at build time, which needs nvcc and a CUDA
+build of torch. ``SORSA_KERNELS_NO_EXT=1`` skips the extension (pure-Python package; rsvd
+then reports that the extension is missing)."""
 import glob
 import os
 
@@ -8,21 +10,30 @@ from setuptools import setup
 
 
 def extensions():
-    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
-    if not sources or os.environ.get("SORSA_KERNELS_NO_EXT") == "1":
+    if os.environ.get("SORSA_KERNELS_NO_EXT") == "1":
         return [], {}
     try:
+        import torch
         from torch.utils import cpp_extension
     except ImportError:
-        print("sorsa-kernels: torch not importable at build time; building without the C++ extension")
+        print("sorsa-kernels: torch is not importable at build time; building without the C++ extension")
         return [], {}
-    cu = sorted(glob.glob("csrc/**/*.cu", recursive=True))
-    use_cuda = bool(cu) and cpp_extension.CUDA_HOME is not None and __import__("torch").version.cuda
-    ext_cls = cpp_extension.CUDAExtension if use_cuda else cpp_extension.CppExtension
-    ext = ext_cls("sorsa_kernels._C", sources + (cu if use_cuda else []),
-                  define_macros=[("SORSA_WITH_CUDA", "1")] if use_cuda else [],
-                  extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]} if use_cuda else ["-O3"])
-    return [ext], {"build_ext": cpp_extension.BuildExtension}
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    want_cuda = os.environ.get("SORSA_KERNELS_CUDA") == "1" or (
+        os.environ.get("SORSA_KERNELS_CUDA") != "0" and torch.cuda.is_available())
+    use_cuda = want_cuda and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if want_cuda and not use_cuda:
+        print("sorsa-kernels: CUDA requested but nvcc / a CUDA build of torch is missing; CPU build only")
+    cxx = ["-O3"]  # the C++ standard comes from torch (C++17 before 2.13-ish, C++20 after)
+    if use_cuda:
+        ext = cpp_extension.CUDAExtension(
+            "sorsa_kernels._C", sources + sorted(glob.glob("csrc/*.cu")), include_dirs=[os.path.abspath("csrc")],
+            define_macros=[("SORSA_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
+    else:
+        ext = cpp_extension.CppExtension("sorsa_kernels._C", sources, include_dirs=[os.path.abspath("csrc")],
+                                         extra_compile_args=cxx)
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
 ext_modules, cmdclass = extensions()

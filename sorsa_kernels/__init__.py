@@ -6,6 +6,7 @@ from .layer import SORSALinear
 from .model import (apply_sorsa, mark_only_sorsa_trainable, merge_sorsa, sorsa_layers,
                     sorsa_parameters, unmerge_sorsa)
 from .regularizer import calc_ortho, orthonormal_grad_
+from .rsvd import rsvd
 from .training import SORSACallback, SORSARegularizer
 
 __version__ = "0.1.0"
@@ -13,5 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "SORSALinear", "apply_sorsa", "calc_ortho", "orthonormal_grad_", "merge_sorsa", "unmerge_sorsa",
     "sorsa_parameters", "mark_only_sorsa_trainable", "sorsa_layers", "sorsa_decompose", "svd_factors",
-    "SORSARegularizer", "SORSACallback", "ops", "__version__",
+    "rsvd", "SORSARegularizer", "SORSACallback", "ops", "__version__",
 ]

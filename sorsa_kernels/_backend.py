@@ -1,25 +1,28 @@
 """The one place that decides which implementation (backend) runs an op.
 
-Every public op takes ``backend="auto" | "torch" | "triton"`` and asks :func:`resolve`;
-nothing else in the package branches on the backend name.
+Every public op takes ``backend=`` and asks :func:`resolve`; nothing else in the package
+branches on the backend name.
 
 * ``"torch"``: plain PyTorch, any device, always available.
 * ``"triton"``: fused Triton kernels; needs Triton plus CUDA tensors, or CPU tensors
   while the Triton interpreter is on (``TRITON_INTERPRET=1`` set before import).
-* ``"auto"``: ``"triton"`` for CUDA tensors when the op has a Triton kernel and Triton
-  is usable, else ``"torch"``.
+* ``"ext"``: the compiled C++/CUDA extension ``sorsa_kernels._C`` (CPU build always, CUDA
+  implementations when it was built with nvcc).
+* ``"auto"``: the op's accelerated backend when it can run on the tensors' device (Triton
+  only for CUDA tensors: the interpreter is a test vehicle), else ``"torch"``.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
-from typing import Callable, Dict, Optional
+from typing import Dict
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "ext")
 
-# op name -> set of backends with a kernel; filled by the op modules at import time.
+# op name -> backends with an implementation besides "torch"; filled by the op modules.
 _IMPLEMENTED: Dict[str, set] = {}
 
 
@@ -46,7 +49,19 @@ def _probe_triton() -> tuple[bool, str]:
     return True, "ok"
 
 
-_TRITON_STATUS = _probe_triton()  # probed once at import: a plain constant for torch.compile
+def _probe_ext() -> tuple[bool, bool, str]:
+    try:
+        importlib.import_module("sorsa_kernels._C")
+    except Exception as exc:
+        return False, False, (f"the C++ extension sorsa_kernels._C could not be loaded ({exc}); reinstall "
+                              "with a matching torch: pip install --no-build-isolation .")
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("sorsa_kernels::jacobi_svd", "CUDA")
+    return True, bool(has_cuda), "ok"
+
+
+# probed once at import: plain constants for torch.compile
+_TRITON_STATUS = _probe_triton()
+_EXT_STATUS = _probe_ext()
 
 
 def triton_status() -> tuple[bool, str]:
@@ -54,16 +69,41 @@ def triton_status() -> tuple[bool, str]:
     return _TRITON_STATUS
 
 
+def ext_status() -> tuple[bool, bool, str]:
+    """(extension loaded, built with CUDA kernels, reason)."""
+    return _EXT_STATUS
+
+
+def _can_run(backend: str, device: torch.device, forced: bool) -> tuple[bool, str]:
+    if backend == "triton":
+        ok, why = triton_status()
+        if not ok:
+            return False, why
+        if device.type == "cuda" or (forced and device.type == "cpu" and triton_interpret()):
+            return True, "ok"
+        return False, (f"it needs CUDA tensors (got device '{device}'); CPU tensors run only under the "
+                       "Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")
+    ok, cuda, why = ext_status()
+    if not ok:
+        return False, why
+    if device.type == "cpu" or (device.type == "cuda" and cuda):
+        return True, "ok"
+    if device.type == "cuda":
+        return False, "the extension was built without CUDA (rebuild with SORSA_KERNELS_CUDA=1 and nvcc)"
+    return False, f"it has no kernels for device '{device}'"
+
+
 def available_backends(op: str) -> list[str]:
     """Backends that could run ``op`` on some device in this process."""
     out = ["torch"]
-    if "triton" in _IMPLEMENTED.get(op, ()) and triton_status()[0]:
-        out.append("triton")
+    for b in sorted(_IMPLEMENTED.get(op, set()) - {"torch"}):
+        if (triton_status()[0] if b == "triton" else ext_status()[0]):
+            out.append(b)
     return out
 
 
 def resolve(op: str, backend: str, device: torch.device) -> str:
-    """Return the concrete backend ("torch" or "triton") for running ``op`` on ``device``.
+    """Return the concrete backend for running ``op`` on ``device``.
 
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` naming what is
     missing when a forced backend cannot run here.
@@ -72,19 +112,15 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    has_kernel = "triton" in _IMPLEMENTED.get(op, ())
-    ok, why = triton_status()
-    device_ok = device.type == "cuda" or (device.type == "cpu" and triton_interpret())
+    impls = _IMPLEMENTED.get(op, set())
     if backend == "auto":
-        # The interpreter is a test vehicle, never chosen automatically for CPU tensors.
-        return "triton" if (has_kernel and ok and device.type == "cuda") else "torch"
-    if not has_kernel:
-        raise RuntimeError(f"backend='triton' is not available for {op}: this op has no Triton kernel yet")
+        for b in ("triton", "ext"):
+            if b in impls and _can_run(b, device, forced=False)[0]:
+                return b
+        return "torch"
+    if backend not in impls:
+        raise RuntimeError(f"backend='{backend}' is not available for {op}: this op has no {backend} implementation")
+    ok, why = _can_run(backend, device, forced=True)
     if not ok:
-        raise RuntimeError(f"backend='triton' is not available for {op}: {why}")
-    if not device_ok:
-        raise RuntimeError(
-            f"backend='triton' for {op} needs CUDA tensors (got device '{device}'); "
-            "CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
-        )
-    return "triton"
+        raise RuntimeError(f"backend='{backend}' is not available for {op}: {why}")
+    return backend

@@ -1,0 +1,216 @@
+"""Batched randomized SVD: accuracy on synthetic families vs float64 torch.linalg.svd,
+orthonormality, batching, determinism, the CPU build of the shared C++ core, bad input."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import sorsa_kernels as sk
+from sorsa_kernels import _backend
+from sorsa_kernels.rsvd import rsvd_naive
+
+HAS_EXT = _backend.ext_status()[0]
+BACKENDS = ["torch"] + (["ext"] if HAS_EXT else [])
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="C++ extension not built (pip install . builds it)")
+
+
+def _orthonormal(b, m, k, g):
+    return torch.linalg.qr(torch.randn(b, m, k, generator=g, dtype=torch.float64))[0]
+
+
+def family(name, b=3, m=160, n=120, seed=0):
+    """Synthetic spectra: pretrained-LLM-like (power law + flat noise tail), flat Gaussian,
+    exactly low-rank, rank-deficient, zero, ill-conditioned."""
+    g = torch.Generator().manual_seed(seed)
+    p = min(m, n)
+    U, V = _orthonormal(b, m, p, g), _orthonormal(b, n, p, g)
+    i = torch.arange(1, p + 1, dtype=torch.float64)
+    if name == "llm":
+        W = (U * i ** -0.8) @ V.mT + 0.03 * torch.randn(b, m, n, generator=g, dtype=torch.float64) / math.sqrt(max(m, n))
+    elif name == "gaussian":
+        W = torch.randn(b, m, n, generator=g, dtype=torch.float64)
+    elif name == "lowrank":
+        s = torch.where(i <= 20, 1.0 / i, torch.zeros_like(i))
+        W = (U * s) @ V.mT
+    elif name == "rankdef":  # rank 12 < requested rank 16
+        s = torch.where(i <= 12, 2.0 ** -i, torch.zeros_like(i))
+        W = (U * s) @ V.mT
+    elif name == "zero":
+        W = torch.zeros(b, m, n, dtype=torch.float64)
+    elif name == "illcond":
+        W = (U * torch.logspace(0, -12, p, dtype=torch.float64)) @ V.mT
+    return W
+
+
+def check_orthonormal(X, tol):
+    eye = torch.eye(X.shape[-1], dtype=torch.float64)
+    assert (X.double().mT @ X.double() - eye).abs().max().item() < tol
+
+
+def principal_angle_sin(X, Y):
+    """largest sin of the principal angles between the column spaces of X and Y"""
+    s = torch.linalg.svdvals(X.double().mT @ Y.double())
+    return torch.sqrt((1 - s.min(dim=-1).values.clamp(max=1) ** 2).clamp_min(0)).max().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_llm_like_spectrum_default_accuracy(backend):
+    """Defaults meet ≤ 1 % max relative error on the top-r σ of LLM-like spectra."""
+    W = family("llm", m=400, n=300)
+    r = 32
+    U, S, Vh = sk.rsvd(W.float(), r, seed=3, backend=backend)
+    U64, S64, Vh64 = rsvd_naive(W, r)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    assert U.shape == (3, 400, r) and S.shape == (3, r) and Vh.shape == (3, r, 300)
+    assert ((S.double() - S64).abs() / S64).max().item() <= 0.01
+    assert bool((S[:, :-1] >= S[:, 1:]).all())
+    check_orthonormal(U, 1e-5)
+    check_orthonormal(Vh.mT, 1e-5)
+    # the leading, well-separated vectors match the exact ones
+    assert principal_angle_sin(U[..., :8], U64[..., :8]) < 0.05
+    assert principal_angle_sin(Vh.mT[..., :8], Vh64.mT[..., :8]) < 0.05
+    # Eckart–Young: the rank-r approximation is within 1 % of the optimal error
+    opt = torch.linalg.matrix_norm(W - (U64 * S64[:, None, :]) @ Vh64)
+    got = torch.linalg.matrix_norm(W - (U.double() * S.double()[:, None, :]) @ Vh.double())
+    assert bool((got <= opt * 1.01).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["gaussian", "lowrank", "rankdef", "zero", "illcond"])
+def test_families_accuracy_and_orthonormality(backend, name):
+    W = family(name)
+    r = 16
+    U, S, Vh = sk.rsvd(W, r, seed=1, backend=backend)  # float64 in, float64 out
+    assert U.dtype == torch.float64
+    _, S64, _ = rsvd_naive(W, r)
+    check_orthonormal(U, 1e-10)
+    check_orthonormal(Vh.mT, 1e-10)
+    scale = S64[:, :1].clamp_min(1e-300)
+    if name == "gaussian":  # flat spectrum: the hard case, still within a few %
+        assert ((S - S64).abs() / S64).max().item() < 0.05
+    elif name == "zero":
+        assert S.abs().max().item() == 0.0
+    else:  # decaying spectra: σ to high accuracy relative to σ_max
+        assert ((S - S64).abs() / scale).max().item() < 1e-8
+    opt = torch.linalg.matrix_norm(W - rsvd_rec(*rsvd_naive(W, r)))
+    got = torch.linalg.matrix_norm(W - rsvd_rec(U, S, Vh))
+    assert bool((got <= opt * 1.05 + 1e-12 * torch.linalg.matrix_norm(W).max()).all())
+
+
+def rsvd_rec(U, S, Vh):
+    return (U * S[..., None, :]) @ Vh
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_equals_one_by_one_and_seed_determinism(backend):
+    W = family("llm", b=4, m=90, n=70).float()
+    U, S, Vh = sk.rsvd(W, 10, seed=7, backend=backend)
+    for i in range(4):
+        Ui, Si, Vhi = sk.rsvd(W[i], 10, seed=7, backend=backend)
+        assert Ui.shape == (90, 10)
+        torch.testing.assert_close(Si, S[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(Ui.abs(), U[i].abs(), rtol=1e-3, atol=1e-4)
+    U2, S2, Vh2 = sk.rsvd(W, 10, seed=7, backend=backend)
+    assert torch.equal(U, U2) and torch.equal(S, S2) and torch.equal(Vh, Vh2)
+    assert not torch.equal(sk.rsvd(W, 10, seed=8, backend=backend, niter=0)[1], sk.rsvd(W, 10, seed=7, backend=backend, niter=0)[1])
+    # leading batch dims and bf16 input
+    U3, S3, _ = sk.rsvd(W.reshape(2, 2, 90, 70).bfloat16(), 10, seed=7, backend=backend)
+    assert U3.shape == (2, 2, 90, 10) and S3.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tol_mode_converges_or_warns(backend):
+    W = family("llm", m=200, n=150).float()
+    _, S64, _ = rsvd_naive(W, 16)
+    _, S, _ = sk.rsvd(W, 16, tol=1e-4, seed=0, backend=backend)
+    assert ((S.double() - S64).abs() / S64).max().item() < 2e-3
+    with pytest.warns(RuntimeWarning, match="tol=1e-09 not reached within 2 iterations"):
+        sk.rsvd(family("gaussian").float(), 16, tol=1e-9, niter=2, seed=0, backend=backend)
+
+
+def test_peft_style_no_oversampling_is_much_worse():
+    """The motivation for our defaults: q = r, niter = 2 (PEFT's fast PiSSA init) is far off."""
+    W = family("llm", m=400, n=300)
+    _, S64, _ = rsvd_naive(W, 32)
+    _, S, _ = sk.rsvd(W, 32, oversample=0, niter=2, seed=0, backend="torch")
+    assert ((S - S64).abs() / S64).max().item() > 0.05
+
+
+# ---- the CPU build of the shared C++ core, directly --------------------------------------
+@needs_ext
+def test_core_philox_normal_statistics_and_determinism():
+    out = torch.empty(200_000, dtype=torch.float64)
+    torch.ops.sorsa_kernels.philox_normal_(out, 123)
+    assert abs(out.mean().item()) < 0.01 and abs(out.std().item() - 1) < 0.01
+    assert abs(((out > 1.96).double().mean() - 0.025).item()) < 0.003
+    again = torch.empty(200_000, dtype=torch.float64)
+    torch.ops.sorsa_kernels.philox_normal_(again, 123)
+    assert torch.equal(out, again)
+    other = torch.empty(1000, dtype=torch.float64)
+    torch.ops.sorsa_kernels.philox_normal_(other, 124)
+    assert not torch.equal(other, out[:1000])
+    f32 = torch.empty(1000, dtype=torch.float32)
+    torch.ops.sorsa_kernels.philox_normal_(f32, 123)
+    torch.testing.assert_close(f32, out[:1000].float())  # element i depends only on (seed, i)
+
+
+@needs_ext
+def test_core_cholesky_and_jacobi_vs_lapack():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(5, 40, 17, generator=g, dtype=torch.float64)
+    G = X.mT @ X
+    R = G.clone()
+    info = torch.ops.sorsa_kernels.cholesky_upper_(R)
+    assert info.dtype == torch.int32 and bool((info == 0).all())
+    torch.testing.assert_close(R, torch.linalg.cholesky(G).mT, rtol=1e-12, atol=1e-12)
+    bad = -torch.eye(4, dtype=torch.float64)[None].repeat(2, 1, 1)
+    bad[0] = torch.eye(4)
+    assert torch.ops.sorsa_kernels.cholesky_upper_(bad).tolist() == [0, 1]
+    A, S, V = torch.ops.sorsa_kernels.jacobi_svd(R, 30)
+    torch.testing.assert_close(S.sort(dim=1, descending=True).values, torch.linalg.svdvals(R), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(V.mT @ V, torch.eye(17, dtype=torch.float64).expand(5, 17, 17), atol=1e-13, rtol=0)
+    torch.testing.assert_close(R @ V, A, atol=1e-12, rtol=0)
+    Ga = A.mT @ A
+    assert (Ga - torch.diag_embed(torch.diagonal(Ga, dim1=1, dim2=2))).abs().max().item() < 1e-10
+
+
+@needs_ext
+def test_core_ops_bad_input_and_opcheck():
+    with pytest.raises(RuntimeError, match="must be float64"):
+        torch.ops.sorsa_kernels.cholesky_upper_(torch.eye(3)[None])
+    with pytest.raises(RuntimeError, match=r"must have shape \(batch, k, k\)"):
+        torch.ops.sorsa_kernels.jacobi_svd(torch.zeros(2, 3, 4, dtype=torch.float64), 5)
+    with pytest.raises(RuntimeError, match="max_sweeps must be >= 1"):
+        torch.ops.sorsa_kernels.jacobi_svd(torch.zeros(2, 3, 3, dtype=torch.float64), 0)
+    with pytest.raises(RuntimeError, match="out must be float32 or float64"):
+        torch.ops.sorsa_kernels.philox_normal_(torch.empty(3, dtype=torch.float16), 1)
+    R = torch.linalg.cholesky(torch.eye(6, dtype=torch.float64) * 2)[None].mT.contiguous()
+    torch.library.opcheck(torch.ops.sorsa_kernels.jacobi_svd.default, (R, 10))
+
+
+def test_rsvd_bad_input():
+    W = torch.randn(10, 8)
+    with pytest.raises(ValueError, match=r"rank must be an int in \[1, min\(m, n\)\] = \[1, 8\]"):
+        sk.rsvd(W, 9)
+    with pytest.raises(ValueError, match="rank must be"):
+        sk.rsvd(W, 0)
+    with pytest.raises(ValueError, match="oversample must be an int >= 0"):
+        sk.rsvd(W, 2, oversample=-1)
+    with pytest.raises(ValueError, match="niter must be an int >= 0"):
+        sk.rsvd(W, 2, niter=1.5)
+    with pytest.raises(ValueError, match=r"tol must be a float in \(0, 1\)"):
+        sk.rsvd(W, 2, tol=0)
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        sk.rsvd(W, 2, seed=-3)
+    with pytest.raises(ValueError, match="W must have at least 2 dimensions"):
+        sk.rsvd(torch.randn(5), 1)
+    with pytest.raises(TypeError, match="W must be a floating tensor"):
+        sk.rsvd(torch.ones(4, 4, dtype=torch.int64), 1)
+    W[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="W contains NaN or Inf"):
+        sk.rsvd(W, 2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sk.rsvd(torch.randn(4, 4), 1, backend="magic")
+    with pytest.raises(RuntimeError, match="backend='triton' is not available for rsvd"):
+        sk.rsvd(torch.randn(4, 4), 1, backend="triton")
