@@ -30,10 +30,10 @@ START=$(date +%s)
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; } > "$OUT/device.txt" 2>&1
 "$PY" -m sorsa_kernels.cli info | tee "$OUT/info.txt"
 
-if ls csrc/*.cpp >/dev/null 2>&1; then
-  echo "== building the extension in place (MAX_JOBS=16)"
-  MAX_JOBS=16 timeout 200 "$PY" setup.py build_ext --inplace > "$OUT/build.txt" 2>&1; echo "build rc=$?" | tee -a "$OUT/build.txt"
-fi
+echo "== building the C++/CUDA extension in place for this machine's torch (MAX_JOBS=16)"
+SORSA_KERNELS_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="9.0" timeout 240 "$PY" setup.py build_ext --inplace \
+  --build-temp "$ROOT/.gpu-cache/build" > "$OUT/build.txt" 2>&1
+echo "build rc=$?" | tee -a "$OUT/build.txt"
 
 echo "== gpu tests"
 timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.txt" | tail -25

@@ -89,33 +89,38 @@ SK_HD void rotate_pair(double* x, double* y, double c, double s) {
   *y = s * xp + c * yq;
 }
 
-// ---- Full one-sided Jacobi SVD of A (k×k, row-major) in place, serially: on return the columns
-// of A are U_j·σ_j, V (k×k) holds the right vectors, S the σ_j (unsorted). Returns the sweeps used.
-SK_HD int jacobi_svd(double* A, double* V, double* S, int k, int max_sweeps, double eps) {
-  for (int i = 0; i < k; ++i)
-    for (int j = 0; j < k; ++j) V[i * k + j] = (i == j) ? 1.0 : 0.0;
+// ---- Full one-sided Jacobi SVD of a k×k matrix, serially, in place. Column-major storage
+// (column j at A + j·k) so the rotations stream over contiguous memory. On return the columns
+// of A are U_j·σ_j, V (column-major) holds the right vectors, S the σ_j (unsorted).
+// Returns the number of sweeps used.
+SK_HD int jacobi_svd_colmajor(double* A, double* V, double* S, int k, int max_sweeps, double eps) {
+  for (int j = 0; j < k; ++j)
+    for (int i = 0; i < k; ++i) V[j * k + i] = (i == j) ? 1.0 : 0.0;
   int sweep = 0;
   for (; sweep < max_sweeps; ++sweep) {
     bool rotated = false;
     for (int p = 0; p < k - 1; ++p) {
+      double* ap = A + p * k;
       for (int q = p + 1; q < k; ++q) {
+        double* aq = A + q * k;
         double a = 0, b = 0, g = 0;
         for (int i = 0; i < k; ++i) {
-          double xp = A[i * k + p], xq = A[i * k + q];
-          a += xp * xp; b += xq * xq; g += xp * xq;
+          a += ap[i] * ap[i]; b += aq[i] * aq[i]; g += ap[i] * aq[i];
         }
         double c, s;
         if (!jacobi_rotation(a, b, g, eps, &c, &s)) continue;
         rotated = true;
-        for (int i = 0; i < k; ++i) rotate_pair(&A[i * k + p], &A[i * k + q], c, s);
-        for (int i = 0; i < k; ++i) rotate_pair(&V[i * k + p], &V[i * k + q], c, s);
+        double* vp = V + p * k;
+        double* vq = V + q * k;
+        for (int i = 0; i < k; ++i) rotate_pair(&ap[i], &aq[i], c, s);
+        for (int i = 0; i < k; ++i) rotate_pair(&vp[i], &vq[i], c, s);
       }
     }
     if (!rotated) break;
   }
   for (int j = 0; j < k; ++j) {
     double n = 0;
-    for (int i = 0; i < k; ++i) n += A[i * k + j] * A[i * k + j];
+    for (int i = 0; i < k; ++i) n += A[j * k + i] * A[j * k + i];
     S[j] = std::sqrt(n);
   }
   return sweep;

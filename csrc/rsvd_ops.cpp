@@ -44,20 +44,21 @@ at::Tensor cholesky_upper_cpu(at::Tensor G) {
 }
 
 // R (batch, k, k) float64 -> (A = R·V with orthogonal columns, S = column norms, V orthonormal).
+// The core works column-major: Rᵀ, contiguous, is R in column-major order.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_cpu(const at::Tensor& R, int64_t max_sweeps) {
   check_batched_square(R, "R");
   TORCH_CHECK(max_sweeps >= 1, "max_sweeps must be >= 1, got ", max_sweeps);
   const int64_t b = R.size(0), k = R.size(1);
-  auto A = R.clone();
-  auto V = at::empty_like(R);
+  auto At = R.mT().contiguous();
+  auto Vt = at::empty_like(R);
   auto S = at::empty({b, k}, R.options());
-  double *a = A.data_ptr<double>(), *v = V.data_ptr<double>(), *s = S.data_ptr<double>();
+  double *a = At.data_ptr<double>(), *v = Vt.data_ptr<double>(), *s = S.data_ptr<double>();
   at::parallel_for(0, b, 1, [&](int64_t st, int64_t e) {
     for (int64_t i = st; i < e; ++i)
-      sorsa_core::jacobi_svd(a + i * k * k, v + i * k * k, s + i * k, static_cast<int>(k),
-                             static_cast<int>(max_sweeps), 1e-15);
+      sorsa_core::jacobi_svd_colmajor(a + i * k * k, v + i * k * k, s + i * k, static_cast<int>(k),
+                                      static_cast<int>(max_sweeps), 1e-15);
   });
-  return {A, S, V};
+  return {At.mT().contiguous(), S, Vt.mT().contiguous()};
 }
 
 }  // namespace

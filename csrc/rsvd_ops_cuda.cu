@@ -57,8 +57,9 @@ at::Tensor cholesky_upper_cuda(at::Tensor G) {
   return info;
 }
 
-// One block per matrix; for each pair (p, q) the block reduces the three Gram entries and
-// applies the rotation (sorsa_core::jacobi_rotation / rotate_pair) to rows in parallel.
+// One block per matrix, column-major storage (coalesced column reads); for each pair (p, q)
+// the block reduces the three Gram entries and applies the rotation (sorsa_core::
+// jacobi_rotation / rotate_pair, the CPU build's code) to the rows in parallel.
 __global__ void jacobi_kernel(double* A, double* V, double* S, int k, int max_sweeps) {
   const int64_t m = blockIdx.x;
   double* a = A + m * k * k;
@@ -66,7 +67,7 @@ __global__ void jacobi_kernel(double* A, double* V, double* S, int k, int max_sw
   __shared__ double red[3][32];
   __shared__ int rotated;
   __shared__ double cs[2];
-  for (int i = threadIdx.x; i < k * k; i += blockDim.x) v[i] = (i / k == i % k) ? 1.0 : 0.0;
+  for (int i = threadIdx.x; i < k * k; i += blockDim.x) v[i] = (i / k == i % k) ? 1.0 : 0.0;  // symmetric: layout-free
   __syncthreads();
   for (int sweep = 0; sweep < max_sweeps; ++sweep) {
     if (threadIdx.x == 0) rotated = 0;
@@ -75,7 +76,7 @@ __global__ void jacobi_kernel(double* A, double* V, double* S, int k, int max_sw
       for (int q = p + 1; q < k; ++q) {
         double sa = 0, sb = 0, sg = 0;
         for (int i = threadIdx.x; i < k; i += blockDim.x) {
-          double xp = a[i * k + p], xq = a[i * k + q];
+          double xp = a[p * k + i], xq = a[q * k + i];
           sa += xp * xp; sb += xq * xq; sg += xp * xq;
         }
         for (int off = 16; off > 0; off >>= 1) {
@@ -97,8 +98,8 @@ __global__ void jacobi_kernel(double* A, double* V, double* S, int k, int max_sw
         const double c = cs[0], s = cs[1];
         if (s != 0.0) {
           for (int i = threadIdx.x; i < k; i += blockDim.x) {
-            sorsa_core::rotate_pair(&a[i * k + p], &a[i * k + q], c, s);
-            sorsa_core::rotate_pair(&v[i * k + p], &v[i * k + q], c, s);
+            sorsa_core::rotate_pair(&a[p * k + i], &a[q * k + i], c, s);
+            sorsa_core::rotate_pair(&v[p * k + i], &v[q * k + i], c, s);
           }
         }
         __syncthreads();
@@ -109,7 +110,7 @@ __global__ void jacobi_kernel(double* A, double* V, double* S, int k, int max_sw
   }
   for (int j = threadIdx.x; j < k; j += blockDim.x) {
     double n = 0;
-    for (int i = 0; i < k; ++i) n += a[i * k + j] * a[i * k + j];
+    for (int i = 0; i < k; ++i) n += a[j * k + i] * a[j * k + i];
     S[m * k + j] = sqrt(n);
   }
 }
@@ -121,15 +122,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_cuda(const at::Tensor&
   TORCH_CHECK(max_sweeps >= 1, "max_sweeps must be >= 1, got ", max_sweeps);
   const at::cuda::CUDAGuard guard(R.device());
   const int64_t b = R.size(0), k = R.size(1);
-  auto A = R.clone();
-  auto V = at::empty_like(R);
+  auto At = R.mT().contiguous();  // column-major R
+  auto Vt = at::empty_like(R);
   auto S = at::empty({b, k}, R.options());
-  if (b == 0) return {A, S, V};
+  if (b == 0) return {At, S, Vt};
   auto stream = at::cuda::getCurrentCUDAStream();
-  jacobi_kernel<<<b, 128, 0, stream>>>(A.data_ptr<double>(), V.data_ptr<double>(), S.data_ptr<double>(), (int)k,
+  jacobi_kernel<<<b, 128, 0, stream>>>(At.data_ptr<double>(), Vt.data_ptr<double>(), S.data_ptr<double>(), (int)k,
                                        (int)max_sweeps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {A, S, V};
+  return {At.mT().contiguous(), S, Vt.mT().contiguous()};
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 """sorsa-kernels: fast, exact SORSA (Singular Values and Orthonormal Regularized Singular
 Vectors Adaptation, arXiv 2409.00055) layers, regularizer and init for PyTorch."""
 from . import ops
-from .init import sorsa_decompose, svd_factors
+from .init import init_layers, sorsa_decompose, svd_factors
 from .layer import SORSALinear
 from .model import (apply_sorsa, mark_only_sorsa_trainable, merge_sorsa, sorsa_layers,
                     sorsa_parameters, unmerge_sorsa)
@@ -13,6 +13,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SORSALinear", "apply_sorsa", "calc_ortho", "orthonormal_grad_", "merge_sorsa", "unmerge_sorsa",
-    "sorsa_parameters", "mark_only_sorsa_trainable", "sorsa_layers", "sorsa_decompose", "svd_factors",
+    "sorsa_parameters", "mark_only_sorsa_trainable", "sorsa_layers", "sorsa_decompose", "svd_factors", "init_layers",
     "rsvd", "SORSARegularizer", "SORSACallback", "ops", "__version__",
 ]

@@ -27,9 +27,10 @@ class Result:
     extra: Dict[str, float] = field(default_factory=dict)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, min_time_s: float = 0.2, warmup: int = 2) -> float:
-    """Median milliseconds per call of ``fn``."""
-    if device.type == "cuda":
+def time_fn(fn: Callable[[], object], device: torch.device, min_time_s: float = 0.2, warmup: int = 2,
+            min_reps: int = 5) -> float:
+    """Median milliseconds per call of ``fn`` (at least ``min_reps`` calls after ``warmup``)."""
+    if device.type == "cuda" and min_reps > 1:
         try:
             from triton.testing import do_bench
             return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
@@ -39,7 +40,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_time_s: float = 
         fn()
     times: List[float] = []
     t_end = time.perf_counter() + min_time_s
-    while len(times) < 5 or time.perf_counter() < t_end:
+    while len(times) < min_reps or time.perf_counter() < t_end:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -168,26 +169,32 @@ def bench_ortho(device: torch.device, dtype: torch.dtype, quick: bool) -> List[R
 def init_cases(device: torch.device, quick: bool):
     """(count, m, n, r): a stack of same-shaped weights to initialise."""
     if device.type == "cuda":
-        return [(16, 4096, 4096, 128)]
-    return [(4, 512, 512, 32)] if quick else [(8, 1024, 1024, 64)]
+        return [(32, 4096, 4096, 128), (24, 11008, 4096, 128)]
+    return [(4, 512, 512, 32)] if quick else [(16, 2048, 2048, 64)]
 
 
-def init_callables(case, device: torch.device, dtype: torch.dtype) -> Dict[str, Callable[[], object]]:
-    """SVD init of ``count`` weights: ours (apply-time init) vs the reference's full SVD vs svd_lowrank."""
-    from .init import sorsa_decompose
+def llm_like_weights(count: int, m: int, n: int, device, dtype, seed: int = 0) -> torch.Tensor:
+    """Synthetic weights with the spectrum shape of pretrained LLM projections: power-law
+    decay (σ_i ∝ i^-0.5) plus a flat noise bulk."""
+    p = min(m, n)
+    U = torch.linalg.qr(_randn(count, m, p, device=device, dtype=torch.float32, seed=seed))[0]
+    V = torch.linalg.qr(_randn(count, n, p, device=device, dtype=torch.float32, seed=seed + 1))[0]
+    s = torch.arange(1, p + 1, device=device, dtype=torch.float32) ** -0.5
+    noise = _randn(count, m, n, device=device, dtype=torch.float32, seed=seed + 2) * (0.1 / max(m, n) ** 0.5)
+    return ((U * s) @ V.mT + noise).to(dtype)
+
+
+def init_callables(case, device: torch.device, dtype: torch.dtype) -> Dict[str, Callable[[], torch.Tensor]]:
+    """impl -> callable returning the top-r singular values (count, r) it computes for the stack."""
+    from .rsvd import OP as RSVD_OP, rsvd
     count, m, n, r = case
-    # power-law spectrum + flat noise tail, like pretrained weights
-    Ws = []
-    for i in range(count):
-        U = torch.linalg.qr(_randn(m, min(m, n), device=device, dtype=torch.float32, seed=i))[0]
-        V = torch.linalg.qr(_randn(n, min(m, n), device=device, dtype=torch.float32, seed=i + 99))[0]
-        s = torch.arange(1, min(m, n) + 1, device=device, dtype=torch.float32) ** -0.7 + 0.02
-        Ws.append(((U * s) @ V.T).to(dtype))
-    return {
-        "ours[svd]": lambda: [sorsa_decompose(W, r, 1.0) for W in Ws],
-        "sorsa-1.0.1": lambda: [torch.linalg.svd(W.T, full_matrices=False) for W in Ws],
-        "svd_lowrank(q=r,niter=4)": lambda: [torch.svd_lowrank(W.float(), q=r, niter=4) for W in Ws],
-    }
+    Ws = llm_like_weights(count, m, n, device, dtype)
+    impls = {f"ours[rsvd:{b}]": (lambda b=b: rsvd(Ws, r, seed=0, backend=b)[1])
+             for b in _backend.available_backends(RSVD_OP) if b != "triton"}
+    # the reference's full SVD per layer (in fp32: its bf16 path fails on CUDA, whose SVD has no bf16)
+    impls["sorsa-1.0.1"] = lambda: torch.stack([torch.linalg.svd(W.T.float(), full_matrices=False)[1][:r] for W in Ws])
+    impls["svd_lowrank(q=r,niter=4)"] = lambda: torch.stack([torch.svd_lowrank(W.float(), q=r, niter=4)[1] for W in Ws])
+    return impls
 
 
 def bench_init(device: torch.device, dtype: torch.dtype, quick: bool) -> List[Result]:
@@ -195,8 +202,12 @@ def bench_init(device: torch.device, dtype: torch.dtype, quick: bool) -> List[Re
     for case in init_cases(device, quick):
         count, m, n, r = case
         label = f"{count}x {m}x{n} r={r}"
+        exact = torch.linalg.svdvals(llm_like_weights(count, m, n, device, dtype).double())[:, :r]
         for name, fn in init_callables(case, device, dtype).items():
-            out.append(Result("init", label, name, time_fn(fn, device, min_time_s=0.1, warmup=1), {"r": r}))
+            got = {}
+            ms = time_fn(lambda: got.__setitem__("S", fn()), device, min_time_s=0.0, warmup=0, min_reps=1)
+            err = ((got["S"].double() - exact).abs() / exact).max().item()
+            out.append(Result("init", label, name, ms, {"r": r, "max_rel_sigma_err": err}))
     return out
 
 
@@ -233,7 +244,9 @@ def format_table(results: List[Result], baselines=("sorsa-1.0.1", "ours[torch]")
         for b in baselines:
             ref = base.get((r.op, r.case, b))
             cols += f" {ref / r.ms:>19.2f}x" if ref else f" {'-':>20}"
-        lines.append(f"{r.op:<14} {r.case:<28} {r.impl:<16} {r.ms:>10.3f}{cols}")
+        err = r.extra.get("max_rel_sigma_err")
+        lines.append(f"{r.op:<14} {r.case:<28} {r.impl:<16} {r.ms:>10.3f}{cols}"
+                     + (f"   σ err {100 * err:.2f}%" if err is not None else ""))
     return "\n".join(lines)
 
 

@@ -17,7 +17,11 @@ def info() -> str:
     from . import __version__, _backend
     from .ops.linear import OP as LIN
     from .ops.ortho import OP as ORTHO
+    from .rsvd import OP as RSVD
     ok, why = _backend.triton_status()
+    e_ok, e_cuda, e_why = _backend.ext_status()
+    ext_line = (f"C++ extension: loaded, CUDA kernels {'built' if e_cuda else 'not built (CPU build only)'}"
+                if e_ok else f"C++ extension: not available ({e_why})")
     tv = "not installed"
     if ok:
         import triton
@@ -28,8 +32,9 @@ def info() -> str:
         f"torch CUDA build: {torch.version.cuda or 'none (CPU build)'}",
         f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
         f"triton usable: {ok}{'' if ok else ' (' + why + ')'}; interpreter on: {_backend.triton_interpret()}",
-        f"backends: {LIN}: {_backend.available_backends(LIN)}; {ORTHO}: {_backend.available_backends(ORTHO)}",
-        "CUDA extension built: no (not part of this build)",
+        f"backends: {LIN}: {_backend.available_backends(LIN)}; {ORTHO}: {_backend.available_backends(ORTHO)}; "
+        f"{RSVD}: {_backend.available_backends(RSVD)}",
+        ext_line,
     ]
     return "\n".join(lines)
 

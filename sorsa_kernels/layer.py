@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._validate import check_dropout_p, check_float, check_rank
-from .init import sorsa_decompose
+from .init import init_layers
 from .ops.linear import sorsa_linear
 
 
@@ -117,6 +117,21 @@ class SORSALinear(nn.Module):
         return self.scale * (self.sorsa_B.to(work) * self.sorsa_S.to(work)) @ self.sorsa_A.to(work)
 
     @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer currently computes with: ``weight`` when merged, else
+        ``weight + scale·B·diag(S)·A`` (float32, or float64 for float64 params)."""
+        if self.merged or self.r == 0:
+            return self.weight.detach()
+        d = self._delta()
+        return self.weight.to(d.dtype) + d
+
+    @torch.no_grad()
+    def set_decomposition(self, W_r: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> None:
+        """Install ``W_r`` and the adapters (same Parameter objects, new data); marks unmerged."""
+        self.weight.data, self.sorsa_A.data, self.sorsa_S.data, self.sorsa_B.data = W_r, A, S, B
+        self.merged = False
+
+    @torch.no_grad()
     def sorsa_init(
         self,
         weight_dtype: Optional[torch.dtype] = None,
@@ -135,19 +150,13 @@ class SORSALinear(nn.Module):
         Args:
             weight_dtype: dtype for ``weight`` (W_r); default: its current dtype.
             adapter_dtype: dtype for A, S, B; default: ``weight_dtype``.
-            method: "svd" (exact, ``torch.linalg.svd``).
+            method: "svd" (exact, ``torch.linalg.svd``, the reference's choice) or "rsvd"
+                (:func:`sorsa_kernels.rsvd`; ``svd_kwargs`` go to it: oversample, niter, tol,
+                seed, backend). ``W_r`` is exact either way.
         """
         if self.r == 0:
             raise ValueError("sorsa_init needs r >= 1; this layer has r = 0 (no adapters)")
-        if self.merged:
-            W = self.weight
-        else:
-            d = self._delta()
-            W = self.weight.to(d.dtype) + d
-        W_r, A, S, B = sorsa_decompose(W, self.r, self.scale, weight_dtype or self.weight.dtype,
-                                       adapter_dtype, method, **svd_kwargs)
-        self.weight.data, self.sorsa_A.data, self.sorsa_S.data, self.sorsa_B.data = W_r, A, S, B
-        self.merged = False
+        init_layers([self], method, weight_dtype, adapter_dtype, **svd_kwargs)
 
     @torch.no_grad()
     def _merge(self, mode: bool) -> None:

@@ -5,6 +5,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch.nn as nn
 
+from .init import DEFAULT_CHUNK_BYTES, init_layers
 from .layer import SORSALinear
 
 
@@ -26,14 +27,20 @@ def apply_sorsa(
     r: int,
     alpha: Optional[float] = None,
     dropout: float = 0.0,
-    init: Optional[str] = "svd",
+    init: Optional[str] = "rsvd",
+    *,
+    progress: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     **svd_kwargs,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` whose qualified name contains one of ``target_modules``
     (sorsa 1.0.1's rule: substring match on ``named_modules`` names) by a
-    :class:`SORSALinear` sharing its weight and bias, then initialise it with ``init``
-    ("svd"; None leaves the adapters at zero). A linear registered under several names is
-    replaced by one SORSA layer everywhere. Returns ``model`` itself.
+    :class:`SORSALinear` sharing its weight and bias, then initialise all of them with
+    ``init``: "rsvd" (default: batched randomized SVD, layers grouped by shape and processed
+    in chunks of ``chunk_bytes``; ``svd_kwargs`` go to :func:`sorsa_kernels.rsvd`), "svd"
+    (exact, as the reference) or None (adapters stay zero). ``progress`` shows a tqdm bar.
+    ``W_r`` is exact either way, so the model's output is unchanged. A linear registered under
+    several names is replaced by one SORSA layer everywhere. Returns ``model`` itself.
 
     Raises ``ValueError`` when nothing matches.
     """
@@ -51,10 +58,14 @@ def apply_sorsa(
             f"target_modules={targets!r} matched no nn.Linear in the model; "
             f"its linear layers are: {linears[:20]}{' ...' if len(linears) > 20 else ''}"
         )
+    if init is None and svd_kwargs:
+        raise TypeError(f"init=None takes no SVD arguments, got {sorted(svd_kwargs)}")
     for parent, attr, old in sites:
         if id(old) not in matched:
-            matched[id(old)] = SORSALinear.from_linear(old, r, alpha=alpha, dropout=dropout, init=init, **svd_kwargs)
+            matched[id(old)] = SORSALinear.from_linear(old, r, alpha=alpha, dropout=dropout, init=None)
         setattr(parent, attr, matched[id(old)])
+    if init is not None and r > 0:
+        init_layers(list(matched.values()), init, chunk_bytes=chunk_bytes, progress=progress, **svd_kwargs)
     return model
 
 

@@ -10,8 +10,12 @@ always orthonormal. The GEMMs are torch's (cuBLAS/MKL); the Gaussian sketch, the
 Cholesky and Jacobi SVD are the building blocks below, from the C++/CUDA extension (``"ext"``,
 per-matrix code shared between the CPU and CUDA builds) or plain torch (``"torch"``).
 
-Defaults (``oversample=16``, ``niter=6``) were chosen by measurement on synthetic spectra like
-pretrained LLM weights (power-law decay + flat noise tail): see tests/test_rsvd.py and README.
+Defaults (``oversample = max(16, rank)``, ``niter = 6``) were chosen by measurement on synthetic
+spectra like pretrained LLM weights (power-law decay + flat noise tail; README and BENCHMARKS.md
+have the numbers): PEFT's fast-PiSSA setting (q = r, 2 iterations) is 13–18 % off there, 16/6 is
+2–3 % off, r/6 is ≤ 1 % on the LLM-like family. Block Krylov (Musco & Musco 2015) reached ~1 %
+with about 60 % of the GEMM work in a prototype but needs a (q+1)·k-sized small SVD per matrix,
+which our batched Jacobi step does not handle fast enough yet, so subspace iteration is used.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from . import _backend
 from ._validate import check_finite, check_float
 
 OP = "rsvd"
-DEFAULT_OVERSAMPLE = 16
+MIN_OVERSAMPLE = 16  # default oversample: max(MIN_OVERSAMPLE, rank)
 DEFAULT_NITER = 6
 MAX_TOL_ITERS = 40
 JACOBI_SWEEPS = 30
@@ -146,7 +150,7 @@ def _check_args(W, rank, oversample, niter, tol, seed, backend):
     m, n = W.shape[-2:]
     if isinstance(rank, bool) or not isinstance(rank, int) or not (1 <= rank <= min(m, n)):
         raise ValueError(f"rank must be an int in [1, min(m, n)] = [1, {min(m, n)}], got {rank!r}")
-    oversample = DEFAULT_OVERSAMPLE if oversample is None else oversample
+    oversample = max(MIN_OVERSAMPLE, rank) if oversample is None else oversample
     if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
         raise ValueError(f"oversample must be an int >= 0, got {oversample!r}")
     if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
@@ -174,7 +178,7 @@ def rsvd(
 
     Args:
         rank: number of triplets (1 ≤ rank ≤ min(m, n)).
-        oversample: extra sketch columns (default 16).
+        oversample: extra sketch columns (default ``max(16, rank)``).
         niter: power (subspace) iterations (default 6; with ``tol``: the cap, default 40).
         tol: if given, iterate until the estimated relative error of the top-``rank`` singular
             values (the relative change of the Ritz values in one iteration) is ≤ tol, or warn

@@ -75,3 +75,21 @@ def test_gpu_regularizer_triton_vs_torch(dtype):
         if q.grad is not None:
             rel = (p.grad.float() - q.grad.float()).abs().max() / q.grad.float().abs().max()
             assert rel < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+def test_gpu_rsvd_ext_matches_cpu_build_and_is_accurate():
+    from sorsa_kernels import _backend
+    if not _backend.ext_status()[1]:
+        pytest.fail("the extension was not built with CUDA: gpu_check.sh builds it with SORSA_KERNELS_CUDA=1")
+    g = torch.Generator().manual_seed(0)
+    U0 = torch.linalg.qr(torch.randn(8, 1024, 768, generator=g, dtype=torch.float64))[0]
+    V0 = torch.linalg.qr(torch.randn(8, 768, 768, generator=g, dtype=torch.float64))[0]
+    s = torch.arange(1, 769, dtype=torch.float64) ** -0.8
+    W = ((U0 * s) @ V0.mT + 0.02 * torch.randn(8, 1024, 768, generator=g, dtype=torch.float64) / 32).float()
+    Uc, Sc, Vc = sk.rsvd(W, 64, seed=3, backend="ext")
+    Ug, Sg, Vg = sk.rsvd(W.cuda(), 64, seed=3, backend="ext")
+    torch.testing.assert_close(Sg.cpu(), Sc, rtol=1e-4, atol=1e-6)  # same Philox sketch on both
+    S64 = torch.linalg.svdvals(W.double())[:, :64]
+    assert ((Sg.cpu().double() - S64).abs() / S64).max() < 0.01
+    eye = torch.eye(64, device="cuda")
+    assert (Ug.mT @ Ug - eye).abs().max() < 1e-4 and (Vg @ Vg.mT - eye).abs().max() < 1e-4

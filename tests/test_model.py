@@ -100,3 +100,47 @@ def test_no_match_is_an_error():
         sk.apply_sorsa(model(), [], r=2)
     with pytest.raises(TypeError, match="target_modules"):
         sk.apply_sorsa(model(), [3], r=2)
+
+
+def test_apply_sorsa_rsvd_default_groups_both_orientations_in_chunks():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 64, bias=False))
+    x = torch.randn(3, 40)
+    y0 = m(x)
+    Ws = [m[i].weight.detach().clone() for i in (0, 2, 4)]
+    sk.apply_sorsa(m, ["0", "2", "4"], r=8, alpha=16.0, seed=5, progress=True, chunk_bytes=1)  # chunks of one layer
+    torch.testing.assert_close(m(x), y0, atol=1e-5, rtol=1e-5)  # W_r exact whatever the SVD's accuracy
+    for i, W in zip((0, 2, 4), Ws):
+        layer = m[i]
+        S64 = torch.linalg.svdvals(W.double())[:8]
+        assert ((layer.sorsa_S.double() - S64).abs() / S64).max() < 0.01
+        eye = torch.eye(8)
+        torch.testing.assert_close(layer.sorsa_A @ layer.sorsa_A.T, eye, atol=1e-5, rtol=0)
+        torch.testing.assert_close(layer.sorsa_B.T @ layer.sorsa_B, eye, atol=1e-5, rtol=0)
+        rec = layer.weight + layer.scale * (layer.sorsa_B * layer.sorsa_S) @ layer.sorsa_A
+        torch.testing.assert_close(rec, W, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_svd_init_equals_per_layer_exact_svd():
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 30), nn.Linear(30, 20))
+    ref = [sk.SORSALinear.from_linear(m[i], r=5, init="svd") for i in range(3)]
+    sk.apply_sorsa(m, ["0", "1", "2"], r=5, init="svd")
+    for layer, r in zip(m, ref):
+        torch.testing.assert_close(layer.sorsa_S, r.sorsa_S, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close((layer.sorsa_B * layer.sorsa_S) @ layer.sorsa_A, (r.sorsa_B * r.sorsa_S) @ r.sorsa_A,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.weight, r.weight, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_rsvd_init_and_bad_kwargs():
+    torch.manual_seed(2)
+    layer = sk.SORSALinear(48, 36, r=6)
+    W = layer.weight.detach().clone()
+    layer.sorsa_init(method="rsvd", seed=0, oversample=8, niter=3)
+    rec = layer.weight + (layer.sorsa_B * layer.sorsa_S) @ layer.sorsa_A
+    torch.testing.assert_close(rec, W, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="oversample must be an int >= 0"):
+        layer.sorsa_init(method="rsvd", oversample=-2)
+    with pytest.raises(TypeError, match="init=None takes no SVD arguments"):
+        sk.apply_sorsa(model(), ["q_proj"], r=2, init=None, niter=2)
