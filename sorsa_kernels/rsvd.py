@@ -10,10 +10,10 @@ always orthonormal. The GEMMs are torch's (cuBLAS/MKL); the Gaussian sketch, the
 Cholesky and Jacobi SVD are the building blocks below, from the C++/CUDA extension (``"ext"``,
 per-matrix code shared between the CPU and CUDA builds) or plain torch (``"torch"``).
 
-Defaults (``oversample = max(16, rank)``, ``niter = 6``) were chosen by measurement on synthetic
+Defaults (``oversample = max(16, rank)``, ``niter = 8``) were chosen by measurement on synthetic
 spectra like pretrained LLM weights (power-law decay + flat noise tail; README and BENCHMARKS.md
-have the numbers): PEFT's fast-PiSSA setting (q = r, 2 iterations) is 13–18 % off there, 16/6 is
-2–3 % off, r/6 is ≤ 1 % on the LLM-like family. Block Krylov (Musco & Musco 2015) reached ~1 %
+have the numbers): on 4×2048², r = 64, PEFT's fast-PiSSA setting (q = r, 2 iterations) is ~13 % off,
+oversample 16 / 6 iterations ~2.5 %, r / 6 ~1.1 %, r / 8 ~0.6 %. Block Krylov (Musco & Musco 2015) reached ~1 %
 with about 60 % of the GEMM work in a prototype but needs a (q+1)·k-sized small SVD per matrix,
 which our batched Jacobi step does not handle fast enough yet, so subspace iteration is used.
 """
@@ -30,7 +30,7 @@ from ._validate import check_finite, check_float
 
 OP = "rsvd"
 MIN_OVERSAMPLE = 16  # default oversample: max(MIN_OVERSAMPLE, rank)
-DEFAULT_NITER = 6
+DEFAULT_NITER = 8
 MAX_TOL_ITERS = 40
 JACOBI_SWEEPS = 30
 
@@ -173,19 +173,24 @@ def rsvd(
     tol: Optional[float] = None,
     seed: Optional[int] = None,
     backend: str = "auto",
+    iter_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of ``W`` (``(..., m, n)``, batched over leading dims).
 
     Args:
         rank: number of triplets (1 ≤ rank ≤ min(m, n)).
         oversample: extra sketch columns (default ``max(16, rank)``).
-        niter: power (subspace) iterations (default 6; with ``tol``: the cap, default 40).
+        niter: power (subspace) iterations (default 8; with ``tol``: the cap, default 40).
         tol: if given, iterate until the estimated relative error of the top-``rank`` singular
             values (the relative change of the Ritz values in one iteration) is ≤ tol, or warn
             when the cap is reached.
         seed: sketch seed; the result is deterministic for a given seed and backend
             (default: drawn from torch's global generator).
         backend: "auto" | "ext" (C++/CUDA extension) | "torch".
+        iter_dtype: dtype of the power-iteration GEMMs (default: bfloat16 for float32 work on CUDA
+            without ``tol``, where tensor cores make them ~10× faster; else the working precision). Rounding there only perturbs
+            the subspace, and the σ error is second order in that perturbation; the sketch's first
+            product and the final ``Qᵀ·W`` always run in the working precision.
 
     Returns:
         ``U (..., m, rank)``, ``S (..., rank)`` descending, ``Vh (..., rank, n)``; float32
@@ -197,6 +202,13 @@ def rsvd(
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     *lead, m, n = W.shape
     Wb = W.reshape(-1, m, n).to(work)
+    # bf16 iterations only where they pay (CUDA tensor cores), for fp32 work, and without tol
+    # (its Ritz-value estimates need the working precision)
+    fast = W.device.type == "cuda" and work == torch.float32 and tol is None
+    it_dt = iter_dtype or (torch.bfloat16 if fast else work)
+    if it_dt not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        raise ValueError(f"iter_dtype must be a floating dtype, got {it_dt}")
+    Wi = Wb if it_dt == work else Wb.to(it_dt)
     k = min(rank + oversample, m, n)
     Omega = run.gaussian((Wb.shape[0], n, k), work, W.device)
     Q, _ = run.orth(Wb @ Omega)
@@ -204,7 +216,7 @@ def rsvd(
     prev = None
     converged = tol is None
     for _ in range(iters):
-        Z, Rz = run.orth(Wb.mT @ Q.to(work))
+        Z, Rz = run.orth(Wi.mT @ Q.to(it_dt))
         if tol is not None:
             # σ(R_z) = σ(Wᵀ·Q): the current Ritz values, which increase towards σ(W)
             cur = run.svdvals_small(Rz)[:, :rank]
@@ -214,7 +226,7 @@ def rsvd(
                     converged = True
                     break
             prev = cur
-        Q, _ = run.orth(Wb @ Z.to(work))
+        Q, _ = run.orth(Wi @ Z.to(it_dt))
     if not converged:
         warnings.warn(f"rsvd: tol={tol} not reached within {iters} iterations; returning the last iterate",
                       RuntimeWarning, stacklevel=2)
