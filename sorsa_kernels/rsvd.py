@@ -118,22 +118,29 @@ class _Run:
             shift[bad] = s
         return R, shift
 
-    def cholqr(self, Y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        G = Y.mT @ Y
-        R, shift = self.chol_shifted(G, (Y * Y).sum((1, 2)), Y.shape[1])
-        return torch.linalg.solve_triangular(R, Y, upper=True, left=False), R, shift > 0
+    def cholqr(self, Y: torch.Tensor, gram64: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One CholeskyQR pass: R from the Gram matrix (accumulated in fp64 when ``gram64``),
+        Q = Y·R⁻¹ as a GEMM in Y's dtype (R⁻¹ is k×k, formed in fp64)."""
+        Yg = Y.to(torch.float64) if gram64 else Y
+        G = (Yg.mT @ Yg).to(torch.float64)
+        R, shift = self.chol_shifted(G, (Yg * Yg).sum((1, 2)).to(torch.float64), Y.shape[1])
+        eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
+        Rinv = torch.linalg.solve_triangular(R, eye, upper=True)
+        return Y @ Rinv.to(Y.dtype), R, shift > 0
 
     def orth(self, Y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Orthonormal basis (fp64) of each Y's columns, and R with Y = Q·R (null columns refilled)."""
-        Y = Y.to(torch.float64)
+        """Orthonormal basis of each Y's columns (in Y's dtype) and R (fp64) with Y = Q·R; null
+        columns are refilled with Gaussian ones first. CholeskyQR2: the first pass forms its Gram
+        in fp64 (Y may be ill-conditioned), the second, on a nearly orthonormal Q, in Y's dtype;
+        shifted panels get a third fp64 pass (shifted CholeskyQR3)."""
         nrm = Y.norm(dim=1)
         null = nrm <= 1e-13 * nrm.amax(1, keepdim=True).clamp_min(1e-300)
         if bool(null.any()):
             Y = torch.where(null[:, None, :], self.gaussian(Y.shape, Y.dtype, Y.device), Y)
         Q, R, shifted = self.cholqr(Y)
-        Q, R2, _ = self.cholqr(Q)
+        Q, R2, _ = self.cholqr(Q, gram64=Y.dtype == torch.float64)
         R = R2 @ R
-        if bool(shifted.any()):  # shifted CholeskyQR needs a third pass
+        if bool(shifted.any()):
             Q, R3, _ = self.cholqr(Q)
             R = R3 @ R
         return Q, R
@@ -211,12 +218,12 @@ def rsvd(
     Wi = Wb if it_dt == work else Wb.to(it_dt)
     k = min(rank + oversample, m, n)
     Omega = run.gaussian((Wb.shape[0], n, k), work, W.device)
-    Q, _ = run.orth(Wb @ Omega)
+    Q, _ = run.orth(Wb @ Omega)  # work dtype
     iters = (MAX_TOL_ITERS if niter is None else niter) if tol is not None else (DEFAULT_NITER if niter is None else niter)
     prev = None
     converged = tol is None
     for _ in range(iters):
-        Z, Rz = run.orth(Wi.mT @ Q.to(it_dt))
+        Z, Rz = run.orth((Wi.mT @ Q.to(it_dt)).to(work))
         if tol is not None:
             # σ(R_z) = σ(Wᵀ·Q): the current Ritz values, which increase towards σ(W)
             cur = run.svdvals_small(Rz)[:, :rank]
@@ -226,7 +233,7 @@ def rsvd(
                     converged = True
                     break
             prev = cur
-        Q, _ = run.orth(Wi @ Z.to(it_dt))
+        Q, _ = run.orth((Wi @ Z.to(it_dt)).to(work))
     if not converged:
         warnings.warn(f"rsvd: tol={tol} not reached within {iters} iterations; returning the last iterate",
                       RuntimeWarning, stacklevel=2)
@@ -237,12 +244,11 @@ def rsvd(
     S, Vj = run.jacobi(R)  # R·Vj has orthogonal columns of norms S; Vj = left vectors of B
     S = (S * S - shift[:, None]).clamp_min(0).sqrt()  # σ(R)² = λ(B·Bᵀ) + shift
     S, order = S.sort(dim=1, descending=True)
-    UB = Vj.gather(2, order[:, None, :].expand_as(Vj))
-    U = Q @ UB
-    V, _ = run.orth(B64.mT @ UB)
+    UB = Vj.gather(2, order[:, None, :rank].expand(-1, Vj.shape[1], -1)).to(work)  # top-rank left vectors of B
+    U = Q.to(work) @ UB
+    V, _ = run.orth(B.mT @ UB)  # = Bᵀ·U_B·Σ⁻¹ up to column scaling; orth keeps it orthonormal for σ ≈ 0
     shape = lambda t, *tail: t.reshape(*lead, *tail)  # noqa: E731
-    return (shape(U[..., :rank].to(work), m, rank), shape(S[:, :rank].to(work), rank),
-            shape(V[..., :rank].mT.to(work), rank, n))
+    return shape(U, m, rank), shape(S[:, :rank].to(work), rank), shape(V.mT, rank, n)
 
 
 def rsvd_naive(W: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
