@@ -51,20 +51,30 @@ SK_HD double normal(uint64_t seed, uint64_t index) {
   return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
 }
 
-// ---- Cholesky G = Rᵀ·R in place (k×k, row-major, leading dim ld): the upper triangle becomes R,
-// the strict lower triangle is zeroed. Returns 0, or 1 + the failing column for a non-positive pivot.
+// ---- Cholesky G = Rᵀ·R in place (k×k, row-major, leading dim ld), right-looking, written as
+// steps the CUDA kernel runs in parallel: for column j, chol_pivot (one thread), chol_scale_row
+// (each i > j independent), chol_update (each (i, l), j < i ≤ l, independent).
+// The upper triangle becomes R; cholesky_upper zeroes the strict lower triangle.
+
+// Returns false for a non-positive (or NaN) pivot.
+SK_HD bool chol_pivot(double* G, int ld, int j) {
+  double d = G[j * ld + j];
+  if (!(d > 0.0)) return false;
+  G[j * ld + j] = std::sqrt(d);
+  return true;
+}
+
+SK_HD void chol_scale_row(double* G, int ld, int j, int i) { G[j * ld + i] /= G[j * ld + j]; }
+
+SK_HD void chol_update(double* G, int ld, int j, int i, int l) { G[i * ld + l] -= G[j * ld + i] * G[j * ld + l]; }
+
+// Serial driver (the CPU build). Returns 0, or 1 + the failing column.
 SK_HD int cholesky_upper(double* G, int k, int ld) {
   for (int j = 0; j < k; ++j) {
-    double d = G[j * ld + j];
-    for (int p = 0; p < j; ++p) d -= G[p * ld + j] * G[p * ld + j];
-    if (!(d > 0.0)) return j + 1;
-    d = std::sqrt(d);
-    G[j * ld + j] = d;
-    for (int i = j + 1; i < k; ++i) {
-      double s = G[j * ld + i];
-      for (int p = 0; p < j; ++p) s -= G[p * ld + j] * G[p * ld + i];
-      G[j * ld + i] = s / d;
-    }
+    if (!chol_pivot(G, ld, j)) return j + 1;
+    for (int i = j + 1; i < k; ++i) chol_scale_row(G, ld, j, i);
+    for (int i = j + 1; i < k; ++i)
+      for (int l = i; l < k; ++l) chol_update(G, ld, j, i, l);
   }
   for (int i = 1; i < k; ++i)
     for (int j = 0; j < i; ++j) G[i * ld + j] = 0.0;
@@ -89,25 +99,48 @@ SK_HD void rotate_pair(double* x, double* y, double c, double s) {
   *y = s * xp + c * yq;
 }
 
-// ---- Full one-sided Jacobi SVD of a k×k matrix, serially, in place. Column-major storage
-// (column j at A + j·k) so the rotations stream over contiguous memory. On return the columns
-// of A are U_j·σ_j, V (column-major) holds the right vectors, S the σ_j (unsorted).
-// Returns the number of sweeps used.
+// ---- Round-robin (circle method) pair schedule for parallel Jacobi: with n = k rounded up to
+// even, step t ∈ [0, n-1) holds the n/2 disjoint pairs i ∈ [0, n/2); over the n-1 steps every
+// pair of columns meets exactly once. Index k (odd k only) is a dummy: skip pairs containing it.
+SK_HD void round_robin_pair(int n, int t, int i, int* p, int* q) {
+  if (i == 0) {
+    *p = t;
+    *q = n - 1;
+  } else {
+    *p = (t + i) % (n - 1);
+    *q = (t - i + (n - 1)) % (n - 1);
+  }
+}
+
+// Gram entries of columns p, q (column-major, length k).
+SK_HD void pair_gram(const double* ap, const double* aq, int k, double* a, double* b, double* g) {
+  double sa = 0, sb = 0, sg = 0;
+  for (int i = 0; i < k; ++i) {
+    sa += ap[i] * ap[i]; sb += aq[i] * aq[i]; sg += ap[i] * aq[i];
+  }
+  *a = sa; *b = sb; *g = sg;
+}
+
+// ---- One-sided Jacobi SVD of a k×k matrix, serially, in place, in the round-robin order the
+// CUDA kernel runs in parallel (so this CPU build checks the GPU's schedule and convergence).
+// Column-major storage (column j at A + j·k). On return the columns of A are U_j·σ_j, V
+// (column-major) holds the right vectors, S the σ_j (unsorted). Returns the sweeps used.
 SK_HD int jacobi_svd_colmajor(double* A, double* V, double* S, int k, int max_sweeps, double eps) {
   for (int j = 0; j < k; ++j)
     for (int i = 0; i < k; ++i) V[j * k + i] = (i == j) ? 1.0 : 0.0;
+  const int n = k + (k & 1);
   int sweep = 0;
   for (; sweep < max_sweeps; ++sweep) {
     bool rotated = false;
-    for (int p = 0; p < k - 1; ++p) {
-      double* ap = A + p * k;
-      for (int q = p + 1; q < k; ++q) {
+    for (int t = 0; t < n - 1; ++t) {
+      for (int pi = 0; pi < n / 2; ++pi) {
+        int p, q;
+        round_robin_pair(n, t, pi, &p, &q);
+        if (p >= k || q >= k) continue;
+        double* ap = A + p * k;
         double* aq = A + q * k;
-        double a = 0, b = 0, g = 0;
-        for (int i = 0; i < k; ++i) {
-          a += ap[i] * ap[i]; b += aq[i] * aq[i]; g += ap[i] * aq[i];
-        }
-        double c, s;
+        double a, b, g, c, s;
+        pair_gram(ap, aq, k, &a, &b, &g);
         if (!jacobi_rotation(a, b, g, eps, &c, &s)) continue;
         rotated = true;
         double* vp = V + p * k;
@@ -119,9 +152,9 @@ SK_HD int jacobi_svd_colmajor(double* A, double* V, double* S, int k, int max_sw
     if (!rotated) break;
   }
   for (int j = 0; j < k; ++j) {
-    double n = 0;
-    for (int i = 0; i < k; ++i) n += A[j * k + i] * A[j * k + i];
-    S[j] = std::sqrt(n);
+    double nrm = 0;
+    for (int i = 0; i < k; ++i) nrm += A[j * k + i] * A[j * k + i];
+    S[j] = std::sqrt(nrm);
   }
   return sweep;
 }

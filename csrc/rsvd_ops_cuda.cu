@@ -37,10 +37,30 @@ void philox_normal_cuda(at::Tensor out, int64_t seed) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// One thread per matrix: the k×k Cholesky is O(k³/3) ≈ 1 Mflop at k = 144.
-__global__ void cholesky_kernel(double* G, int* info, int64_t batch, int k) {
-  int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (i < batch) info[i] = sorsa_core::cholesky_upper(G + i * k * k, k, k);
+// One block per matrix: the right-looking Cholesky of rsvd_core.h with its row scaling and
+// trailing update spread over the block's threads (two barriers per column).
+__global__ void cholesky_kernel(double* G, int* info, int k) {
+  double* g = G + blockIdx.x * (int64_t)k * k;
+  __shared__ int ok;
+  for (int j = 0; j < k; ++j) {
+    if (threadIdx.x == 0) ok = sorsa_core::chol_pivot(g, k, j) ? 1 : 0;
+    __syncthreads();
+    if (!ok) {
+      if (threadIdx.x == 0) info[blockIdx.x] = j + 1;
+      return;  // block-uniform: every thread read the same `ok`
+    }
+    for (int i = j + 1 + threadIdx.x; i < k; i += blockDim.x) sorsa_core::chol_scale_row(g, k, j, i);
+    __syncthreads();
+    const int w = k - j - 1;  // trailing (i, l) with j < i ≤ l < k, flattened over the square
+    for (int e = threadIdx.x; e < w * w; e += blockDim.x) {
+      const int i = j + 1 + e / w, l = j + 1 + e % w;
+      if (l >= i) sorsa_core::chol_update(g, k, j, i, l);
+    }
+    __syncthreads();
+  }
+  for (int e = threadIdx.x; e < k * k; e += blockDim.x)
+    if (e / k > e % k) g[e] = 0.0;
+  if (threadIdx.x == 0) info[blockIdx.x] = 0;
 }
 
 at::Tensor cholesky_upper_cuda(at::Tensor G) {
@@ -52,66 +72,70 @@ at::Tensor cholesky_upper_cuda(at::Tensor G) {
   auto info = at::zeros({b}, G.options().dtype(at::kInt));
   if (b == 0) return info;
   auto stream = at::cuda::getCurrentCUDAStream();
-  cholesky_kernel<<<(b + 63) / 64, 64, 0, stream>>>(G.data_ptr<double>(), info.data_ptr<int>(), b, (int)G.size(1));
+  cholesky_kernel<<<b, 256, 0, stream>>>(G.data_ptr<double>(), info.data_ptr<int>(), (int)G.size(1));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return info;
 }
 
-// One block per matrix, column-major storage (coalesced column reads); for each pair (p, q)
-// the block reduces the three Gram entries and applies the rotation (sorsa_core::
-// jacobi_rotation / rotate_pair, the CPU build's code) to the rows in parallel.
+// One block per matrix, column-major storage. Each round-robin step (sorsa_core::
+// round_robin_pair, the schedule the CPU build runs serially) has k/2 disjoint column pairs:
+// one warp per pair reduces its Gram entries with shuffles, computes the rotation
+// (sorsa_core::jacobi_rotation) and applies it to its two columns of A and V; one block-wide
+// barrier per step instead of one per pair.
 __global__ void jacobi_kernel(double* A, double* V, double* S, int k, int max_sweeps) {
   const int64_t m = blockIdx.x;
-  double* a = A + m * k * k;
-  double* v = V + m * k * k;
-  __shared__ double red[3][32];
+  double* a = A + m * (int64_t)k * k;
+  double* v = V + m * (int64_t)k * k;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int n = k + (k & 1);
   __shared__ int rotated;
-  __shared__ double cs[2];
-  for (int i = threadIdx.x; i < k * k; i += blockDim.x) v[i] = (i / k == i % k) ? 1.0 : 0.0;  // symmetric: layout-free
+  for (int i = threadIdx.x; i < k * k; i += blockDim.x) v[i] = (i / k == i % k) ? 1.0 : 0.0;
   __syncthreads();
   for (int sweep = 0; sweep < max_sweeps; ++sweep) {
     if (threadIdx.x == 0) rotated = 0;
     __syncthreads();
-    for (int p = 0; p < k - 1; ++p) {
-      for (int q = p + 1; q < k; ++q) {
+    for (int t = 0; t < n - 1; ++t) {
+      for (int pi = warp; pi < n / 2; pi += nwarps) {
+        int p, q;
+        sorsa_core::round_robin_pair(n, t, pi, &p, &q);
+        if (p >= k || q >= k) continue;  // warp-uniform
+        double* ap = a + (int64_t)p * k;
+        double* aq = a + (int64_t)q * k;
         double sa = 0, sb = 0, sg = 0;
-        for (int i = threadIdx.x; i < k; i += blockDim.x) {
-          double xp = a[p * k + i], xq = a[q * k + i];
+        for (int i = lane; i < k; i += 32) {
+          double xp = ap[i], xq = aq[i];
           sa += xp * xp; sb += xq * xq; sg += xp * xq;
         }
         for (int off = 16; off > 0; off >>= 1) {
-          sa += __shfl_down_sync(0xffffffff, sa, off);
-          sb += __shfl_down_sync(0xffffffff, sb, off);
-          sg += __shfl_down_sync(0xffffffff, sg, off);
+          sa += __shfl_xor_sync(0xffffffff, sa, off);
+          sb += __shfl_xor_sync(0xffffffff, sb, off);
+          sg += __shfl_xor_sync(0xffffffff, sg, off);
         }
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        if (lane == 0) { red[0][warp] = sa; red[1][warp] = sb; red[2][warp] = sg; }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-          double ta = 0, tb = 0, tg = 0;
-          for (int w = 0; w < (int)(blockDim.x + 31) / 32; ++w) { ta += red[0][w]; tb += red[1][w]; tg += red[2][w]; }
-          double c = 1.0, s = 0.0;
-          if (sorsa_core::jacobi_rotation(ta, tb, tg, 1e-15, &c, &s)) rotated = 1;
-          cs[0] = c; cs[1] = s;
+        // butterfly sums may differ in the last bit across lanes: take lane 0's so every lane
+        // makes the same decision and applies the same rotation
+        sa = __shfl_sync(0xffffffff, sa, 0);
+        sb = __shfl_sync(0xffffffff, sb, 0);
+        sg = __shfl_sync(0xffffffff, sg, 0);
+        double c, s;
+        if (!sorsa_core::jacobi_rotation(sa, sb, sg, 1e-15, &c, &s)) continue;
+        if (lane == 0) rotated = 1;
+        double* vp = v + (int64_t)p * k;
+        double* vq = v + (int64_t)q * k;
+        for (int i = lane; i < k; i += 32) {
+          sorsa_core::rotate_pair(&ap[i], &aq[i], c, s);
+          sorsa_core::rotate_pair(&vp[i], &vq[i], c, s);
         }
-        __syncthreads();
-        const double c = cs[0], s = cs[1];
-        if (s != 0.0) {
-          for (int i = threadIdx.x; i < k; i += blockDim.x) {
-            sorsa_core::rotate_pair(&a[p * k + i], &a[q * k + i], c, s);
-            sorsa_core::rotate_pair(&v[p * k + i], &v[q * k + i], c, s);
-          }
-        }
-        __syncthreads();
       }
+      __syncthreads();
     }
-    if (!rotated) break;
-    __syncthreads();
+    const int any = rotated;
+    __syncthreads();  // everyone has read `rotated` before thread 0 resets it
+    if (!any) break;
   }
   for (int j = threadIdx.x; j < k; j += blockDim.x) {
-    double n = 0;
-    for (int i = 0; i < k; ++i) n += a[j * k + i] * a[j * k + i];
-    S[m * k + j] = sqrt(n);
+    double nrm = 0;
+    for (int i = 0; i < k; ++i) nrm += a[(int64_t)j * k + i] * a[(int64_t)j * k + i];
+    S[m * k + j] = sqrt(nrm);
   }
 }
 
@@ -127,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_cuda(const at::Tensor&
   auto S = at::empty({b, k}, R.options());
   if (b == 0) return {At, S, Vt};
   auto stream = at::cuda::getCurrentCUDAStream();
-  jacobi_kernel<<<b, 128, 0, stream>>>(At.data_ptr<double>(), Vt.data_ptr<double>(), S.data_ptr<double>(), (int)k,
+  jacobi_kernel<<<b, 256, 0, stream>>>(At.data_ptr<double>(), Vt.data_ptr<double>(), S.data_ptr<double>(), (int)k,
                                        (int)max_sweeps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {At.mT().contiguous(), S, Vt.mT().contiguous()};
