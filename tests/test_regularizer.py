@@ -58,7 +58,8 @@ def test_grad_equals_autograd_of_reference(ref, shapes, squared, backend):
     assert val == pytest.approx(reg.item(), rel=1e-6)
     for n, p in m.named_parameters():
         if n in expect and ("sorsa_A" in n or "sorsa_B" in n):
-            torch.testing.assert_close(p.grad.cpu(), expect[n], rtol=1e-5, atol=1e-5 * expect[n].abs().max().item(), msg=n)
+            tol = 1e-6 if backend == "torch" else 1e-5  # issue 2 asks 1e-6 of the torch path, issue 4 1e-5 of the fused one
+            torch.testing.assert_close(p.grad.cpu(), expect[n], rtol=tol, atol=tol * expect[n].abs().max().item(), msg=n)
         elif "sorsa_S" in n:
             assert p.grad is None
 
