@@ -33,3 +33,13 @@ def measure(benchmark):
             benchmark.extra_info["median_ms"] = bench.time_fn(call, DEV)
             benchmark.pedantic(call, rounds=5, iterations=1, warmup_rounds=1)
     return run
+
+
+# shared by the two linear suites (fwd, fwd+bwd): cases and implementation names; the names
+# come from a tiny case so collection allocates nothing large
+LINEAR_CASES = bench.linear_cases(DEV, QUICK)
+LINEAR_IDS = [f"M{m}-in{k}-out{n}-r{r}" for m, k, n, r in LINEAR_CASES]
+
+
+def linear_impls(backward: bool):
+    return list(bench.linear_callables((64, 64, 64, 16), backward, DEV, DT))

@@ -3,13 +3,10 @@ import pytest
 
 from sorsa_kernels import bench
 
-from conftest import DEV, DT, QUICK
-
-CASES = bench.linear_cases(DEV, QUICK)
-IMPLS = list(bench.linear_callables(CASES[0] if DEV.type == "cpu" else (64, 64, 64, 16), False, DEV, DT))
+from conftest import DEV, DT, LINEAR_CASES, LINEAR_IDS, linear_impls
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"M{m}-in{k}-out{n}-r{r}" for m, k, n, r in CASES])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=LINEAR_IDS)
+@pytest.mark.parametrize("impl", linear_impls(False))
 def test_linear_fwd(measure, impl, case):
     measure(bench.linear_callables(case, False, DEV, DT)[impl], grad=False)

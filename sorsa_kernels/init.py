@@ -32,6 +32,7 @@ def svd_factors(W: torch.Tensor, r: int, method: str = "svd", **svd_kwargs) -> T
         return rsvd(W, r, **svd_kwargs)
     if svd_kwargs:
         raise TypeError(f"method='svd' takes no extra arguments, got {sorted(svd_kwargs)}")
+    check_finite("weight", W)  # rsvd checks its own input: each path checks exactly once
     U, S, Vh = torch.linalg.svd(W.to(_work_dtype(W)), full_matrices=False)
     return U[..., :r], S[..., :r], Vh[..., :r, :]
 
@@ -65,7 +66,6 @@ def sorsa_decompose(
     check_rank(r, in_f, out_f)
     if r == 0:
         raise ValueError("r must be >= 1 to initialise SORSA adapters, got 0")
-    check_finite("weight", W)
     U, S, Vh = svd_factors(W, r, method, **svd_kwargs)
     return adapters_from_factors(W, U, S, Vh, scale, weight_dtype, adapter_dtype)
 
@@ -113,7 +113,6 @@ def init_layers(
                 Ws = [layer.effective_weight() for layer in chunk]
                 flip = [W.shape[0] < W.shape[1] for W in Ws]  # orient every matrix as m×n, m ≥ n
                 stack = torch.stack([W.mT if f else W for W, f in zip(Ws, flip)])
-                check_finite("weight", stack)
                 U, S, Vh = svd_factors(stack, r, method, **svd_kwargs)
                 for i, (layer, W, f) in enumerate(zip(chunk, Ws, flip)):
                     Ui, Vhi = (Vh[i].mT, U[i].mT) if f else (U[i], Vh[i])
