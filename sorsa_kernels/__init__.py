@@ -2,9 +2,10 @@
 Vectors Adaptation, arXiv 2409.00055) layers, regularizer and init for PyTorch."""
 from . import ops
 from .init import init_layers, sorsa_decompose, svd_factors
-from .layer import SORSALinear
-from .model import (apply_sorsa, mark_only_sorsa_trainable, merge_sorsa, sorsa_layers,
-                    sorsa_parameters, unmerge_sorsa)
+from .layer import SORSAConv1D, SORSALinear
+from .model import (apply_sorsa, disable_adapters, mark_only_sorsa_trainable, merge_sorsa,
+                    print_trainable_parameters, sorsa_layers, sorsa_parameters, target_matcher,
+                    unmerge_sorsa)
 from .regularizer import calc_ortho, orthonormal_grad_
 from .rsvd import rsvd
 from .training import SORSACallback, SORSARegularizer
@@ -15,4 +16,5 @@ __all__ = [
     "SORSALinear", "apply_sorsa", "calc_ortho", "orthonormal_grad_", "merge_sorsa", "unmerge_sorsa",
     "sorsa_parameters", "mark_only_sorsa_trainable", "sorsa_layers", "sorsa_decompose", "svd_factors", "init_layers",
     "rsvd", "SORSARegularizer", "SORSACallback", "ops", "__version__",
+    "SORSAConv1D", "disable_adapters", "print_trainable_parameters", "target_matcher",
 ]

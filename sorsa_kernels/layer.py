@@ -1,9 +1,11 @@
 """``SORSALinear``: drop-in for sorsa 1.0.1's ``sorsa.layer.Linear`` (same parameter names,
-shapes and semantics), with a factored forward that never builds ``B·diag(S)·A`` per step."""
+shapes and semantics), with a factored forward that never builds ``B·diag(S)·A`` per step.
+``SORSAConv1D``: the same layer over a transformers ``Conv1D`` (GPT-2 family: weight stored in×out)."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+import warnings
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,6 +15,28 @@ from ._validate import check_dropout_p, check_float, check_rank
 from .init import init_layers
 from .ops.linear import sorsa_linear
 
+_INIT_NAMES = ("sorsa_A0", "sorsa_S0", "sorsa_B0")
+
+
+def check_alpha(alpha: Optional[float]) -> Optional[float]:
+    """``alpha`` must be None or a finite real; 0 is allowed but makes the adapter inert (warns)."""
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a real number or None, got {alpha!r}")
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite (scale = alpha / r), got {alpha}")
+    if alpha == 0.0:
+        warnings.warn("alpha = 0 makes scale = 0: the adapters have no effect and get no gradient",
+                      UserWarning, stacklevel=3)
+    return alpha
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family), recognised by name so transformers stays optional."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
 
 class SORSALinear(nn.Module):
     """Linear layer ``y = x·W_rᵀ + scale·((drop(x)·Aᵀ)⊙S)·Bᵀ + bias``.
@@ -20,7 +44,7 @@ class SORSALinear(nn.Module):
     Args:
         in_features, out_features: as ``nn.Linear``.
         r: adapter rank; 0 makes a plain (trainable) linear layer, as in the reference.
-        alpha: ``scale = alpha / r``; ``None`` gives ``scale = 1``.
+        alpha: ``scale = alpha / r``; ``None`` gives ``scale = 1``. Must be finite; 0 warns.
         dropout: dropout probability on the adapter branch's input (training only).
         merge_weights: whether :meth:`_merge` may fold the adapter into ``weight``.
         bias: add a bias parameter.
@@ -29,7 +53,18 @@ class SORSALinear(nn.Module):
     Parameters ``weight`` (out, in; frozen when r > 0), ``bias``, ``sorsa_A`` (r, in),
     ``sorsa_S`` (r,), ``sorsa_B`` (out, r) match the reference, so state dicts load
     strictly in both directions. Adapters start at zero until :meth:`sorsa_init`.
+
+    The state dict always holds the *unmerged* form (``weight`` = W_r), whatever the merge
+    state, so a checkpoint of a merged layer reloads to the same outputs; loading into a
+    merged layer keeps it merged. The initial adapter (A0, S0, B0 of the last init; zero for
+    a layer never initialised) is kept in non-persistent buffers: it defines the original
+    weight ``W = W_r + scale·B0·diag(S0)·A0`` used by :func:`sorsa_kernels.disable_adapters`,
+    :func:`sorsa_kernels.save_adapter` and :func:`sorsa_kernels.export_lora`. It becomes
+    unknown (None) when a state dict replaces ``weight`` with different values.
     """
+
+    #: weight stored in×out (transformers ``Conv1D``) instead of out×in
+    fan_in_fan_out = False
 
     def __init__(
         self,
@@ -50,14 +85,19 @@ class SORSALinear(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.in_features, self.out_features = in_features, out_features
         self.r = check_rank(r, in_features, out_features)
-        self.alpha = alpha
-        self.scale = 1 if alpha is None else alpha / r if r > 0 else 1
+        self.alpha = check_alpha(alpha)
+        self.scale = 1 if alpha is None else self.alpha / r if r > 0 else 1
         self.dropout = check_dropout_p(dropout, "dropout")
         self.merge_weights = bool(merge_weights)
         self.merged = False
         self.backend = backend
+        self._adapters_disabled = False
+        self._warned_merged = False
+        #: how the adapters were initialised (method, seed, SVD settings); saved with the adapter
+        self.init_config: Optional[dict] = None
         fk = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), **fk))
+        shape = (in_features, out_features) if self.fan_in_fan_out else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, **fk))
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features, **fk)) if bias else None)
         self.reset_parameters()
         if r > 0:
@@ -65,20 +105,32 @@ class SORSALinear(nn.Module):
             self.sorsa_S = nn.Parameter(self.weight.new_zeros(r))
             self.sorsa_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
             self.weight.requires_grad = False
+            self._record_initial()
 
     def reset_parameters(self) -> None:
         """``nn.Linear``'s init for weight and bias (the reference leaves them uninitialised)."""
         if self.weight.is_meta:
             return
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.w, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    # -- orientation: everything below works on the out×in view ``w`` ---------------------
+    @property
+    def w(self) -> torch.Tensor:
+        """``weight`` as out×in (a transposed view for ``fan_in_fan_out`` layers)."""
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
+    def _set_w(self, W: torch.Tensor) -> None:
+        """Replace ``weight``'s data (same Parameter object) by the out×in matrix ``W``."""
+        self.weight.data = W.T.contiguous() if self.fan_in_fan_out else W
+
+    # -- construction ---------------------------------------------------------------------
     @classmethod
     def from_linear(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         r: int,
         alpha: Optional[float] = None,
         dropout: float = 0.0,
@@ -87,48 +139,103 @@ class SORSALinear(nn.Module):
     ) -> "SORSALinear":
         """Wrap ``linear``'s weight and bias (shared storage; init replaces, never mutates it).
 
+        ``linear`` is an ``nn.Linear`` (or, for :class:`SORSAConv1D`, a transformers ``Conv1D``).
         ``init`` is an init method for :meth:`sorsa_init` or None (adapters stay zero).
         Extra ``kwargs`` go to the constructor (``merge_weights``, ``backend``) or, for
         keys it does not take, to :meth:`sorsa_init`.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if cls.fan_in_fan_out:
+            if not is_conv1d(linear):
+                raise TypeError(f"linear must be a transformers Conv1D, got {type(linear).__name__}")
+            in_f, out_f = linear.weight.shape
+        else:
+            if not isinstance(linear, nn.Linear):
+                raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+            in_f, out_f = linear.in_features, linear.out_features
         check_float("linear.weight", linear.weight)
         ctor = {k: kwargs.pop(k) for k in ("merge_weights", "backend") if k in kwargs}
-        mod = cls(linear.in_features, linear.out_features, r=r, alpha=alpha, dropout=dropout,
-                  bias=linear.bias is not None, device="meta", dtype=linear.weight.dtype, **ctor)
+        mod = cls(in_f, out_f, r=r, alpha=alpha, dropout=dropout, bias=linear.bias is not None,
+                  device="meta", dtype=linear.weight.dtype, **ctor)
         mod.weight = nn.Parameter(linear.weight.detach(), requires_grad=r == 0)
         if linear.bias is not None:
             mod.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)
         if r > 0:
-            for name, shape in (("sorsa_A", (r, linear.in_features)), ("sorsa_S", (r,)),
-                                ("sorsa_B", (linear.out_features, r))):
+            for name, shape in (("sorsa_A", (r, in_f)), ("sorsa_S", (r,)), ("sorsa_B", (out_f, r))):
                 setattr(mod, name, nn.Parameter(mod.weight.new_zeros(shape)))
+            mod._record_initial()
             if init is not None:
                 mod.sorsa_init(method=init, **kwargs)
         elif init is not None and kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
         return mod
 
+    # -- the initial adapter --------------------------------------------------------------
     @torch.no_grad()
-    def _delta(self) -> torch.Tensor:
-        """``scale·B·diag(S)·A`` in float32 (float64 for float64 params)."""
-        work = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        return self.scale * (self.sorsa_B.to(work) * self.sorsa_S.to(work)) @ self.sorsa_A.to(work)
+    def _record_initial(self, A=None, S=None, B=None) -> None:
+        """Keep (clones of) the initial adapter; default: the current adapters."""
+        for name, t in zip(_INIT_NAMES, (A, S, B) if A is not None else
+                           (self.sorsa_A, self.sorsa_S, self.sorsa_B)):
+            self.register_buffer(name, t.detach().clone(), persistent=False)
+
+    def _forget_initial(self) -> None:
+        for name in _INIT_NAMES:
+            self.register_buffer(name, None, persistent=False)
+
+    def initial_adapter(self) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(A0, S0, B0)`` of the last init, or None when unknown."""
+        if self.r == 0 or getattr(self, "sorsa_A0", None) is None:
+            return None
+        return self.sorsa_A0, self.sorsa_S0, self.sorsa_B0
+
+    # -- weights --------------------------------------------------------------------------
+    @staticmethod
+    def _work(dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    @torch.no_grad()
+    def _delta(self, A=None, S=None, B=None) -> torch.Tensor:
+        """``scale·B·diag(S)·A`` (default: the current adapters) in float32 (float64 for float64
+        params), out×in."""
+        A, S, B = (self.sorsa_A, self.sorsa_S, self.sorsa_B) if A is None else (A, S, B)
+        work = self._work(self.weight.dtype)
+        return self.scale * (B.to(work) * S.to(work)) @ A.to(work)
+
+    @torch.no_grad()
+    def residual_weight(self) -> torch.Tensor:
+        """``W_r`` (out×in, weight dtype) whatever the merge state."""
+        if not self.merged or self.r == 0:
+            return self.w.detach()
+        d = self._delta()
+        return (self.w.to(d.dtype) - d).to(self.weight.dtype)
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
-        """The weight the layer currently computes with: ``weight`` when merged, else
+        """The weight the layer currently computes with (out×in): ``weight`` when merged, else
         ``weight + scale·B·diag(S)·A`` (float32, or float64 for float64 params)."""
         if self.merged or self.r == 0:
-            return self.weight.detach()
+            return self.w.detach()
         d = self._delta()
-        return self.weight.to(d.dtype) + d
+        return self.w.to(d.dtype) + d
+
+    @torch.no_grad()
+    def original_weight(self) -> torch.Tensor:
+        """The weight before fine-tuning, ``W_r + scale·B0·diag(S0)·A0`` (out×in, float32 or
+        float64); raises when the initial adapter is unknown."""
+        init = self.initial_adapter()
+        if init is None:
+            raise RuntimeError(
+                "this layer's initial adapter is unknown (its weight was loaded from a state dict); "
+                "use sk.load_adapter, or re-initialise, to know the original weight")
+        d = self._delta(*init)
+        return self.residual_weight().to(d.dtype) + d
 
     @torch.no_grad()
     def set_decomposition(self, W_r: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> None:
-        """Install ``W_r`` and the adapters (same Parameter objects, new data); marks unmerged."""
-        self.weight.data, self.sorsa_A.data, self.sorsa_S.data, self.sorsa_B.data = W_r, A, S, B
+        """Install ``W_r`` (out×in) and the adapters (same Parameter objects, new data) and record
+        them as the initial adapter; marks unmerged."""
+        self._set_w(W_r)
+        self.sorsa_A.data, self.sorsa_S.data, self.sorsa_B.data = A, S, B
+        self._record_initial()
         self.merged = False
 
     @torch.no_grad()
@@ -152,12 +259,17 @@ class SORSALinear(nn.Module):
             adapter_dtype: dtype for A, S, B; default: ``weight_dtype``.
             method: "svd" (exact, ``torch.linalg.svd``, the reference's choice) or "rsvd"
                 (:func:`sorsa_kernels.rsvd`; ``svd_kwargs`` go to it: oversample, niter, tol,
-                seed, backend). ``W_r`` is exact either way.
+                seed, backend; ``seed`` defaults to 0, never the global RNG). ``W_r`` is exact
+                either way.
         """
         if self.r == 0:
             raise ValueError("sorsa_init needs r >= 1; this layer has r = 0 (no adapters)")
+        if method == "rsvd":
+            svd_kwargs.setdefault("seed", 0)
         init_layers([self], method, weight_dtype, adapter_dtype, **svd_kwargs)
+        self.init_config = {"method": method, **svd_kwargs}
 
+    # -- merge ------------------------------------------------------------------------------
     @torch.no_grad()
     def _merge(self, mode: bool) -> None:
         """Fold the adapter into ``weight`` (mode=True) or take it out again (False).
@@ -169,8 +281,9 @@ class SORSALinear(nn.Module):
             return
         if self.r > 0:
             d = self._delta() if mode else -self._delta()
-            self.weight.data = (self.weight.to(d.dtype) + d).to(self.weight.dtype)
+            self._set_w((self.w.to(d.dtype) + d).to(self.weight.dtype))
         self.merged = bool(mode)
+        self._warned_merged = False
 
     def merge(self) -> None:
         """Same as ``_merge(True)``."""
@@ -180,13 +293,68 @@ class SORSALinear(nn.Module):
         """Same as ``_merge(False)``."""
         self._merge(False)
 
+    # -- state dict: always the unmerged form -------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged and self.r > 0:
+            W_r = self.residual_weight()
+            destination[prefix + "weight"] = W_r.T.contiguous() if self.fan_in_fan_out else W_r
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        was_merged = self.merged
+        new_w = state_dict.get(prefix + "weight")
+        # the state dict holds W_r: compare before loading whether the initial adapter still applies
+        same_w = (isinstance(new_w, torch.Tensor) and new_w.shape == self.weight.shape
+                  and not self.weight.is_meta and not new_w.is_meta
+                  and torch.equal(new_w.to(self.weight.device, self.weight.dtype), self.residual_weight()
+                                  if not self.fan_in_fan_out else self.residual_weight().T))
+        if was_merged and self.r > 0:
+            self._merge(False)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if self.r > 0 and new_w is not None and not same_w:
+            self._forget_initial()
+        if was_merged:
+            self._merge(True)
+
+    # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.r > 0 and not self.merged:
-            return sorsa_linear(x, self.weight, self.sorsa_A, self.sorsa_S, self.sorsa_B, self.scale,
+        if self.r == 0:
+            return F.linear(x, self.w, self.bias)
+        if self._adapters_disabled:  # the original model: W_r + the initial adapter, no dropout
+            A0, S0, B0 = self.initial_adapter()
+            return sorsa_linear(x, self.w, A0, S0, B0, self.scale, self.bias, training=False,
+                                backend=self.backend)
+        if not self.merged:
+            return sorsa_linear(x, self.w, self.sorsa_A, self.sorsa_S, self.sorsa_B, self.scale,
                                 self.bias, dropout_p=self.dropout, training=self.training,
                                 backend=self.backend)
-        return F.linear(x, self.weight, self.bias)
+        if not self._warned_merged and self.training and torch.is_grad_enabled() and (
+                self.sorsa_A.requires_grad or self.sorsa_S.requires_grad or self.sorsa_B.requires_grad):
+            # a merged forward never touches A, S, B: training would silently leave them unchanged.
+            # A warning (once per merge), not an error: inference without .eval() is common and fine.
+            self._warned_merged = True
+            warnings.warn("SORSA layer is merged, so its adapters get no gradient: call "
+                          "sk.unmerge_sorsa(model) before training (for inference use model.eval() or "
+                          "torch.no_grad() to silence this)", UserWarning, stacklevel=2)
+        return F.linear(x, self.w, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"scale={self.scale}, dropout={self.dropout}, bias={self.bias is not None}, merged={self.merged}")
+
+
+class SORSAConv1D(SORSALinear):
+    """:class:`SORSALinear` over a transformers ``Conv1D`` (GPT-2 family), whose ``weight`` is
+    stored in×out: same parameter layout as the ``Conv1D`` it replaces (so the base model's
+    checkpoint keys and shapes are unchanged), computing exactly ``x·weight + bias`` at init.
+    Adapters have the usual shapes: ``sorsa_A`` (r, in), ``sorsa_B`` (out, r)."""
+
+    fan_in_fan_out = True
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, r: int, alpha: Optional[float] = None, dropout: float = 0.0,
+                    init: Optional[str] = "svd", **kwargs) -> "SORSAConv1D":
+        """Same as :meth:`SORSALinear.from_linear` for a transformers ``Conv1D``."""
+        return cls.from_linear(conv, r, alpha=alpha, dropout=dropout, init=init, **kwargs)

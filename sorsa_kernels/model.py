@@ -1,12 +1,23 @@
-"""Model-level helpers: inject SORSA layers, merge/unmerge, select parameters."""
+"""Model-level helpers: inject SORSA layers (atomically), merge/unmerge, select parameters,
+disable adapters, count trainable parameters."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+import contextlib
+import inspect
+import re
+import warnings
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 
-from .init import DEFAULT_CHUNK_BYTES, init_layers
-from .layer import SORSALinear
+from ._validate import check_dropout_p, check_finite, check_float, check_rank
+from .init import DEFAULT_CHUNK_BYTES, INIT_METHODS, init_layers
+from .layer import SORSAConv1D, SORSALinear, check_alpha, is_conv1d
+from .rsvd import rsvd
+
+MATCH_MODES = ("substring", "peft")
+_RSVD_KWARGS = tuple(p for p in inspect.signature(rsvd).parameters if p not in ("W", "rank"))
 
 
 def _targets(target_modules) -> List[str]:
@@ -21,6 +32,55 @@ def _targets(target_modules) -> List[str]:
     return list(target_modules)
 
 
+def target_matcher(target_modules: Union[str, Sequence[str]], match: str = "substring"):
+    """A predicate ``name -> bool`` for qualified module names.
+
+    ``match="substring"``: sorsa 1.0.1's rule, a name matches when it contains one of the
+    targets. ``match="peft"``: PEFT's rule, a list matches a name equal to a target or ending
+    in ``"." + target``; a single str is a regular expression the whole name must match.
+    """
+    if match not in MATCH_MODES:
+        raise ValueError(f"match must be one of {MATCH_MODES}, got {match!r}")
+    targets = _targets(target_modules)
+    if match == "substring":
+        return lambda name: any(t in name for t in targets)
+    if isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules is not a valid regular expression ({e}): {target_modules!r}") from None
+        return lambda name: pattern.fullmatch(name) is not None
+    return lambda name: any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _check_init_args(init: Optional[str], svd_kwargs: dict) -> None:
+    if init is None:
+        if svd_kwargs:
+            raise TypeError(f"init=None takes no SVD arguments, got {sorted(svd_kwargs)}")
+        return
+    if init not in INIT_METHODS:
+        raise ValueError(f"init must be one of {INIT_METHODS} or None, got {init!r}")
+    allowed = _RSVD_KWARGS if init == "rsvd" else ()
+    unknown = sorted(set(svd_kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"init={init!r} takes {'the keywords ' + str(list(allowed)) if allowed else 'no extra keywords'}; "
+                        f"unknown: {unknown}")
+
+
+def _validate_site(name: str, mod: nn.Module, r, init) -> None:
+    check_float(f"{name}.weight", mod.weight)
+    out_f, in_f = (mod.weight.shape[1], mod.weight.shape[0]) if is_conv1d(mod) else mod.weight.shape
+    try:
+        check_rank(r, in_f, out_f)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    if init is not None and r > 0:
+        if mod.weight.is_meta:
+            raise ValueError(f"{name}.weight is on the meta device, so it cannot be decomposed: "
+                             f"pass init=None (then load weights and an adapter with sk.load_adapter)")
+        check_finite(f"{name}.weight", mod.weight)
+
+
 def apply_sorsa(
     model: nn.Module,
     target_modules: Union[str, Sequence[str]],
@@ -29,43 +89,85 @@ def apply_sorsa(
     dropout: float = 0.0,
     init: Optional[str] = "rsvd",
     *,
+    match: str = "substring",
     progress: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     **svd_kwargs,
 ) -> nn.Module:
-    """Replace every ``nn.Linear`` whose qualified name contains one of ``target_modules``
-    (sorsa 1.0.1's rule: substring match on ``named_modules`` names) by a
-    :class:`SORSALinear` sharing its weight and bias, then initialise all of them with
-    ``init``: "rsvd" (default: batched randomized SVD, layers grouped by shape and processed
-    in chunks of ``chunk_bytes``; ``svd_kwargs`` go to :func:`sorsa_kernels.rsvd`), "svd"
+    """Replace every ``nn.Linear`` (and transformers ``Conv1D``) whose qualified name matches
+    ``target_modules`` by a :class:`SORSALinear` (:class:`SORSAConv1D`) sharing its weight and
+    bias, then initialise all of them with ``init``: "rsvd" (default: batched randomized SVD,
+    layers grouped by shape and processed in chunks of ``chunk_bytes``; ``svd_kwargs`` go to
+    :func:`sorsa_kernels.rsvd`, with ``seed=0`` unless given — never the global RNG), "svd"
     (exact, as the reference) or None (adapters stay zero). ``progress`` shows a tqdm bar.
     ``W_r`` is exact either way, so the model's output is unchanged. A linear registered under
     several names is replaced by one SORSA layer everywhere. Returns ``model`` itself.
 
-    Raises ``ValueError`` when nothing matches.
+    ``match``: "substring" (default; sorsa 1.0.1's rule: a name matches when it contains a
+    target) or "peft" (PEFT's rule: exact names or suffixes at a ``.`` boundary; a single str
+    is a regex matched against the whole name). See :func:`target_matcher`.
+
+    Atomic: every target is validated first (rank, finite float weight, init method and
+    keywords, alpha, dropout) and any failure during conversion or init puts the original
+    modules back, so on error the model is unchanged. Raises ``ValueError`` when nothing matches
+    (naming already-converted SORSA layers when that is why).
     """
+    is_match = target_matcher(target_modules, match)
     targets = _targets(target_modules)
-    matched: Dict[int, SORSALinear] = {}
-    sites = []  # (parent, attribute, old module)
+    check_rank(r)
+    alpha = check_alpha(alpha)
+    dropout = check_dropout_p(dropout, "dropout")
+    _check_init_args(init, svd_kwargs)
+    if init == "rsvd":
+        svd_kwargs.setdefault("seed", 0)
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
+    sites: List[Tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, old module)
+    converted = []
+    seen = set()
     for name, mod in model.named_modules(remove_duplicate=False):
-        if not name or not isinstance(mod, nn.Linear) or not any(t in name for t in targets):
+        if not name or not is_match(name):
             continue
+        if isinstance(mod, SORSALinear):
+            converted.append(name)
+            continue
+        if not (isinstance(mod, nn.Linear) or is_conv1d(mod)):
+            continue
+        if id(mod) not in seen:
+            seen.add(id(mod))
+            _validate_site(name, mod, r, init)
         parent_name, _, attr = name.rpartition(".")
         sites.append((model.get_submodule(parent_name) if parent_name else model, attr, mod))
     if not sites:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if converted:
+            raise ValueError(
+                f"target_modules={targets!r} matched only layers that are already SORSA layers "
+                f"({converted[:10]}{' ...' if len(converted) > 10 else ''}): apply_sorsa converts nn.Linear/"
+                f"Conv1D; to re-initialise existing adapters use sk.init_layers(list(sk.sorsa_layers(model)))")
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
         raise ValueError(
-            f"target_modules={targets!r} matched no nn.Linear in the model; "
+            f"target_modules={targets!r} matched no nn.Linear in the model (match={match!r}); "
             f"its linear layers are: {linears[:20]}{' ...' if len(linears) > 20 else ''}"
         )
-    if init is None and svd_kwargs:
-        raise TypeError(f"init=None takes no SVD arguments, got {sorted(svd_kwargs)}")
-    for parent, attr, old in sites:
-        if id(old) not in matched:
-            matched[id(old)] = SORSALinear.from_linear(old, r, alpha=alpha, dropout=dropout, init=None)
-        setattr(parent, attr, matched[id(old)])
-    if init is not None and r > 0:
-        init_layers(list(matched.values()), init, chunk_bytes=chunk_bytes, progress=progress, **svd_kwargs)
+    matched: Dict[int, SORSALinear] = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # alpha = 0 warned once above, not once per layer
+            for _, _, old in sites:
+                if id(old) not in matched:
+                    cls = SORSAConv1D if is_conv1d(old) else SORSALinear
+                    matched[id(old)] = cls.from_linear(old, r, alpha=alpha, dropout=dropout, init=None)
+        for parent, attr, old in sites:
+            setattr(parent, attr, matched[id(old)])
+        if init is not None and r > 0:
+            layers = list(matched.values())
+            init_layers(layers, init, chunk_bytes=chunk_bytes, progress=progress, **svd_kwargs)
+            for layer in layers:
+                layer.init_config = {"method": init, **svd_kwargs}
+    except BaseException:
+        for parent, attr, old in sites:  # the old modules were never modified: put them back
+            setattr(parent, attr, old)
+        raise
     return model
 
 
@@ -75,7 +177,8 @@ def sorsa_layers(model: nn.Module) -> Iterable[SORSALinear]:
 
 
 def merge_sorsa(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its weight (layers with ``merge_weights``)."""
+    """Fold every adapter into its weight (layers with ``merge_weights``). Training a merged
+    layer warns once (its adapters would get no gradient); :func:`unmerge_sorsa` first."""
     for m in sorsa_layers(model):
         m._merge(True)
     return model
@@ -98,3 +201,41 @@ def mark_only_sorsa_trainable(model: nn.Module) -> nn.Module:
     for n, p in model.named_parameters():
         p.requires_grad = "sorsa_" in n
     return model
+
+
+def print_trainable_parameters(model: nn.Module) -> Tuple[int, int]:
+    """Print ``trainable params: … || all params: … || trainable%: …`` (PEFT's format) and
+    return ``(trainable, total)``; shared parameters count once."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    pct = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
+    return trainable, total
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every SORSA layer computes the *original* base model's output,
+    ``x·(W_r + scale·B0·diag(S0)·A0)ᵀ + bias`` with the initial adapter (not the residual model
+    that zeroing S would give). Merged layers are unmerged inside and re-merged on exit.
+    Raises before changing anything if a layer's initial adapter is unknown."""
+    layers = [m for m in sorsa_layers(model) if m.r > 0]
+    unknown = [n for n, m in model.named_modules() if isinstance(m, SORSALinear) and m.r > 0
+               and m.initial_adapter() is None]
+    if unknown:
+        raise RuntimeError(f"disable_adapters: the initial adapter of {unknown} is unknown (weights loaded "
+                           f"from a state dict); load adapters with sk.load_adapter to keep it")
+    merged = [m for m in layers if m.merged]
+    for m in merged:
+        m._merge(False)
+    for m in layers:
+        m._adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m._adapters_disabled = False
+        for m in merged:
+            m._merge(True)
