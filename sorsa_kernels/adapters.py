@@ -1,0 +1,248 @@
+"""Adapters as files: :func:`save_adapter` / :func:`load_adapter`.
+
+A saved adapter is a directory with
+
+* ``adapter_model.safetensors``: for each SORSA layer ``<name>``, its current adapters
+  ``<name>.sorsa_A / .sorsa_S / .sorsa_B``, its *initial* adapter ``<name>.sorsa_A0 / .sorsa_S0 /
+  .sorsa_B0`` and, when it is trainable (``requires_grad``), ``<name>.bias``;
+* ``sorsa_config.json``: targets (exact module names), r, alpha, dropout, init method with its
+  seed and SVD settings, dtypes and the library version, per layer.
+
+``W_r`` is not saved. It is recomputed from the base model's weight and the saved initial
+adapter with the same function init uses (:func:`sorsa_kernels.init.adapters_from_factors`):
+``W_r = W − scale·B0·diag(S0)·A0`` in float32 (float64 for float64 weights), rounded to the
+weight dtype — bit-identical to the ``W_r`` init produced on the same device type, with no
+dependence on the SVD's determinism across devices or versions. Storing the initial adapter
+(one more adapter-sized copy) is what makes this exact; re-running the init with the saved seed
+would only be exact on the same backend and version.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .init import adapters_from_factors
+from .layer import SORSAConv1D, SORSALinear, is_conv1d
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "sorsa_config.json"
+FORMAT = "sorsa-kernels-adapter/1"
+_PARTS = ("sorsa_A", "sorsa_S", "sorsa_B")
+_INIT_PARTS = ("sorsa_A0", "sorsa_S0", "sorsa_B0")
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} in {CONFIG_FILE}")
+    return dt
+
+
+def named_sorsa_layers(model: nn.Module) -> List[Tuple[str, SORSALinear]]:
+    """``(name, layer)`` for every SORSA layer with r ≥ 1 (each once, under its first name)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SORSALinear) and m.r > 0]
+
+
+def _uniform(values):
+    values = list(values)
+    return values[0] if values and all(v == values[0] for v in values) else None
+
+
+def save_adapter(model: nn.Module, path: str) -> None:
+    """Write the adapters of ``model`` to the directory ``path`` (created if needed): see the
+    module docstring for the format. Raises ``ValueError`` when the model has no SORSA layer or a
+    layer's initial adapter is unknown (needed to recompute ``W_r`` on load)."""
+    from safetensors.torch import save_file
+
+    layers = named_sorsa_layers(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no SORSA layer with r >= 1 (apply_sorsa first)")
+    unknown = [n for n, m in layers if m.initial_adapter() is None]
+    if unknown:
+        raise ValueError(f"save_adapter: the initial adapter of {unknown} is unknown (weights were loaded "
+                         f"from a state dict), so W_r could not be recomputed on load; load adapters with "
+                         f"sk.load_adapter instead of load_state_dict")
+    tensors: Dict[str, torch.Tensor] = {}
+    per_layer = {}
+    for name, m in layers:
+        for part, t in zip(_PARTS + _INIT_PARTS, (m.sorsa_A, m.sorsa_S, m.sorsa_B) + m.initial_adapter()):
+            tensors[f"{name}.{part}"] = t.detach().to("cpu").contiguous().clone()
+        bias_trained = m.bias is not None and m.bias.requires_grad
+        if bias_trained:
+            tensors[f"{name}.bias"] = m.bias.detach().to("cpu").contiguous().clone()
+        per_layer[name] = {
+            "kind": "conv1d" if m.fan_in_fan_out else "linear",
+            "in_features": m.in_features, "out_features": m.out_features,
+            "r": m.r, "alpha": m.alpha, "dropout": m.dropout, "bias": m.bias is not None,
+            "bias_trained": bias_trained, "merge_weights": m.merge_weights,
+            "weight_dtype": _dtype_name(m.weight.dtype), "adapter_dtype": _dtype_name(m.sorsa_A.dtype),
+            "init": m.init_config,
+        }
+    from . import __version__
+
+    lv = list(per_layer.values())
+    config = {
+        "format": FORMAT,
+        "library": "sorsa-kernels",
+        "library_version": __version__,
+        "target_modules": [n for n, _ in layers],
+        "match": "peft",
+        "r": _uniform(v["r"] for v in lv),
+        "alpha": _uniform(v["alpha"] for v in lv),
+        "dropout": _uniform(v["dropout"] for v in lv),
+        "init": _uniform(v["init"] for v in lv),
+        "weight_dtype": _uniform(v["weight_dtype"] for v in lv),
+        "adapter_dtype": _uniform(v["adapter_dtype"] for v in lv),
+        "layers": per_layer,
+    }
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, ADAPTER_FILE), metadata={"format": FORMAT})
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def read_adapter(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """``(config, tensors)`` of an adapter directory written by :func:`save_adapter` (CPU tensors)."""
+    from safetensors.torch import load_file
+
+    cfg_path, ten_path = os.path.join(path, CONFIG_FILE), os.path.join(path, ADAPTER_FILE)
+    for p in (cfg_path, ten_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{p} not found: path must be a directory written by sk.save_adapter")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path}: format {config.get('format')!r} is not {FORMAT!r}")
+    return config, load_file(ten_path)
+
+
+def _check_layer(name: str, spec: dict, mod: Optional[nn.Module], tensors: Dict[str, torch.Tensor],
+                 problems: List[str]) -> None:
+    """Append every mismatch between the saved layer ``spec`` and the model's module ``mod``."""
+    in_f, out_f, r = spec["in_features"], spec["out_features"], spec["r"]
+    shapes = {"sorsa_A": (r, in_f), "sorsa_S": (r,), "sorsa_B": (out_f, r)}
+    for part in _PARTS + _INIT_PARTS:
+        t = tensors.get(f"{name}.{part}")
+        want = shapes[part.rstrip("0")]
+        if t is None:
+            problems.append(f"{name}.{part}: missing from {ADAPTER_FILE}")
+        elif tuple(t.shape) != want:
+            problems.append(f"{name}.{part}: shape {tuple(t.shape)} in the file, config says {want}")
+    if spec.get("bias_trained"):
+        t = tensors.get(f"{name}.bias")
+        if t is None or tuple(t.shape) != (out_f,):
+            problems.append(f"{name}.bias: missing or not of shape ({out_f},)")
+    if mod is None:
+        problems.append(f"{name}: no such module in the model")
+        return
+    conv = spec["kind"] == "conv1d"
+    if isinstance(mod, SORSALinear):
+        if mod.fan_in_fan_out != conv:
+            problems.append(f"{name}: a {type(mod).__name__} in the model, a {spec['kind']} layer in the adapter")
+        got = (mod.in_features, mod.out_features, mod.r)
+        if got != (in_f, out_f, r):
+            problems.append(f"{name}: (in_features, out_features, r) = {got} in the model, {(in_f, out_f, r)} "
+                            f"in the adapter")
+        if mod.alpha != spec["alpha"]:
+            problems.append(f"{name}: alpha = {mod.alpha} in the model, {spec['alpha']} in the adapter")
+        if mod.initial_adapter() is None:
+            problems.append(f"{name}: the model layer's initial adapter is unknown (weights loaded from a state "
+                            f"dict), so its base weight cannot be recovered; load into the base model instead")
+    elif isinstance(mod, nn.Linear) or is_conv1d(mod):
+        if is_conv1d(mod) != conv:
+            problems.append(f"{name}: a {type(mod).__name__} in the model, a {spec['kind']} layer in the adapter")
+        shape = (in_f, out_f) if conv else (out_f, in_f)
+        if tuple(mod.weight.shape) != shape:
+            problems.append(f"{name}: weight shape {tuple(mod.weight.shape)} in the model, {shape} in the adapter")
+        elif mod.weight.is_meta:
+            problems.append(f"{name}: weight is on the meta device; load the base weights first")
+    else:
+        problems.append(f"{name}: a {type(mod).__name__} in the model, not a Linear/Conv1D or SORSA layer")
+    if spec["bias"] != (getattr(mod, "bias", None) is not None):
+        problems.append(f"{name}: bias {'expected' if spec['bias'] else 'not expected'} by the adapter")
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: str) -> nn.Module:
+    """Apply the adapter in ``path`` (written by :func:`save_adapter`) to ``model``.
+
+    ``model`` is either the base model (targets still ``nn.Linear`` / ``Conv1D``: they are
+    converted as the saved config says) or a model prepared with :func:`apply_sorsa` (same
+    targets, r and alpha). Each layer gets ``W_r`` recomputed from its base weight and the saved
+    initial adapter (exact; see the module docstring: for a prepared layer whose own initial
+    adapter equals the saved one, its ``W_r`` is kept as is, else the base weight is
+    ``W_r + scale·B0·diag(S0)·A0`` of that layer), the saved adapters, the trained biases and
+    the init config. Merged layers stay merged.
+
+    Every mismatch (missing module, shape, r, alpha, kind, SORSA layers the adapter lacks,
+    unexpected tensors) is listed in one ``ValueError``, raised before anything is changed.
+    Returns ``model``.
+    """
+    config, tensors = read_adapter(path)
+    specs: Dict[str, dict] = config["layers"]
+    modules = dict(model.named_modules())
+    problems: List[str] = []
+    for name, spec in specs.items():
+        _check_layer(name, spec, modules.get(name), tensors, problems)
+    extra = [n for n, _ in named_sorsa_layers(model) if n not in specs]
+    if extra:
+        problems.append(f"SORSA layers {extra} of the model are not in the adapter")
+    known = {f"{n}.{p}" for n in specs for p in _PARTS + _INIT_PARTS} | {
+        f"{n}.bias" for n, s in specs.items() if s.get("bias_trained")}
+    unexpected = sorted(set(tensors) - known)
+    if unexpected:
+        problems.append(f"unexpected tensors in {ADAPTER_FILE}: {unexpected[:20]}")
+    if problems:
+        raise ValueError(f"load_adapter: {len(problems)} mismatch(es) between {path} and the model:\n  - "
+                         + "\n  - ".join(problems))
+
+    # build every new layer (and every W_r) first; install only when all succeeded
+    plan = []
+    for name, spec in specs.items():
+        mod = modules[name]
+        A, S, B = (tensors[f"{name}.{p}"] for p in _PARTS)
+        A0, S0, B0 = (tensors[f"{name}.{p}"] for p in _INIT_PARTS)
+        if isinstance(mod, SORSALinear):
+            layer, new = mod, False
+            dev, adt = layer.weight.device, layer.sorsa_A.dtype
+            cur0 = layer.initial_adapter()
+            same_init = all(c.dtype == t.dtype and torch.equal(c.cpu(), t) for c, t in zip(cur0, (A0, S0, B0)))
+            W = None if same_init else layer.original_weight()
+        else:
+            cls = SORSAConv1D if spec["kind"] == "conv1d" else SORSALinear
+            layer = cls.from_linear(mod, spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], init=None,
+                                    merge_weights=spec.get("merge_weights", True))
+            new, dev, adt = True, layer.weight.device, _dtype(spec["adapter_dtype"])
+            W = layer.w.detach()
+        A0, S0, B0 = (t.to(dev, adt) for t in (A0, S0, B0))
+        W_r = None
+        if W is not None:
+            W_r, A0, S0, B0 = adapters_from_factors(W, B0, S0, A0, layer.scale, layer.weight.dtype, adt)
+        plan.append((name, mod, layer, new, W_r, (A0, S0, B0), tuple(t.to(dev, adt) for t in (A, S, B)), spec))
+
+    for name, mod, layer, new, W_r, init, cur, spec in plan:
+        was_merged = layer.merged
+        layer._merge(False)
+        if W_r is not None:
+            layer._set_w(W_r)
+        layer.sorsa_A.data, layer.sorsa_S.data, layer.sorsa_B.data = (t.clone() for t in cur)
+        layer._record_initial(*init)
+        if spec.get("bias_trained"):
+            layer.bias.data = tensors[f"{name}.bias"].to(layer.bias.device, layer.bias.dtype)
+        layer.init_config = spec.get("init")
+        if was_merged:
+            layer._merge(True)
+        if new:  # every registration of the base module gets the one SORSA layer
+            sites = [full for full, m in model.named_modules(remove_duplicate=False) if m is mod and full]
+            for full in sites:
+                parent, _, attr = full.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, attr, layer)
+    return model
