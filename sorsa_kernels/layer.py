@@ -337,7 +337,7 @@ class SORSALinear(nn.Module):
             self._warned_merged = True
             warnings.warn("SORSA layer is merged, so its adapters get no gradient: call "
                           "sk.unmerge_sorsa(model) before training (for inference use model.eval() or "
-                          "torch.no_grad() to silence this)", UserWarning, stacklevel=2)
+                          "torch.no_grad() to silence this)", UserWarning, stacklevel=4)
         return F.linear(x, self.w, self.bias)
 
     def extra_repr(self) -> str:

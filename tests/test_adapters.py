@@ -1,0 +1,193 @@
+"""Adapters as files (save_adapter / load_adapter), disable_adapters, print_trainable_parameters,
+target matching (issue 13)."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+import sorsa_kernels as sk
+
+
+class Net(nn.Module):
+    """Both orientations (out < in, out > in), a GPT-2 Conv1D and an untargeted layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.ModuleDict({"q_proj": nn.Linear(24, 16), "c_attn": Conv1D(24, 40)})
+        self.up_proj = nn.Linear(16, 40)
+        self.up_proj_2 = nn.Linear(24, 8, bias=False)
+
+    def forward(self, x):
+        return self.up_proj_2(self.attn["c_attn"](self.up_proj(self.attn["q_proj"](x))))
+
+
+TARGETS = ["q_proj", "c_attn", "up_proj"]  # substring rule: also up_proj_2
+
+
+def base(seed=0):
+    torch.manual_seed(seed)
+    return Net()
+
+
+def finetune(m, seed=1, bias=True):
+    """Stand-in for training: perturb every adapter (and bias)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in sk.sorsa_layers(m):
+            for p in (layer.sorsa_A, layer.sorsa_S, layer.sorsa_B):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+            if bias and layer.bias is not None:
+                layer.bias.add_(0.1)
+    return m
+
+
+def sorsa_named(m):
+    return {n: l for n, l in m.named_modules() if isinstance(l, sk.SORSALinear)}
+
+
+def test_save_load_round_trip_is_bit_exact_from_base_model(tmp_path):
+    m = sk.apply_sorsa(base(), TARGETS, r=4, alpha=8.0, dropout=0.05)
+    finetune(m)
+    sk.save_adapter(m, tmp_path)
+    assert set(os.listdir(tmp_path)) == {"adapter_model.safetensors", "sorsa_config.json"}
+    from safetensors.torch import load_file
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert not any(k.endswith(".weight") for k in keys)  # W_r is never saved
+    assert "attn.q_proj.sorsa_A0" in keys and "attn.q_proj.bias" in keys
+    cfg = json.loads((tmp_path / "sorsa_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["alpha"] == 8.0 and cfg["dropout"] == 0.05
+    assert cfg["init"] == {"method": "rsvd", "seed": 0} and cfg["library_version"] == sk.__version__
+    assert sorted(cfg["target_modules"]) == ["attn.c_attn", "attn.q_proj", "up_proj", "up_proj_2"]
+    assert cfg["layers"]["attn.c_attn"]["kind"] == "conv1d"
+
+    m2 = sk.load_adapter(base(), tmp_path)  # prepared from the config
+    ours, theirs = sorsa_named(m), sorsa_named(m2)
+    assert ours.keys() == theirs.keys()
+    assert isinstance(theirs["attn.c_attn"], sk.SORSAConv1D)
+    for n in ours:
+        for p in ("weight", "bias", "sorsa_A", "sorsa_S", "sorsa_B"):
+            a, b = getattr(ours[n], p), getattr(theirs[n], p)
+            assert (a is None and b is None) or torch.equal(a, b), f"{n}.{p}"  # W_r recomputed bit-exactly
+        assert theirs[n].scale == ours[n].scale and theirs[n].dropout == 0.05
+    x = torch.randn(3, 24)
+    m.eval(), m2.eval()
+    assert torch.equal(m(x), m2(x))
+
+
+@pytest.mark.parametrize("prep", ["same_seed", "other_seed", "init_none", "merged"])
+def test_load_into_prepared_model(tmp_path, prep):
+    m = finetune(sk.apply_sorsa(base(), TARGETS, r=4, alpha=8.0))
+    sk.save_adapter(m, tmp_path)
+    kw = {"init": None} if prep == "init_none" else {"seed": 7} if prep == "other_seed" else {}
+    m2 = sk.apply_sorsa(base(), TARGETS, r=4, alpha=8.0, **kw)
+    if prep == "merged":
+        sk.merge_sorsa(m2)
+    sk.load_adapter(m2, tmp_path)
+    assert all(l.merged == (prep == "merged") for l in sk.sorsa_layers(m2))
+    x = torch.randn(3, 24)
+    m.eval(), m2.eval()
+    if prep in ("same_seed", "init_none"):
+        for n, l in sorsa_named(m).items():
+            assert torch.equal(l.weight, sorsa_named(m2)[n].weight), n
+        assert torch.equal(m(x), m2(x))
+    else:  # base weight recovered from the other init: exact to rounding
+        torch.testing.assert_close(m2(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_load_mismatches_listed_and_nothing_applied(tmp_path):
+    m = finetune(sk.apply_sorsa(base(), TARGETS, r=4, alpha=8.0))
+    sk.save_adapter(m, tmp_path)
+    # another alpha: a plain load_state_dict would pass strictly and be off
+    m2 = sk.apply_sorsa(base(), TARGETS, r=4, alpha=4.0)
+    before = {k: v.clone() for k, v in m2.state_dict().items()}
+    with pytest.raises(ValueError, match=r"(?s)4 mismatch.*alpha = 4.0 in the model, 8.0 in the adapter") as e:
+        sk.load_adapter(m2, tmp_path)
+    assert str(e.value).count("alpha =") == 4  # every layer listed
+    assert all(torch.equal(before[k], v) for k, v in m2.state_dict().items())
+    # other rank + a missing module + a SORSA layer the adapter lacks, all in one message
+    m3 = base()
+    m3.attn["q_proj"] = nn.Linear(24, 12)
+    del m3.up_proj_2
+    m3.extra = sk.SORSALinear(4, 4, r=2)
+    types = {n: type(mod) for n, mod in m3.named_modules()}
+    with pytest.raises(ValueError) as e:
+        sk.load_adapter(m3, tmp_path)
+    msg = str(e.value)
+    assert "attn.q_proj: weight shape (12, 24)" in msg and "up_proj_2: no such module" in msg
+    assert "SORSA layers ['extra']" in msg
+    assert {n: type(mod) for n, mod in m3.named_modules()} == types  # nothing converted
+    with pytest.raises(FileNotFoundError, match="sorsa_config.json"):
+        sk.load_adapter(base(), tmp_path / "nope")
+
+
+def test_default_init_seed_is_explicit_not_global_rng():
+    torch.manual_seed(123)
+    a = sk.apply_sorsa(base(), ["q_proj"], r=4)
+    torch.manual_seed(456)
+    b = sk.apply_sorsa(base(), ["q_proj"], r=4)
+    la, lb = a.attn["q_proj"], b.attn["q_proj"]
+    assert torch.equal(la.sorsa_A, lb.sorsa_A) and torch.equal(la.weight, lb.weight)
+    assert la.init_config == {"method": "rsvd", "seed": 0}
+
+
+def test_disable_adapters_runs_the_original_model():
+    torch.manual_seed(0)
+    x = torch.randn(3, 24)
+    y_base = base()(x)
+    m = finetune(sk.apply_sorsa(base(), TARGETS, r=4, alpha=8.0), bias=False).eval()  # biases are not adapters
+    y_ft = m(x)
+    assert (y_ft - y_base).abs().max() > 1e-2
+    with sk.disable_adapters(m):
+        torch.testing.assert_close(m(x), y_base, atol=1e-5, rtol=1e-5)
+        zeroed = {n: l.sorsa_S.detach().clone() for n, l in sorsa_named(m).items()}
+    torch.testing.assert_close(m(x), y_ft)  # restored
+    sk.merge_sorsa(m)
+    with sk.disable_adapters(m):
+        torch.testing.assert_close(m(x), y_base, atol=1e-5, rtol=1e-5)
+    assert all(l.merged for l in sk.sorsa_layers(m))
+    torch.testing.assert_close(m(x), y_ft, atol=1e-5, rtol=1e-5)
+    # zeroing S is the residual model, not the original one
+    with torch.no_grad():
+        for l in sk.sorsa_layers(m):
+            l.unmerge(), l.sorsa_S.zero_()
+    assert (m(x) - y_base).abs().max() > 1e-2
+    del zeroed
+    # a layer whose W_r came from a state dict of another model has no known initial adapter
+    m2 = sk.apply_sorsa(base(seed=3), TARGETS, r=4, alpha=8.0)
+    m2.load_state_dict(m.state_dict())
+    with pytest.raises(RuntimeError, match="initial adapter of .* is unknown"):
+        with sk.disable_adapters(m2):
+            pass
+    with pytest.raises(ValueError, match="initial adapter of .* is unknown"):
+        sk.save_adapter(m2, "/nonexistent")
+
+
+def test_print_trainable_parameters(capsys):
+    m = sk.mark_only_sorsa_trainable(sk.apply_sorsa(base(), ["q_proj"], r=4))
+    t, total = sk.print_trainable_parameters(m)
+    assert t == 4 * (24 + 1 + 16)
+    assert total == sum(p.numel() for p in m.parameters())
+    out = capsys.readouterr().out
+    assert out.strip() == f"trainable params: {t:,d} || all params: {total:,d} || trainable%: {100 * t / total:.4f}"
+
+
+def test_target_matching_substring_default_and_peft_rule():
+    names = lambda m: sorted(sorsa_named(m))  # noqa: E731
+    # sorsa 1.0.1's substring rule (default, the drop-in promise): "up_proj" also hits up_proj_2
+    assert names(sk.apply_sorsa(base(), ["up_proj"], r=2, init=None)) == ["up_proj", "up_proj_2"]
+    # PEFT's rule: exact names or suffixes at a "." boundary
+    assert names(sk.apply_sorsa(base(), ["up_proj"], r=2, init=None, match="peft")) == ["up_proj"]
+    assert names(sk.apply_sorsa(base(), ["q_proj", "attn.c_attn"], r=2, init=None, match="peft")) == \
+        ["attn.c_attn", "attn.q_proj"]
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        sk.apply_sorsa(base(), ["proj"], r=2, init=None, match="peft")  # not a '.' boundary
+    # a single str is a regex over the whole name
+    assert names(sk.apply_sorsa(base(), r"up_proj(_\d)?", r=2, init=None, match="peft")) == ["up_proj", "up_proj_2"]
+    assert names(sk.apply_sorsa(base(), r"attn\..*", r=2, init=None, match="peft")) == ["attn.c_attn", "attn.q_proj"]
+    with pytest.raises(ValueError, match="match must be one of"):
+        sk.apply_sorsa(base(), ["q_proj"], r=2, match="glob")
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        sk.apply_sorsa(base(), "(", r=2, match="peft")
