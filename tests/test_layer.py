@@ -145,3 +145,80 @@ def test_sorsa_init_twice_is_idempotent():
     torch.testing.assert_close(m(torch.ones(1, 12)), y, atol=1e-5, rtol=1e-5)
     rec = m.weight + (m.sorsa_B * m.sorsa_S) @ m.sorsa_A
     torch.testing.assert_close(rec, W, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("into", ["ours", "ref", "ours_merged"])
+def test_merged_state_dict_reloads_to_the_same_outputs(ref, into):
+    """Issue 9 item 7: the state dict holds the unmerged form, so a merged layer's checkpoint
+    strict-loads (ours or sorsa 1.0.1's) without applying the adapter twice."""
+    W, theirs, ours = pair(ref, 20, 12, 4, 8.0, True)
+    ours.sorsa_init()
+    with torch.no_grad():
+        ours.sorsa_A.add_(0.1 * torch.randn_like(ours.sorsa_A))
+    ours.eval()
+    x = torch.randn(7, 20)
+    y = ours(x)
+    ours.merge()
+    sd = ours.state_dict()
+    assert set(sd) == {"weight", "bias", "sorsa_A", "sorsa_S", "sorsa_B"}
+    torch.testing.assert_close(ours(x), y, atol=1e-5, rtol=1e-5)  # saving does not change the layer
+    if into == "ref":
+        fresh = ref.Linear(20, 12, r=4, alpha=8.0, bias=True)
+    else:
+        fresh = sk.SORSALinear(20, 12, r=4, alpha=8.0, bias=True).eval()
+        if into == "ours_merged":
+            fresh.sorsa_init()
+            fresh.merge()
+    fresh.load_state_dict(sd, strict=True)
+    assert getattr(fresh, "merged") == (into == "ours_merged")  # a merged layer stays merged
+    torch.testing.assert_close(fresh(x), y, atol=1e-5, rtol=1e-5)
+    if into != "ref":
+        fresh.unmerge()
+        torch.testing.assert_close(fresh(x), y, atol=1e-5, rtol=1e-5)
+
+
+def test_training_after_merge_warns_once_per_merge():
+    m = sk.SORSALinear.from_linear(nn.Linear(10, 8), r=2)
+    m.merge()
+    x = torch.randn(3, 10)
+    with pytest.warns(UserWarning, match="merged, so its adapters get no gradient"):
+        m(x).sum().backward()
+    assert m.sorsa_A.grad is None  # the silent failure the warning is about
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(x)  # once
+        m.eval()(x)  # inference: no warning
+        with torch.no_grad():
+            m.train()(x)
+    m.unmerge(), m.merge()
+    with pytest.warns(UserWarning, match="no gradient"):
+        m.train()(x)
+
+
+def test_conv1d_layer_keeps_layout_and_function():
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    conv = Conv1D(12, 20)  # nx = 20 inputs, nf = 12 outputs, weight (20, 12)
+    nn.init.normal_(conv.bias)
+    x = torch.randn(2, 5, 20)
+    y0 = conv(x)
+    m = sk.SORSAConv1D.from_conv1d(conv, r=4, alpha=8.0)
+    assert m.weight.shape == (20, 12) and m.sorsa_A.shape == (4, 20) and m.sorsa_B.shape == (12, 4)
+    assert (m.in_features, m.out_features) == (20, 12)
+    torch.testing.assert_close(m(x), y0, atol=1e-5, rtol=1e-5)
+    # W_r in Conv1D layout: x·W_r + scale·x·(B·S·A)ᵀ reproduces the original weight
+    rec = m.weight + m.scale * ((m.sorsa_B * m.sorsa_S) @ m.sorsa_A).T
+    torch.testing.assert_close(rec, conv.weight, atol=1e-6, rtol=1e-5)
+    m(x).sum().backward()
+    assert m.sorsa_A.grad is not None and m.weight.grad is None
+    m.eval().merge()
+    torch.testing.assert_close(m(x), y0, atol=1e-5, rtol=1e-5)
+    sd = m.state_dict()
+    assert sd["weight"].shape == (20, 12)
+    torch.testing.assert_close(sd["weight"], m.residual_weight().T)  # unmerged form, Conv1D layout
+    with pytest.raises(TypeError, match="must be a transformers Conv1D"):
+        sk.SORSAConv1D.from_linear(nn.Linear(4, 4), r=1)
+    with pytest.raises(TypeError, match="must be an nn.Linear"):
+        sk.SORSALinear.from_linear(conv, r=1)
+
