@@ -78,7 +78,7 @@ TORCH_LIBRARY_IMPL(sorsa_kernels, CPU, m) {
 extern "C" {
 // A Python module with no functions: importing it runs the registrations above.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&def);
 }
 }

@@ -50,11 +50,10 @@ def _probe_triton() -> tuple[bool, str]:
 
 
 def _probe_ext() -> tuple[bool, bool, str]:
-    try:
-        importlib.import_module("sorsa_kernels._C")
-    except Exception as exc:
-        return False, False, (f"the C++ extension sorsa_kernels._C could not be loaded ({exc}); reinstall "
-                              "with a matching torch: pip install --no-build-isolation .")
+    from ._build_info import load_extension  # checks the build record against torch before loading
+    ok, why = load_extension()
+    if not ok:
+        return False, False, why
     has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("sorsa_kernels::jacobi_svd", "CUDA")
     return True, bool(has_cuda), "ok"
 
@@ -89,7 +88,7 @@ def _can_run(backend: str, device: torch.device, forced: bool) -> tuple[bool, st
     if device.type == "cpu" or (device.type == "cuda" and cuda):
         return True, "ok"
     if device.type == "cuda":
-        return False, "the extension was built without CUDA (rebuild with SORSA_KERNELS_CUDA=1 and nvcc)"
+        return False, "the extension was built without CUDA (rebuild with SORSA_KERNELS_FORCE_CUDA=1 and nvcc)"
     return False, f"it has no kernels for device '{device}'"
 
 
