@@ -144,3 +144,100 @@ def test_layer_rsvd_init_and_bad_kwargs():
         layer.sorsa_init(method="rsvd", oversample=-2)
     with pytest.raises(TypeError, match="init=None takes no SVD arguments"):
         sk.apply_sorsa(model(), ["q_proj"], r=2, init=None, niter=2)
+
+
+def six_linears():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 12),
+                         nn.Linear(12, 3), nn.Linear(3, 12))
+
+
+def snapshot(m):
+    return ([(n, type(mod), mod) for n, mod in m.named_modules()],
+            [(n, p, p.detach().clone()) for n, p in m.named_parameters()])
+
+
+def assert_unchanged(m, snap):
+    mods, params = snap
+    assert [(n, type(mod), mod) for n, mod in m.named_modules()] == mods
+    assert [(n, p) for n, p in m.named_parameters()] == [(n, p) for n, p, _ in params]  # same objects
+    for n, p, v in params:
+        if not p.is_meta:
+            torch.testing.assert_close(p.detach(), v, rtol=0, atol=0, equal_nan=True, msg=n)
+    assert not list(sk.sorsa_layers(m))
+
+
+@pytest.mark.parametrize("fault", ["nan_weight", "rank_too_large", "int_weight", "meta_weight", "unknown_kw",
+                                   "bad_init", "bad_svd_value"])
+def test_apply_sorsa_is_atomic(fault):
+    """Issue 9 item 8: a failure on the 5th target leaves the model exactly as it was."""
+    m = six_linears()
+    r, kw = 4, {}
+    if fault == "nan_weight":
+        m[4].weight.data[0, 0] = float("nan")
+    elif fault == "rank_too_large":
+        pass  # m[4] is 12 -> 3: r = 4 > 3
+    elif fault == "int_weight":
+        m[4].weight = nn.Parameter(torch.ones(3, 12, dtype=torch.int32), requires_grad=False)
+    elif fault == "meta_weight":
+        m[4].to("meta")
+    elif fault == "unknown_kw":
+        kw = {"n_iter": 3}
+    elif fault == "bad_init":
+        kw = {"init": "qr"}
+    elif fault == "bad_svd_value":
+        kw = {"oversample": -2}  # only rsvd itself rejects this, mid-init: rolled back
+    if fault != "rank_too_large":
+        r = 2
+    snap = snapshot(m)
+    msg = {"nan_weight": r"4.weight contains NaN", "rank_too_large": r"4: r must be <= .* = 3, got 4",
+           "int_weight": r"4.weight must be a floating tensor", "meta_weight": r"meta device.*pass init=None",
+           "unknown_kw": r"unknown: \['n_iter'\]", "bad_init": r"init must be one of",
+           "bad_svd_value": r"oversample must be an int >= 0"}[fault]
+    with pytest.raises((ValueError, TypeError), match=msg):
+        sk.apply_sorsa(m, ["0", "1", "2", "3", "4", "5"], r=r, **kw)
+    assert_unchanged(m, snap)
+    if fault in ("unknown_kw", "bad_init", "bad_svd_value"):  # a retry converts every layer
+        sk.apply_sorsa(m, ["0", "1", "2", "3", "4", "5"], r=2)
+        assert len(list(sk.sorsa_layers(m))) == 6
+        assert all(l.sorsa_S.abs().min() > 0 for l in sk.sorsa_layers(m))
+
+
+def test_apply_sorsa_twice_says_already_converted():
+    m = sk.apply_sorsa(model(), ["q_proj"], r=2)
+    with pytest.raises(ValueError, match=r"already SORSA layers \(\['0.attn.q_proj', '1.attn.q_proj'\]"):
+        sk.apply_sorsa(m, ["q_proj"], r=2)
+
+
+def test_gpt2_conv1d_targets_are_converted():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+    torch.manual_seed(0)
+    gpt = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    y0 = gpt(ids).logits
+    base_keys = {k: v.shape for k, v in gpt.state_dict().items()}
+    sk.apply_sorsa(gpt, ["c_attn", "c_proj"], r=4, alpha=8.0)
+    names = {n for n, mod in gpt.named_modules() if isinstance(mod, sk.SORSAConv1D)}
+    assert names == {f"transformer.h.{i}.{s}" for i in range(2) for s in ("attn.c_attn", "attn.c_proj", "mlp.c_proj")}
+    torch.testing.assert_close(gpt(ids).logits, y0, atol=1e-5, rtol=1e-5)
+    shapes = {k: v.shape for k, v in gpt.state_dict().items() if "sorsa_" not in k}
+    assert shapes == base_keys  # the base layout (Conv1D in×out) is unchanged
+    sk.mark_only_sorsa_trainable(gpt)
+    gpt.train()
+    gpt(ids).logits.sum().backward()
+    assert all(l.sorsa_S.grad is not None for l in sk.sorsa_layers(gpt))
+
+
+def test_merged_model_state_dict_strict_loads_to_the_same_outputs():
+    m = sk.apply_sorsa(model(), ["q_proj", "mlp"], r=3)
+    with torch.no_grad():
+        for l in sk.sorsa_layers(m):
+            l.sorsa_A.add_(0.1)
+    m.eval()
+    x = torch.randn(2, 16)
+    y = m(x)
+    sk.merge_sorsa(m)
+    m2 = sk.apply_sorsa(model(), ["q_proj", "mlp"], r=3, init=None).eval()
+    m2.load_state_dict(m.state_dict(), strict=True)
+    torch.testing.assert_close(m2(x), y, atol=1e-5, rtol=1e-5)
