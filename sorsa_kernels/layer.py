@@ -3,6 +3,7 @@ shapes and semantics), with a factored forward that never builds ``B·diag(S)·A
 ``SORSAConv1D``: the same layer over a transformers ``Conv1D`` (GPT-2 family: weight stored in×out)."""
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Optional, Tuple
@@ -12,8 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._validate import check_dropout_p, check_float, check_rank
-from .init import init_layers
+from .init import INIT_METHODS, init_layers
 from .ops.linear import sorsa_linear
+from .rsvd import rsvd
 
 _INIT_NAMES = ("sorsa_A0", "sorsa_S0", "sorsa_B0")
 
@@ -31,6 +33,24 @@ def check_alpha(alpha: Optional[float]) -> Optional[float]:
         warnings.warn("alpha = 0 makes scale = 0: the adapters have no effect and get no gradient",
                       UserWarning, stacklevel=3)
     return alpha
+
+
+_RSVD_KWARGS = tuple(p for p in inspect.signature(rsvd).parameters if p not in ("W", "rank"))
+
+
+def _check_init_args(init: Optional[str], svd_kwargs: dict) -> None:
+    """``init`` is None or an init method; only the randomized methods take (rsvd's) keywords."""
+    if init is None:
+        if svd_kwargs:
+            raise TypeError(f"init=None takes no SVD arguments, got {sorted(svd_kwargs)}")
+        return
+    if init not in INIT_METHODS:
+        raise ValueError(f"init must be one of {INIT_METHODS} or None, got {init!r}")
+    allowed = () if init == "svd" else _RSVD_KWARGS
+    unknown = sorted(set(svd_kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"init={init!r} takes {'the keywords ' + str(list(allowed)) if allowed else 'no extra arguments'}; "
+                        f"unknown: {unknown}")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -264,7 +284,10 @@ class SORSALinear(nn.Module):
         """
         if self.r == 0:
             raise ValueError("sorsa_init needs r >= 1; this layer has r = 0 (no adapters)")
-        if method == "rsvd":
+        if method not in INIT_METHODS:
+            raise ValueError(f"method must be one of {INIT_METHODS}, got {method!r}")
+        _check_init_args(method, svd_kwargs)
+        if method != "svd":
             svd_kwargs.setdefault("seed", 0)
         init_layers([self], method, weight_dtype, adapter_dtype, **svd_kwargs)
         self.init_config = {"method": method, **svd_kwargs}

@@ -3,7 +3,6 @@ disable adapters, count trainable parameters."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import re
 import warnings
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -12,12 +11,10 @@ import torch
 import torch.nn as nn
 
 from ._validate import check_dropout_p, check_finite, check_float, check_rank
-from .init import DEFAULT_CHUNK_BYTES, INIT_METHODS, init_layers
-from .layer import SORSAConv1D, SORSALinear, check_alpha, is_conv1d
-from .rsvd import rsvd
+from .init import DEFAULT_CHUNK_BYTES, init_layers
+from .layer import SORSAConv1D, SORSALinear, _check_init_args, check_alpha, is_conv1d
 
 MATCH_MODES = ("substring", "peft")
-_RSVD_KWARGS = tuple(p for p in inspect.signature(rsvd).parameters if p not in ("W", "rank"))
 
 
 def _targets(target_modules) -> List[str]:
@@ -53,20 +50,6 @@ def target_matcher(target_modules: Union[str, Sequence[str]], match: str = "subs
     return lambda name: any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _check_init_args(init: Optional[str], svd_kwargs: dict) -> None:
-    if init is None:
-        if svd_kwargs:
-            raise TypeError(f"init=None takes no SVD arguments, got {sorted(svd_kwargs)}")
-        return
-    if init not in INIT_METHODS:
-        raise ValueError(f"init must be one of {INIT_METHODS} or None, got {init!r}")
-    allowed = _RSVD_KWARGS if init == "rsvd" else ()
-    unknown = sorted(set(svd_kwargs) - set(allowed))
-    if unknown:
-        raise TypeError(f"init={init!r} takes {'the keywords ' + str(list(allowed)) if allowed else 'no extra keywords'}; "
-                        f"unknown: {unknown}")
-
-
 def _validate_site(name: str, mod: nn.Module, r, init) -> None:
     check_float(f"{name}.weight", mod.weight)
     out_f, in_f = (mod.weight.shape[1], mod.weight.shape[0]) if is_conv1d(mod) else mod.weight.shape
@@ -91,7 +74,7 @@ def apply_sorsa(
     *,
     match: str = "substring",
     progress: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES,
     **svd_kwargs,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` (and transformers ``Conv1D``) whose qualified name matches
@@ -118,10 +101,8 @@ def apply_sorsa(
     alpha = check_alpha(alpha)
     dropout = check_dropout_p(dropout, "dropout")
     _check_init_args(init, svd_kwargs)
-    if init == "rsvd":
+    if init not in (None, "svd"):
         svd_kwargs.setdefault("seed", 0)
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
     sites: List[Tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, old module)
     converted = []
     seen = set()

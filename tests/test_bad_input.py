@@ -86,3 +86,32 @@ def test_unknown_backend_for_regularizer():
     m = sk.SORSALinear(8, 6, r=2)
     with pytest.raises(ValueError, match="backend must be one of"):
         sk.orthonormal_grad_(m, 1.0, 1.0, backend="fast")
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf")])
+def test_alpha_not_finite(alpha):
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        sk.SORSALinear(8, 6, r=2, alpha=alpha)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        sk.SORSALinear.from_linear(nn.Linear(8, 6), r=2, alpha=alpha)
+    m = nn.Sequential(nn.Linear(8, 6))
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        sk.apply_sorsa(m, ["0"], r=2, alpha=alpha)
+    assert type(m[0]) is nn.Linear
+    with pytest.raises(TypeError, match="alpha must be a real number or None"):
+        sk.SORSALinear(8, 6, r=2, alpha="8")
+
+
+def test_alpha_zero_warns_once():
+    with pytest.warns(UserWarning, match="alpha = 0 makes scale = 0") as rec:
+        sk.apply_sorsa(nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 8)), ["0", "1"], r=2, alpha=0.0)
+    assert len([w for w in rec if "alpha = 0" in str(w.message)]) == 1
+    with pytest.warns(UserWarning, match="alpha = 0"):
+        sk.SORSALinear(8, 6, r=2, alpha=0)
+
+
+def test_bad_load_and_export_arguments(tmp_path):
+    with pytest.raises(FileNotFoundError, match="written by sk.save_adapter"):
+        sk.load_adapter(nn.Linear(4, 4), str(tmp_path))
+    with pytest.raises(ValueError, match="no SORSA layer"):
+        sk.save_adapter(nn.Sequential(nn.Linear(4, 4)), str(tmp_path))
