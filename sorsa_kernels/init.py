@@ -1,51 +1,130 @@
 """SVD initialisation of SORSA adapters: ``W = W_r + scale·B·diag(S)·A``.
 
-``method="svd"``: exact ``torch.linalg.svd``; ``method="rsvd"``: the batched randomized SVD
-(:func:`sorsa_kernels.rsvd`), which is what :func:`sorsa_kernels.apply_sorsa` uses by default.
-Either way ``W_r`` is computed from the adapters *as stored*, so ``W_r + scale·B·diag(S)·A``
-reproduces ``W`` to rounding whatever the SVD's accuracy: the model's function is unchanged at init.
+Methods: ``"svd"`` — exact ``torch.linalg.svd``; ``"rsvd"`` (what :func:`sorsa_kernels.apply_sorsa`
+uses by default) — per shape group, the batched randomized SVD (:func:`sorsa_kernels.rsvd`) where a
+cost estimate says it is cheaper than the exact SVD, else the exact one (small matrices, or a
+rank close to the size), so it is never the slower choice by that estimate; ``"rsvd_always"`` —
+the randomized SVD whatever the cost. Either way ``W_r`` is computed from the adapters *as stored*,
+so ``W_r + scale·B·diag(S)·A`` reproduces ``W`` to rounding whatever the SVD's accuracy: the model's
+function is unchanged at init. TF32 is off during init (:func:`sorsa_kernels.rsvd.no_tf32`).
 """
 from __future__ import annotations
 
+import os
 from collections import defaultdict
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ._validate import check_finite, check_rank
-from .rsvd import rsvd
+from ._validate import FLOAT_DTYPES, check_finite, check_rank
+from .rsvd import DEFAULT_NITER, default_oversample, no_tf32, rsvd
 
-INIT_METHODS = ("svd", "rsvd")
-DEFAULT_CHUNK_BYTES = 1 << 30
+INIT_METHODS = ("svd", "rsvd", "rsvd_always")
+#: ``None``: chunk each shape group by the memory free now (see :func:`memory_budget`)
+DEFAULT_CHUNK_BYTES: Optional[int] = None
+#: fraction of the free device memory (CUDA) or of MemAvailable (CPU) one chunk may use
+MEMORY_FRACTION = {"cuda": 0.5, "cpu": 0.25}
 
 
 def _work_dtype(W: torch.Tensor) -> torch.dtype:
     return torch.float64 if W.dtype == torch.float64 else torch.float32
 
 
+# ---- which SVD: a cost estimate ----------------------------------------------------------
+def svd_cost(m: int, n: int) -> float:
+    """Relative cost of an exact thin SVD with vectors of an m×n matrix: R-SVD flops
+    6·M·N² + 20·N³ (M ≥ N; Golub & Van Loan), ×2 because half of bidiagonalisation is
+    memory-bound BLAS-2 (calibrated against the rsvd model on this CPU: exact wins at
+    384² and ~2752×1024 r = 128, rsvd is ≥ 7× faster at 2048² r = 64)."""
+    M, N = max(m, n), min(m, n)
+    return 2.0 * (6.0 * M * N * N + 20.0 * N ** 3)
+
+
+def rsvd_cost(m: int, n: int, r: int, oversample: Optional[int] = None, niter: Optional[int] = None) -> float:
+    """Relative cost of :func:`rsvd` in the same units: fp32 GEMMs ``2·m·n·k`` per pass (2·niter + 2
+    passes), CholeskyQR with fp64 Gram matrices (~20·(m+n)/2·k² per orthonormalisation, fp64 at a
+    quarter of the fp32 rate) and the fp64 2k×2k small SVD (~100·(2k)³)."""
+    M, N = max(m, n), min(m, n)
+    k = min(r + (default_oversample(r) if oversample is None else oversample), N)
+    q = DEFAULT_NITER if niter is None else niter
+    gemm = 2.0 * M * N * k * (2 * q + 2)
+    orth = 20.0 * (M + N) * k * k * (q + 2)
+    small = 100.0 * (2 * k) ** 3
+    return gemm + orth + small
+
+
+def choose_method(m: int, n: int, r: int, method: str = "rsvd", **svd_kwargs) -> str:
+    """The SVD actually used for an m×n group at rank r: ``"svd"`` or ``"rsvd"``."""
+    if method == "svd":
+        return "svd"
+    if method == "rsvd_always" or svd_kwargs.get("tol") is not None:
+        return "rsvd"
+    cost = rsvd_cost(m, n, r, svd_kwargs.get("oversample"), svd_kwargs.get("niter"))
+    return "rsvd" if cost < svd_cost(m, n) else "svd"
+
+
+# ---- memory: chunk size ------------------------------------------------------------------
+def _cpu_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes one batched call may use: a fraction of the free memory of ``device``
+    (``torch.cuda.mem_get_info`` on CUDA, MemAvailable from /proc/meminfo on the CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * MEMORY_FRACTION["cuda"])
+    return int(_cpu_available_bytes() * MEMORY_FRACTION["cpu"])
+
+
+def bytes_per_matrix(m: int, n: int, r: int, weight_dtype: torch.dtype) -> int:
+    """Peak working memory of one m×n matrix in a batched init call: its fp32 effective weight,
+    the stacked batch, rsvd's normalised fp32 copy and bf16 iteration copy, the weight itself,
+    and the fp64 bases (2k columns) on both sides."""
+    k = min(r + default_oversample(r), m, n)
+    elt = torch.empty((), dtype=weight_dtype).element_size()
+    return m * n * (3 * 4 + 2 + elt) + 8 * (m + n) * 2 * k * 3
+
+
+# ---- per-matrix pieces ---------------------------------------------------------------------
 def svd_factors(W: torch.Tensor, r: int, method: str = "svd", **svd_kwargs) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``r`` singular triplets ``(U (…,m,r), S (…,r), Vh (…,r,n))`` of ``W`` (batched over
-    leading dims) in float32 (float64 for float64 ``W``), whatever ``W``'s storage dtype."""
+    leading dims) in float32 (float64 for float64 ``W``), whatever ``W``'s storage dtype.
+    ``method``: see the module doc ("rsvd" picks exact or randomized by cost)."""
     if method not in INIT_METHODS:
         raise ValueError(f"method must be one of {INIT_METHODS}, got {method!r}")
-    if method == "rsvd":
-        return rsvd(W, r, **svd_kwargs)
-    if svd_kwargs:
+    if method == "svd" and svd_kwargs:
         raise TypeError(f"method='svd' takes no extra arguments, got {sorted(svd_kwargs)}")
-    check_finite("weight", W)  # rsvd checks its own input: each path checks exactly once
-    U, S, Vh = torch.linalg.svd(W.to(_work_dtype(W)), full_matrices=False)
-    return U[..., :r], S[..., :r], Vh[..., :r, :]
+    with no_tf32():
+        if choose_method(W.shape[-2], W.shape[-1], r, method, **svd_kwargs) == "rsvd":
+            return rsvd(W, r, **svd_kwargs)
+        check_finite("weight", W)  # rsvd checks its own input: each path checks exactly once
+        U, S, Vh = torch.linalg.svd(W.to(_work_dtype(W)), full_matrices=False)
+        return U[..., :r], S[..., :r], Vh[..., :r, :]
 
 
 def adapters_from_factors(W, U, S, Vh, scale: float, weight_dtype=None, adapter_dtype=None):
     """``(W_r, A, S, B)`` with ``B = U``, ``A = Vh`` rounded to ``adapter_dtype`` and ``W_r`` computed
-    from the rounded adapters in the working precision, then rounded to ``weight_dtype``."""
+    from the rounded adapters in the working precision, then rounded to ``weight_dtype``. Each
+    result owns its storage (a slice of a batched result is copied), so saving one layer never
+    writes a whole batch."""
     weight_dtype = weight_dtype or W.dtype
     adapter_dtype = adapter_dtype or weight_dtype
-    A, S_, B = Vh.to(adapter_dtype), S.to(adapter_dtype), U.to(adapter_dtype)
+    A, S_, B = (t.to(adapter_dtype).clone(memory_format=torch.contiguous_format) for t in (Vh, S, U))
     work = _work_dtype(W)
-    W_r = W.to(work) - scale * (B.to(work) * S_.to(work)[..., None, :]) @ A.to(work)
-    return W_r.to(weight_dtype), A.contiguous(), S_.contiguous(), B.contiguous()
+    with no_tf32():
+        W_r = W.to(work) - scale * (B.to(work) * S_.to(work)[..., None, :]) @ A.to(work)
+    return W_r.to(weight_dtype).contiguous(), A, S_, B
 
 
 @torch.no_grad()
@@ -66,10 +145,18 @@ def sorsa_decompose(
     check_rank(r, in_f, out_f)
     if r == 0:
         raise ValueError("r must be >= 1 to initialise SORSA adapters, got 0")
+    _check_dtype("weight_dtype", weight_dtype)
+    _check_dtype("adapter_dtype", adapter_dtype)
     U, S, Vh = svd_factors(W, r, method, **svd_kwargs)
     return adapters_from_factors(W, U, S, Vh, scale, weight_dtype, adapter_dtype)
 
 
+def _check_dtype(name: str, dtype) -> None:
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be None or a floating dtype (float16, bfloat16, float32, float64), got {dtype!r}")
+
+
+# ---- many layers ---------------------------------------------------------------------------
 @torch.no_grad()
 def init_layers(
     layers: Sequence,
@@ -77,43 +164,56 @@ def init_layers(
     weight_dtype: Optional[torch.dtype] = None,
     adapter_dtype: Optional[torch.dtype] = None,
     *,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES,
     progress: bool = False,
     **svd_kwargs,
 ) -> None:
     """Initialise many SORSA layers at once.
 
     Layers are grouped by (shape up to transposition, rank, dtype, device) — an out×in and an
-    in×out weight share a batch, one of them transposed — and each group is decomposed in
-    batched calls over chunks of at most ``chunk_bytes`` of float32 weights. ``progress``
-    shows a tqdm bar over layers.
+    in×out weight share a batch, one of them transposed — and each group is decomposed in one
+    batched call (:func:`svd_factors`; the SVD is chosen per group, see the module doc), split
+    into chunks only where the group does not fit in ``chunk_bytes`` (default: a fraction of the
+    memory free now, :func:`memory_budget`). Everything is validated before any layer changes.
+    ``progress`` shows a tqdm bar counting matrices, with the shape group and the chosen method.
     """
     if method not in INIT_METHODS:
         raise ValueError(f"method must be one of {INIT_METHODS}, got {method!r}")
-    if chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    groups = defaultdict(list)
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1):
+        raise ValueError(f"chunk_bytes must be None or an int >= 1, got {chunk_bytes!r}")
+    _check_dtype("weight_dtype", weight_dtype)
+    _check_dtype("adapter_dtype", adapter_dtype)
+    groups: Dict[tuple, list] = defaultdict(list)
     for layer in layers:
         if layer.r == 0:
             raise ValueError("sorsa_init needs r >= 1; a layer has r = 0 (no adapters)")
+        if layer.weight.is_meta:
+            raise ValueError("cannot initialise SORSA adapters on the meta device (the weights hold no values): "
+                             "pass init=None (apply_sorsa) and initialise after loading real weights")
         out_f, in_f = layer.weight.shape
         groups[(max(out_f, in_f), min(out_f, in_f), layer.r, layer.weight.dtype, layer.weight.device)].append(layer)
     bar = None
     if progress:
         try:
             from tqdm.auto import tqdm
-            bar = tqdm(total=len(layers), desc="SORSA init", unit="layer")
+            bar = tqdm(total=len(layers), desc="SORSA init", unit="matrix")
         except ImportError:
             bar = None
     try:
-        for (m, n, r, _, _), members in groups.items():
-            per_chunk = max(1, chunk_bytes // (4 * m * n * 3))  # weights + fp32 copy + workspace
+        for (m, n, r, dtype, device), members in groups.items():
+            chosen = choose_method(m, n, r, method, **svd_kwargs)
+            budget = memory_budget(device) if chunk_bytes is None else chunk_bytes
+            per_chunk = max(1, budget // bytes_per_matrix(m, n, r, dtype))
+            if bar is not None:
+                bar.set_postfix_str(f"{m}x{n} r={r} ×{len(members)} {chosen}")
+            kwargs = svd_kwargs if chosen == "rsvd" else {}
             for c in range(0, len(members), per_chunk):
                 chunk = members[c:c + per_chunk]
                 Ws = [layer.effective_weight() for layer in chunk]
                 flip = [W.shape[0] < W.shape[1] for W in Ws]  # orient every matrix as m×n, m ≥ n
                 stack = torch.stack([W.mT if f else W for W, f in zip(Ws, flip)])
-                U, S, Vh = svd_factors(stack, r, method, **svd_kwargs)
+                U, S, Vh = svd_factors(stack, r, "rsvd_always" if chosen == "rsvd" else "svd", **kwargs)
+                del stack
                 for i, (layer, W, f) in enumerate(zip(chunk, Ws, flip)):
                     Ui, Vhi = (Vh[i].mT, U[i].mT) if f else (U[i], Vh[i])
                     layer.set_decomposition(*adapters_from_factors(

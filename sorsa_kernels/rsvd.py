@@ -21,6 +21,7 @@ Defaults: ``oversample = 16``, ``niter = 8``, two-iterate RR. PEFT's fast-PiSSA 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Optional, Tuple
@@ -95,6 +96,7 @@ class _Run:
         self.normal, self.chol, self.jacobi = _BLOCKS[backend]
         self.seed = seed
         self.draws = 0
+        self.failed = torch.zeros((), dtype=torch.bool)
 
     def gaussian(self, shape, dtype, device) -> torch.Tensor:
         # each draw of one run gets its own Philox stream
@@ -104,47 +106,44 @@ class _Run:
     def chol_shifted(self, G: torch.Tensor, fro2: torch.Tensor, rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Upper Cholesky factor of each G; matrices that are not numerically PD get the shift
         of shifted CholeskyQR3 (at least the smallest normal number, so a zero G works).
-        Returns (R, shift per matrix: RᵀR = G + shift·I, 0 where none was needed)."""
+        Returns (R, shift per matrix: RᵀR = G + shift·I, 0 where none was needed).
+        Both factorisations run for every matrix and ``torch.where`` picks one: no host sync
+        (the k×k Cholesky is ~1/800 of a pass's GEMM work at k = 192, n = 4096); a failed shifted
+        one is recorded in ``self.failed`` and raised once per call."""
         R, info = self.chol(G)
-        shift = torch.zeros(G.shape[0], dtype=G.dtype, device=G.device)
+        k = G.shape[-1]
+        s = 11.0 * (rows * k + k * (k + 1)) * torch.finfo(torch.float64).eps * fro2
+        s = s.clamp_min(torch.finfo(torch.float64).tiny)
+        eye = torch.eye(k, dtype=G.dtype, device=G.device)
+        Rs, info2 = self.chol(G + s[:, None, None] * eye)
         bad = info != 0
-        if bool(bad.any()):
-            k = G.shape[-1]
-            s = 11.0 * (rows * k + k * (k + 1)) * torch.finfo(torch.float64).eps * fro2[bad]
-            s = s.clamp_min(torch.finfo(torch.float64).tiny)
-            eye = torch.eye(k, dtype=G.dtype, device=G.device)
-            Rs, info2 = self.chol(G[bad] + s[:, None, None] * eye)
-            if bool((info2 != 0).any()):
-                raise RuntimeError("rsvd: shifted Cholesky failed; the input has non-finite values or overflows")
-            R[bad] = Rs
-            shift[bad] = s
-        return R, shift
+        self.failed = self.failed | (bad & (info2 != 0)).any()
+        return torch.where(bad[:, None, None], Rs, R), torch.where(bad, s, torch.zeros_like(s))
 
-    def cholqr(self, Y: torch.Tensor, gram64: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def cholqr(self, Y: torch.Tensor, gram64: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """One CholeskyQR pass: R from the Gram matrix (accumulated in fp64 when ``gram64``),
         Q = Y·R⁻¹ as a GEMM in Y's dtype (R⁻¹ is k×k, formed in fp64)."""
         Yg = Y.to(torch.float64) if gram64 else Y
         G = (Yg.mT @ Yg).to(torch.float64)
-        R, shift = self.chol_shifted(G, (Yg * Yg).sum((1, 2)).to(torch.float64), Y.shape[1])
+        R, _ = self.chol_shifted(G, (Yg * Yg).sum((1, 2)).to(torch.float64), Y.shape[1])
         eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
         Rinv = torch.linalg.solve_triangular(R, eye, upper=True)
-        return Y @ Rinv.to(Y.dtype), R, shift > 0
+        return Y @ Rinv.to(Y.dtype), R
 
-    def orth(self, Y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Orthonormal basis of each Y's columns (in Y's dtype) and R (fp64) with Y = Q·R; null
-        columns are refilled with Gaussian ones first. CholeskyQR2: the first pass forms its Gram
-        in fp64 (Y may be ill-conditioned), the second, on a nearly orthonormal Q, in Y's dtype;
-        shifted panels get a third fp64 pass (shifted CholeskyQR3)."""
+    def orth(self, Y: torch.Tensor, passes: int = 3) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Basis of each Y's columns (in Y's dtype) and R (fp64) with Y = Q·R; null columns are
+        refilled with Gaussian ones first (``torch.where``: no host sync). The first pass forms
+        its Gram in fp64 (Y may be ill-conditioned), later ones, on a nearly orthonormal Q, in
+        Y's dtype. ``passes=3`` is shifted CholeskyQR3 (orthonormal to rounding even when the
+        first pass needed the shift); the power iterations use ``passes=2``: their Q is only a
+        well-conditioned basis for the next product, which is re-orthonormalised anyway."""
         nrm = Y.norm(dim=1)
         null = nrm <= 1e-13 * nrm.amax(1, keepdim=True).clamp_min(1e-300)
-        if bool(null.any()):
-            Y = torch.where(null[:, None, :], self.gaussian(Y.shape, Y.dtype, Y.device), Y)
-        Q, R, shifted = self.cholqr(Y)
-        Q, R2, _ = self.cholqr(Q, gram64=Y.dtype == torch.float64)
-        R = R2 @ R
-        if bool(shifted.any()):
-            Q, R3, _ = self.cholqr(Q)
-            R = R3 @ R
+        Y = torch.where(null[:, None, :], self.gaussian(Y.shape, Y.dtype, Y.device), Y)
+        Q, R = self.cholqr(Y)
+        for _ in range(passes - 1):
+            Q, R2 = self.cholqr(Q, gram64=Y.dtype == torch.float64)
+            R = R2 @ R
         return Q, R
 
     def svdvals_small(self, R: torch.Tensor) -> torch.Tensor:
@@ -159,7 +158,7 @@ def _check_args(W, rank, oversample, niter, tol, seed, backend):
     m, n = W.shape[-2:]
     if isinstance(rank, bool) or not isinstance(rank, int) or not (1 <= rank <= min(m, n)):
         raise ValueError(f"rank must be an int in [1, min(m, n)] = [1, {min(m, n)}], got {rank!r}")
-    oversample = DEFAULT_OVERSAMPLE if oversample is None else oversample
+    oversample = default_oversample(rank) if oversample is None else oversample
     if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
         raise ValueError(f"oversample must be an int >= 0, got {oversample!r}")
     if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
@@ -170,6 +169,44 @@ def _check_args(W, rank, oversample, niter, tol, seed, backend):
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     check_finite("W", W)
     return oversample
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """TF32 off for the fp32 GEMMs inside (cuBLAS matmul, cuDNN and torch's matmul precision),
+    the caller's settings restored on exit: with Hugging Face's ``tf32=True`` the init GEMMs
+    would otherwise lose orthonormality (~1e-3) and ``W_r + scale·B·diag(S)·A`` would not be W."""
+    prec = torch.get_float32_matmul_precision()
+    mm, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prec)
+        torch.backends.cuda.matmul.allow_tf32 = mm
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+def default_oversample(rank: int) -> int:
+    """max(16, rank // 2): measured at r = 128 on 4096² / 11008×4096 LLM-like and flatter spectra
+    (BENCHMARKS.md), where oversample 16 misses 1 % with bf16 iterations."""
+    return max(DEFAULT_OVERSAMPLE, rank // 2)
+
+
+def _pow2_normalise(Wb: torch.Tensor, owned: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Divide each matrix by 2^e, e its max-abs exponent (exact: powers of 2 only change the
+    exponent), so the fp32 work sees entries in [0.5, 1) whatever the scale: no column norm or Gram
+    entry under/overflows for entries near 2^±100. Two factors, each within the dtype's range,
+    because 2^e itself may not be representable (fp32 subnormal inputs). Returns (W', e)."""
+    _, e = torch.frexp(Wb.abs().amax((1, 2)))  # 0 for an all-zero matrix
+    e1 = torch.div(e, 2, rounding_mode="floor")
+    one = torch.ones((), dtype=Wb.dtype, device=Wb.device)
+    out = Wb if owned else Wb.clone()
+    for part in (e1, e - e1):
+        out.mul_(torch.ldexp(one, -part.to(Wb.dtype))[:, None, None])
+    return out, e
 
 
 @torch.no_grad()
@@ -188,29 +225,43 @@ def rsvd(
 
     Args:
         rank: number of triplets (1 ≤ rank ≤ min(m, n)).
-        oversample: extra sketch columns (default 16).
+        oversample: extra sketch columns (default ``max(16, rank // 2)``).
         niter: power (subspace) iterations (default 8; with ``tol``: the cap, default 40).
         tol: if given, iterate until the estimated relative error of the top-``rank`` singular
-            values (the relative change of the Ritz values in one iteration) is ≤ tol, or warn
+            values is ≤ tol (checked once per iteration: this mode syncs with the host), or warn
             when the cap is reached.
         seed: sketch seed; the result is deterministic for a given seed and backend
             (default: drawn from torch's global generator).
-        backend: "auto" | "ext" (C++/CUDA extension) | "torch".
+        backend: "auto" | "ext" (C++/CUDA extension) | "torch" for the sketch and the small
+            k×k steps (the GEMMs are torch's either way). "auto" is torch (LAPACK) on the CPU,
+            where it measured faster than the extension, and the extension on CUDA.
         iter_dtype: dtype of the power-iteration GEMMs (default: bfloat16 for float32 work on CUDA
             without ``tol``, where tensor cores make them ~10× faster; else the working precision). Rounding there only perturbs
             the subspace, and the σ error is second order in that perturbation; the sketch's first
             product and the final ``Qᵀ·W`` always run in the working precision.
+
+    Scale-equivariant: each matrix is divided by a power of 2 near its max-abs entry before any
+    fp32 work and σ is scaled back, so ``rsvd(c·W)`` is ``c·rsvd(W)`` to rounding for any finite c.
+    TF32 is off inside (see :func:`no_tf32`). No host sync in the iteration loop without ``tol``.
 
     Returns:
         ``U (..., m, rank)``, ``S (..., rank)`` descending, ``Vh (..., rank, n)``; float32
         (float64 when W is float64).
     """
     oversample = _check_args(W, rank, oversample, niter, tol, seed, backend)
+    with no_tf32():
+        return _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype)
+
+
+def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype):
+    if backend == "auto":  # measured: LAPACK's small steps beat the extension's on the CPU
+        backend = "ext" if W.device.type == "cuda" and _backend.ext_status()[1] else "torch"
     run = _Run(_backend.resolve(OP, backend, W.device),
                int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if seed is None else seed)
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     *lead, m, n = W.shape
-    Wb = W.reshape(-1, m, n).to(work)
+    Wb = W.reshape(-1, m, n)
+    Wb, expo = _pow2_normalise(Wb.to(work), owned=Wb.dtype != work)
     # bf16 iterations only where they pay (CUDA tensor cores), for fp32 work, and without tol
     # (its Ritz-value estimates need the working precision)
     fast = W.device.type == "cuda" and work == torch.float32 and tol is None
@@ -220,30 +271,38 @@ def rsvd(
     Wi = Wb if it_dt == work else Wb.to(it_dt)
     k = min(rank + oversample, m, n)
     Omega = run.gaussian((Wb.shape[0], n, k), work, W.device)
-    Q, _ = run.orth(Wb @ Omega)  # work dtype
+    Q, _ = run.orth(Wb @ Omega, passes=2)  # work dtype
     iters = (MAX_TOL_ITERS if niter is None else niter) if tol is not None else (DEFAULT_NITER if niter is None else niter)
-    prev, Q_prev = None, None
+    prev, Q_prev, est = None, None, None
     converged = tol is None
     for _ in range(iters):
         Q_prev = Q
-        Z, Rz = run.orth((Wi.mT @ Q.to(it_dt)).to(work))
+        Z, Rz = run.orth((Wi.mT @ Q.to(it_dt)).to(work), passes=2)
         if tol is not None:
-            # σ(R_z) = σ(Wᵀ·Q): the current Ritz values, which increase towards σ(W)
+            # σ(R_z) = σ(Wᵀ·Q): the current Ritz values, which increase towards σ(W); their
+            # relative change d_t shrinks geometrically (ratio ρ = d_t/d_{t-1}), so the remaining
+            # error is ≈ d_t·ρ/(1−ρ) (geometric tail), bounded below by d_t
             cur = run.svdvals_small(Rz)[:, :rank]
             if prev is not None:
-                est = ((cur - prev) / cur.clamp_min(1e-300)).abs().max().item()
-                if est <= tol:
-                    converged = True
-                    break
+                d = ((cur - prev) / cur.clamp_min(1e-300)).abs()
+                if est is not None:
+                    rho = (d / d_prev.clamp_min(1e-300)).clamp(max=0.95)
+                    e_now = torch.maximum(d, d * rho / (1 - rho)).max().item()
+                    if e_now <= tol:
+                        converged = True
+                        break
+                d_prev, est = d, True
             prev = cur
-        Q, _ = run.orth((Wi @ Z.to(it_dt)).to(work))
+        Q, _ = run.orth((Wi @ Z.to(it_dt)).to(work), passes=2)
     if not converged:
         warnings.warn(f"rsvd: tol={tol} not reached within {iters} iterations; returning the last iterate",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
     if Q_prev is not None and min(m, n) >= 2 * k:
         # Rayleigh–Ritz on the last two iterates together (a depth-2 block Krylov space): for the
         # same GEMM work this is far more accurate than the last iterate alone (see module doc)
         Q, _ = run.orth(torch.cat([Q_prev, Q], dim=-1).to(torch.float64))  # nearly dependent: fp64
+    else:
+        Q, _ = run.orth(Q)  # the loop's two-pass Q may be slightly off orthonormal
     B = Q.to(work).mT @ Wb  # (b, K, n), K = k or 2k
     B64 = B.to(torch.float64)
     G = B64 @ B64.mT
@@ -254,8 +313,11 @@ def rsvd(
     UB = Vj.gather(2, order[:, None, :rank].expand(-1, Vj.shape[1], -1)).to(work)  # top-rank left vectors of B
     U = Q.to(work) @ UB
     V, _ = run.orth(B.mT @ UB)  # = Bᵀ·U_B·Σ⁻¹ up to column scaling; orth keeps it orthonormal for σ ≈ 0
+    if bool(run.failed):  # the call's one host sync
+        raise RuntimeError("rsvd: shifted Cholesky failed; the input has non-finite values or overflows")
+    S = torch.ldexp(S[:, :rank], expo[:, None].to(torch.float64)).to(work)  # undo the 2^-e scaling
     shape = lambda t, *tail: t.reshape(*lead, *tail)  # noqa: E731
-    return shape(U, m, rank), shape(S[:, :rank].to(work), rank), shape(V.mT, rank, n)
+    return shape(U, m, rank), shape(S, rank), shape(V.mT, rank, n)
 
 
 def rsvd_naive(W: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
