@@ -191,3 +191,18 @@ def test_target_matching_substring_default_and_peft_rule():
         sk.apply_sorsa(base(), ["q_proj"], r=2, match="glob")
     with pytest.raises(ValueError, match="not a valid regular expression"):
         sk.apply_sorsa(base(), "(", r=2, match="peft")
+
+
+def test_readme_adapter_example_runs(tmp_path, monkeypatch, capsys):
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "README.md")).read()
+    section = text[text.index("### Adapters as files"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    exec(compile(block, "README.md", "exec"), ns)
+    assert (tmp_path / "out" / "lora" / "adapter_config.json").is_file()
+    assert all(type(m) is not sk.SORSALinear for m in ns["plain"].modules())
+    assert len(list(sk.sorsa_layers(ns["again"]))) == 2
+    assert "trainable params" in capsys.readouterr().out
