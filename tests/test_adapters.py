@@ -206,3 +206,24 @@ def test_readme_adapter_example_runs(tmp_path, monkeypatch, capsys):
     assert all(type(m) is not sk.SORSALinear for m in ns["plain"].modules())
     assert len(list(sk.sorsa_layers(ns["again"]))) == 2
     assert "trainable params" in capsys.readouterr().out
+
+
+def test_round_trip_bf16_base_fp32_adapters_is_bit_exact(tmp_path):
+    def bf16_base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(40, 24), nn.Linear(24, 40)).to(torch.bfloat16)
+    m = bf16_base()
+    m[0] = sk.SORSALinear.from_linear(m[0], r=4, alpha=8.0, init=None)
+    m[0].sorsa_init(adapter_dtype=torch.float32, method="rsvd", seed=3, niter=2)
+    m[1] = sk.SORSALinear.from_linear(m[1], r=2, init="svd")
+    finetune(m)
+    sk.save_adapter(m, tmp_path)
+    cfg = json.loads((tmp_path / "sorsa_config.json").read_text())
+    assert cfg["r"] is None and cfg["layers"]["0"]["init"] == {"method": "rsvd", "seed": 3, "niter": 2}
+    assert cfg["layers"]["0"]["adapter_dtype"] == "float32" and cfg["layers"]["1"]["adapter_dtype"] == "bfloat16"
+    m2 = sk.load_adapter(bf16_base(), tmp_path)
+    for a, b in zip(m, m2):
+        assert b.sorsa_A.dtype == a.sorsa_A.dtype and b.weight.dtype == torch.bfloat16
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.sorsa_S, b.sorsa_S)
+    x = torch.randn(3, 40, dtype=torch.bfloat16)
+    assert torch.equal(m.eval()(x), m2.eval()(x))
