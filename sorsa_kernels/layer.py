@@ -326,14 +326,13 @@ class SORSALinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
         was_merged = self.merged
-        new_w = state_dict.get(prefix + "weight")
-        # the state dict holds W_r: compare before loading whether the initial adapter still applies
-        same_w = (isinstance(new_w, torch.Tensor) and new_w.shape == self.weight.shape
-                  and not self.weight.is_meta and not new_w.is_meta
-                  and torch.equal(new_w.to(self.weight.device, self.weight.dtype), self.residual_weight()
-                                  if not self.fan_in_fan_out else self.residual_weight().T))
         if was_merged and self.r > 0:
             self._merge(False)
+        new_w = state_dict.get(prefix + "weight")
+        # the state dict holds W_r: the initial adapter still applies only if W_r is unchanged
+        same_w = (isinstance(new_w, torch.Tensor) and new_w.shape == self.weight.shape
+                  and not self.weight.is_meta and not new_w.is_meta
+                  and torch.equal(new_w.to(self.weight.device, self.weight.dtype), self.weight))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if self.r > 0 and new_w is not None and not same_w:

@@ -7,7 +7,6 @@ import re
 import warnings
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn as nn
 
 from ._validate import check_dropout_p, check_finite, check_float, check_rank
