@@ -103,7 +103,7 @@ def apply_sorsa(
     if init not in (None, "svd"):
         svd_kwargs.setdefault("seed", 0)
     sites: List[Tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, old module)
-    converted = []
+    converted, skipped = [], []
     seen = set()
     for name, mod in model.named_modules(remove_duplicate=False):
         if not name or not is_match(name):
@@ -112,6 +112,9 @@ def apply_sorsa(
             converted.append(name)
             continue
         if not (isinstance(mod, nn.Linear) or is_conv1d(mod)):
+            w = getattr(mod, "weight", None)
+            if isinstance(w, nn.Parameter) and w.dim() >= 2:  # e.g. Embedding, Conv2d: say so
+                skipped.append(f"{name} ({type(mod).__name__})")
             continue
         if id(mod) not in seen:
             seen.add(id(mod))
@@ -129,6 +132,9 @@ def apply_sorsa(
             f"target_modules={targets!r} matched no nn.Linear in the model (match={match!r}); "
             f"its linear layers are: {linears[:20]}{' ...' if len(linears) > 20 else ''}"
         )
+    if skipped:
+        warnings.warn(f"apply_sorsa: target_modules also matched modules that are not nn.Linear/Conv1D; "
+                      f"skipped: {skipped[:20]}{' ...' if len(skipped) > 20 else ''}", UserWarning, stacklevel=2)
     matched: Dict[int, SORSALinear] = {}
     try:
         with warnings.catch_warnings():

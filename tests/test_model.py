@@ -241,3 +241,10 @@ def test_merged_model_state_dict_strict_loads_to_the_same_outputs():
     m2 = sk.apply_sorsa(model(), ["q_proj", "mlp"], r=3, init=None).eval()
     m2.load_state_dict(m.state_dict(), strict=True)
     torch.testing.assert_close(m2(x), y, atol=1e-5, rtol=1e-5)
+
+
+def test_matched_non_linear_modules_are_named_in_a_warning():
+    m = nn.ModuleDict({"emb_proj": nn.Embedding(10, 8), "out_proj": nn.Linear(8, 8), "proj_norm": nn.LayerNorm(8)})
+    with pytest.warns(UserWarning, match=r"skipped: \['emb_proj \(Embedding\)'\]"):
+        sk.apply_sorsa(m, ["proj"], r=2)
+    assert isinstance(m["out_proj"], sk.SORSALinear) and isinstance(m["emb_proj"], nn.Embedding)
