@@ -12,7 +12,9 @@ Two kernels cover every GEMM of the op:
   ``dB`` and ``dA``, whose outputs are too small to fill the GPU otherwise.
 
 Dropout masks are never stored: element (m, k) of x is kept iff
-``philox(seed, m·in_features + k) >= p``, regenerated identically wherever it is needed.
+``philox(seed, m·in_features + k) >= p``, regenerated identically wherever it is needed;
+``seed`` is a host integer (drawn from torch's CPU generator per call: no device sync).
+``BIG`` (decided by the launcher from shapes and strides) switches every index to int64.
 ``UPCAST`` feeds fp32 to ``tl.dot`` (the interpreter's bf16 dot is wrong, triton#11584);
 on the GPU the native low-precision dot is used.
 """
@@ -23,17 +25,14 @@ import triton.language as tl
 @triton.jit
 def _keep(seed, rows, cols, ld, p, BIG: tl.constexpr):
     # rows: (BM, 1), cols: (1, BN) index tensors of the logical x (M × in_features).
-    if BIG:
-        off = rows.to(tl.int64) * ld + cols
-    else:
-        off = rows * ld + cols
-    return tl.rand(seed, off) >= p
+    # rows/cols are already int64 when BIG (the launcher's decision), so the product is too.
+    return tl.rand(seed, rows * ld + cols) >= p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "M_BUCKET"])
 def sorsa_mm_kernel(
-    X1, W1, X2, W2, BIAS, C, SEED_PTR,
-    M, N, K, R,
+    X1, W1, X2, W2, BIAS, C, seed,
+    M, N, K, R, M_BUCKET,
     s_x1m, s_x1k, s_w1n, s_w1k,
     s_x2m, s_x2r, s_w2n, s_w2r,
     s_cm, s_cn,
@@ -56,11 +55,12 @@ def sorsa_mm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    if BIG:  # some offset can reach 2^31 elements: index arithmetic in int64
+        rm = rm.to(tl.int64)
+        rn = rn.to(tl.int64)
+        rk = rk.to(tl.int64)
     m_ok = rm[:, None] < M
     n_ok = rn[None, :] < N
-    seed = 0
-    if DROP_IN or DROP_OUT:
-        seed = tl.load(SEED_PTR)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -101,9 +101,9 @@ def sorsa_mm_kernel(
     tl.store(C + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(C.dtype.element_ty), mask=m_ok & n_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def sorsa_tn_kernel(
-    P, Q, C, SEED_PTR,
+    P, Q, C, seed,
     M, DA, DB, m_per_split,
     s_pm, s_pa, s_qm, s_qb, s_cs, s_ca, s_cb,
     p, inv_keep, drop_ld,
@@ -116,10 +116,12 @@ def sorsa_tn_kernel(
     ra = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     rm0 = tl.arange(0, BLOCK_M)
-    seed = 0
-    if DROP_Q:
-        seed = tl.load(SEED_PTR)
     m_lo = split * m_per_split
+    if BIG:
+        ra = ra.to(tl.int64)
+        rb = rb.to(tl.int64)
+        rm0 = rm0.to(tl.int64)
+        m_lo = m_lo.to(tl.int64)
     m_hi = tl.minimum(m_lo + m_per_split, M)
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):
@@ -134,5 +136,5 @@ def sorsa_tn_kernel(
             pt = pt.to(tl.float32)
             q = q.to(tl.float32)
         acc = tl.dot(pt, q, acc, input_precision=PREC)
-    c = C + split * s_cs + ra[:, None] * s_ca + rb[None, :] * s_cb
+    c = C + split.to(tl.int64) * s_cs + ra[:, None] * s_ca + rb[None, :] * s_cb
     tl.store(c, acc, mask=(ra[:, None] < DA) & (rb[None, :] < DB))

@@ -1,5 +1,15 @@
 """Launchers for the SORSA linear Triton kernels: shapes, strides, configs, grids.
 
+Contract with the AOT check (kernels/aot_check.py drives ``linear_fwd``/``linear_bwd`` on
+META tensors and captures every Triton launch instead of running it):
+  * no data-dependent host reads: the dropout seed is a host int read from a CPU tensor
+    (a meta seed reads as 0); nothing else is read back;
+  * the SM count comes only from :func:`num_sms`, the architecture only from
+    :func:`device_capability` (the check monkeypatches both);
+  * :func:`device_guard` is a no-op for non-CUDA devices;
+  * ``CONFIGS`` lists every config a kernel may launch with (autotuned roles) and
+    ``PINNED`` the fixed configs of the deterministic reductions: compile them all.
+
 Configs are per role and dtype family; the AOT check (kernels/aot_check.py) compiles every
 one for sm_80 and sm_90 with the role's flags and fails on spills or shared memory overflow.
   main  (y = [x|s]·[W_r|B]ᵀ + bias, dX = dY·W_r + gs·A): 128×128×64 / 8 warps / 3 stages
@@ -15,8 +25,9 @@ one for sm_80 and sm_90 with the role's flags and fails on spills or shared memo
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -48,12 +59,15 @@ ROLE_FLAGS = {
     "skinny": dict(HAS_SEG2=False, HAS_BIAS=False, DROP_IN=True, DROP_OUT=False, BIG=False),
     "tn": dict(DROP_Q=True, BIG=False),
 }
-_MM_KEY = ["N", "K", "R", "HAS_SEG2", "DROP_IN", "DROP_OUT"]
-_TUNED = {
-    key: triton.autotune(cfgs, key=(["DA", "DB", "DROP_Q"] if key[0] == "tn" else _MM_KEY))(
-        sorsa_tn_kernel if key[0] == "tn" else sorsa_mm_kernel)
-    for key, cfgs in CONFIGS.items()
-}
+# M_BUCKET (next power of two of M) is in the key: the first M seen must not fix the config
+# for every later M (a decode step of M=8 and a prefill of M=8192 get their own picks).
+_MM_KEY = ["M_BUCKET", "N", "K", "R", "HAS_SEG2", "DROP_IN", "DROP_OUT"]
+_TUNED = {key: triton.autotune(cfgs, key=_MM_KEY)(sorsa_mm_kernel)
+          for key, cfgs in CONFIGS.items() if key[0] != "tn"}
+# dA and dBᵀ are documented deterministic (split-M partials summed in a fixed order): their
+# config is pinned, never a timing-dependent autotune pick (which could change BLOCK_M and
+# with it the summation order from one process to the next).
+PINNED = {"tn": {False: CONFIGS[("tn", False)][0], True: CONFIGS[("tn", True)][0]}}
 # The interpreter runs numpy: one small config keeps the tests fast and hits ragged edges.
 INTERP_MM = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
 INTERP_TN = dict(BLOCK_A=16, BLOCK_B=16, BLOCK_M=16)
@@ -69,13 +83,54 @@ def _upcast(dtype: torch.dtype) -> bool:
     return triton_interpret() and dtype == torch.bfloat16
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+@functools.lru_cache(maxsize=16)
+def _cuda_props(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
-def _dummy(device) -> torch.Tensor:
-    return torch.zeros(1, dtype=torch.int64, device=device)
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (the only place the launchers ask)."""
+    if device.type != "cuda":
+        return 4  # interpreter / meta: a small persistent grid
+    return _cuda_props(device.index if device.index is not None else torch.cuda.current_device()).multi_processor_count
+
+
+def device_capability(device: torch.device) -> Tuple[int, int]:
+    """(major, minor) compute capability of ``device`` (the only place the launchers ask)."""
+    if device.type != "cuda":
+        return (0, 0)
+    p = _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
+    return (p.major, p.minor)
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current (so Triton launches on it and on its current stream); a no-op
+    for CPU (interpreter) and meta tensors."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _max_offset(*ts: torch.Tensor) -> int:
+    # largest element offset any index expression of these operands can form
+    return max((sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride()) if d > 0) for t in ts), default=0)
+
+
+def _big(*ts: torch.Tensor, extra: int = 0) -> bool:
+    """True when some offset can reach 2^31 elements: the kernel then indexes in int64."""
+    return max(_max_offset(*ts), extra) >= 2 ** 31 - 1
+
+
+def _seed_int(seed: Union[torch.Tensor, int, None]) -> int:
+    if seed is None:
+        return 0
+    if isinstance(seed, torch.Tensor):
+        # a CPU tensor (sorsa_linear draws it from torch's CPU generator): no device sync;
+        # a meta seed (AOT check, meta forward) has no value and reads as 0.
+        return 0 if seed.device.type == "meta" else int(seed.reshape(-1)[0])
+    return int(seed)
+
+
+def _m_bucket(M: int) -> int:
+    return triton.next_power_of_2(max(M, 1))
 
 
 def mm(
@@ -90,22 +145,25 @@ def mm(
     has2 = x2 is not None
     R = x2.shape[1] if has2 else 0
     x2_, w2_ = (x2, w2) if has2 else (x1, w1)
-    big = M * max(drop_ld, 1) >= 2 ** 31
-    args = (x1, w1, x2_, w2_, bias if bias is not None else out, out,
-            seed if seed is not None else _dummy(x1.device),
-            M, N, K, R,
+    if M == 0 or N == 0:
+        return out
+    big = _big(x1, w1, x2_, w2_, out, extra=M * drop_ld if (drop_in or drop_out) else 0)
+    args = (x1, w1, x2_, w2_, bias if bias is not None else out, out, _seed_int(seed),
+            M, N, K, R, _m_bucket(M),
             x1.stride(0), x1.stride(1), w1.stride(0), w1.stride(1),
             x2_.stride(0), x2_.stride(1), w2_.stride(0), w2_.stride(1),
             out.stride(0), out.stride(1),
             float(p), 1.0 / (1.0 - p), drop_ld)
     flags = dict(HAS_SEG2=has2, HAS_BIAS=bias is not None, DROP_IN=drop_in, DROP_OUT=drop_out,
                  BIG=big, UPCAST=_upcast(x1.dtype), PREC=_prec(x1.dtype))
-    if triton_interpret():
-        grid = (triton.cdiv(M, INTERP_MM["BLOCK_M"]) * triton.cdiv(N, INTERP_MM["BLOCK_N"]),)
-        sorsa_mm_kernel[grid](*args, **flags, **INTERP_MM)
-    else:
-        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
-        _TUNED[(("main_drop" if drop_out else "main") if has2 else "skinny", x1.dtype == torch.float32)][grid](*args, **flags)
+    with device_guard(x1.device):
+        if triton_interpret():
+            grid = (triton.cdiv(M, INTERP_MM["BLOCK_M"]) * triton.cdiv(N, INTERP_MM["BLOCK_N"]),)
+            sorsa_mm_kernel[grid](*args, **flags, **INTERP_MM)
+        else:
+            grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
+            role = ("main_drop" if drop_out else "main") if has2 else "skinny"
+            _TUNED[(role, x1.dtype == torch.float32)][grid](*args, **flags)
     return out
 
 
@@ -114,28 +172,30 @@ def tn(p_mat: torch.Tensor, q: torch.Tensor, *, seed: Optional[torch.Tensor] = N
     """fp32 ``p_matᵀ·drop(q)``: p_mat (M, DA), q (M, DB) → (DA, DB); split over M, summed in order."""
     M, DA = p_mat.shape
     DB = q.shape[1]
+    if M == 0:  # an expert with no tokens: the sum over an empty M is zero
+        return torch.zeros((DA, DB), dtype=torch.float32, device=q.device)
     interp = triton_interpret()
     if interp or M <= SPLIT_M_GRAIN:
         splits = 1
     else:
         tiles = triton.cdiv(DA, 64) * triton.cdiv(DB, 128)
-        splits = max(1, min(triton.cdiv(M, 4 * SPLIT_M_GRAIN), (2 * _num_sms(q.device.index or 0)) // tiles))
+        splits = max(1, min(triton.cdiv(M, 4 * SPLIT_M_GRAIN), (2 * num_sms(q.device)) // tiles))
     m_per = triton.cdiv(triton.cdiv(M, splits), SPLIT_M_GRAIN) * SPLIT_M_GRAIN
     splits = triton.cdiv(M, m_per)
     part = torch.empty((splits, DA, DB), dtype=torch.float32, device=q.device)
-    big = M * max(drop_ld, 1) >= 2 ** 31
-    args = (p_mat, q, part, seed if seed is not None else _dummy(q.device),
+    big = _big(p_mat, q, part, extra=M * drop_ld if drop_q else 0)
+    args = (p_mat, q, part, _seed_int(seed),
             M, DA, DB, m_per,
             p_mat.stride(0), p_mat.stride(1), q.stride(0), q.stride(1),
             part.stride(0), part.stride(1), part.stride(2),
             float(p), 1.0 / (1.0 - p), drop_ld)
     flags = dict(DROP_Q=drop_q, BIG=big, UPCAST=_upcast(q.dtype), PREC=_prec(q.dtype))
-    if interp:
-        grid = (triton.cdiv(DA, INTERP_TN["BLOCK_A"]), triton.cdiv(DB, INTERP_TN["BLOCK_B"]), splits)
-        sorsa_tn_kernel[grid](*args, **flags, **INTERP_TN)
-    else:
-        grid = lambda META: (triton.cdiv(DA, META["BLOCK_A"]), triton.cdiv(DB, META["BLOCK_B"]), splits)  # noqa: E731
-        _TUNED[("tn", q.dtype == torch.float32)][grid](*args, **flags)
+    cfg = INTERP_TN if interp else PINNED["tn"][q.dtype == torch.float32].all_kwargs()
+    meta = {k: cfg[k] for k in ("BLOCK_A", "BLOCK_B", "BLOCK_M")}
+    launch = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    grid = (triton.cdiv(DA, meta["BLOCK_A"]), triton.cdiv(DB, meta["BLOCK_B"]), splits)
+    with device_guard(q.device):
+        sorsa_tn_kernel[grid](*args, **flags, **meta, **launch)
     return part[0] if splits == 1 else part.sum(0)
 
 
@@ -144,6 +204,7 @@ def linear_fwd(x, weight, A, S, B, bias, scale: float, p: float, seed) -> Tuple[
     M, K = x.shape
     dt, r = x.dtype, A.shape[0]
     drop = p > 0
+    seed = _seed_int(seed)
     xa = mm(x, A.to(dt), torch.empty((M, r), dtype=torch.float32, device=x.device),
             seed=seed, p=p, drop_in=drop, drop_ld=K)
     s = (xa * (S.float() * scale)).to(dt)
@@ -157,6 +218,7 @@ def linear_bwd(dy, x, weight, A, S, B, xa, scale: float, p: float, seed, need_dx
     M, K = x.shape
     dt, r = x.dtype, A.shape[0]
     drop = p > 0
+    seed = _seed_int(seed)
     Sf = S.float() * scale
     g = mm(dy, B.to(dt).t(), torch.empty((M, r), dtype=torch.float32, device=x.device))
     dS = (g * xa).sum(0) * scale

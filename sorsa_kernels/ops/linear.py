@@ -43,7 +43,7 @@ def sorsa_linear_naive(
 
 def _autocast(x, weight, A, S, B, bias):
     dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
+    if dev == "meta" or not torch.is_autocast_enabled(dev):  # meta has no autocast state
         return x, weight, A, S, B, bias
     dt = torch.get_autocast_dtype(dev)
     cast = lambda t: t if t is None or t.dtype == dt else t.to(dt)  # noqa: E731
@@ -82,8 +82,13 @@ def check_linear_args(x, weight, A, S, B, bias) -> None:
 
 
 def _torch_keep(x2: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """Keep-mask of the torch backend, regenerated from ``seed`` in backward (never saved)."""
-    g = torch.Generator(device=x2.device).manual_seed(int(seed.item()))
+    """Keep-mask of the torch backend, regenerated from ``seed`` in backward (never saved).
+
+    ``seed`` is a CPU tensor (see :func:`sorsa_linear`), so reading it never waits for the GPU.
+    """
+    if x2.device.type == "meta":  # shapes only (meta forward, fake tensors)
+        return torch.empty(x2.shape, dtype=torch.bool, device="meta")
+    g = torch.Generator(device=x2.device).manual_seed(int(seed.reshape(-1)[0]))
     return torch.rand(x2.shape, generator=g, device=x2.device) >= p
 
 
@@ -200,6 +205,9 @@ def sorsa_linear(
     Returns:
         ``(..., out_features)`` tensor with ``x``'s dtype (the autocast dtype under autocast).
     """
+    for name, t in (("x", x), ("weight", weight), ("A", A), ("S", S), ("B", B), ("bias", bias)):
+        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__name__}")
     x, weight, A, S, B, bias = _autocast(x, weight, A, S, B, bias)
     check_linear_args(x, weight, A, S, B, bias)
     scale = check_scale(scale)
@@ -207,9 +215,12 @@ def sorsa_linear(
     p = p if training else 0.0
     impl = _backend.resolve(OP, backend, x.device)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    # The seed lives on the CPU, drawn from torch's CPU generator (torch.manual_seed governs
+    # it): kernels and the torch path read it as a host int without a device sync, and every
+    # call (layer, step) gets a fresh one, so masks are independent across layers and steps.
     if p > 0:
-        seed = torch.randint(0, 2 ** 31 - 1, (1,), device=x.device, dtype=torch.int64)
+        seed = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64)
     else:
-        seed = torch.zeros(1, device=x.device, dtype=torch.int64)
+        seed = torch.zeros(1, dtype=torch.int64)
     y, _ = _linear_fwd_op(x2, weight, A, S, B, bias, scale, p, seed, impl)
     return y.reshape(*x.shape[:-1], weight.shape[0])
