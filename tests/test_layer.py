@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import sorsa_kernels as sk
 
-from conftest import DTYPES
+from conftest import DTYPES, needs_triton
 
 
 def pair(ref, k, n, r, alpha, bias, seed=0):
@@ -222,3 +222,35 @@ def test_conv1d_layer_keeps_layout_and_function():
     with pytest.raises(TypeError, match="must be an nn.Linear"):
         sk.SORSALinear.from_linear(conv, r=1)
 
+
+
+def test_forward_on_the_meta_device():
+    """Issue 9 item 9: shape inference on meta works as for nn.Linear (layer, merged, converted model)."""
+    m = sk.SORSALinear(16, 8, r=4, bias=True, device="meta")
+    y = m(torch.empty(3, 5, 16, device="meta"))
+    assert y.is_meta and y.shape == (3, 5, 8)
+    m.merge()
+    assert m.eval()(torch.empty(2, 16, device="meta")).shape == (2, 8)
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    sk.apply_sorsa(net, ["0", "2"], r=2, init=None)
+    assert net(torch.empty(7, 16, device="meta")).shape == (7, 4)
+
+
+@needs_triton
+def test_conv1d_layer_fused_path_reads_the_transposed_weight():
+    """SORSAConv1D hands the op a transposed view of its in×out weight: the Triton path (strided,
+    no copy) matches the torch path, forward and gradients."""
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    conv = Conv1D(12, 20)
+    outs = []
+    for backend in ("torch", "triton"):
+        m = sk.SORSAConv1D.from_conv1d(conv, r=4, alpha=8.0, backend=backend)
+        x = torch.randn(2, 5, 20, requires_grad=True)
+        x.data = torch.arange(200, dtype=torch.float32).reshape(2, 5, 20).sin()
+        y = m(x)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach(), x.grad, m.sorsa_A.grad, m.sorsa_S.grad, m.sorsa_B.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
