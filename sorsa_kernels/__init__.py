@@ -9,14 +9,14 @@ from .layer import SORSAConv1D, SORSALinear
 from .model import (apply_sorsa, disable_adapters, mark_only_sorsa_trainable, merge_sorsa,
                     print_trainable_parameters, sorsa_layers, sorsa_parameters, target_matcher,
                     unmerge_sorsa)
-from .regularizer import calc_ortho, orthonormal_grad_
+from .regularizer import calc_ortho, ortho_loss, orthonormal_grad_
 from .rsvd import rsvd
 from .training import SORSACallback, SORSARegularizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SORSALinear", "apply_sorsa", "calc_ortho", "orthonormal_grad_", "merge_sorsa", "unmerge_sorsa",
+    "SORSALinear", "apply_sorsa", "calc_ortho", "ortho_loss", "orthonormal_grad_", "merge_sorsa", "unmerge_sorsa",
     "sorsa_parameters", "mark_only_sorsa_trainable", "sorsa_layers", "sorsa_decompose", "svd_factors", "init_layers",
     "rsvd", "SORSARegularizer", "SORSACallback", "ops", "build_info", "__version__",
     "save_adapter", "load_adapter", "export_lora", "merge_and_unload",

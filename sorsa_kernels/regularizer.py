@@ -1,30 +1,81 @@
-"""Orthonormal regularizer on a model's SORSA adapters: value and in-place gradient."""
+"""Orthonormal regularizer on a model's adapters: value, in-place gradient, differentiable loss.
+
+Orientation convention (what "A-like" and "B-like" mean everywhere here):
+
+* A-like: ``r × in`` with orthonormal *rows*, penalty ``‖A·Aᵀ − I_r‖_F`` — SORSA's ``sorsa_A``,
+  PEFT's ``lora_A.<adapter>.weight`` (an ``nn.Linear(in, r)`` weight).
+* B-like: ``out × r`` with orthonormal *columns*, penalty ``‖Bᵀ·B − I_r‖_F`` — ``sorsa_B``,
+  PEFT's ``lora_B.<adapter>.weight`` (an ``nn.Linear(r, out)`` weight).
+
+Sharded parameters (``torch.distributed.tensor.DTensor``, e.g. after FSDP2's ``fully_shard``)
+are handled without gathering where the math allows: a matrix sharded along its long
+dimension (``B`` under FSDP2's default ``Shard(0)``, or ``A`` with ``Shard(1)``) contributes
+an ``r × r`` partial Gram, summed across the shard group with one all-reduce per step;
+a matrix sharded along ``r`` (``A`` under the default ``Shard(0)``) has no such partial
+(every Gram entry pairs two rows that live on different ranks), so that ``r × in`` matrix is
+all-gathered. Sharded parameters use the torch backend.
+"""
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple, Union
+import math
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from . import _backend
-from .ops.ortho import OP, calc_ortho_naive, ortho_torch_
+from .ops.ortho import OP, calc_ortho_naive, grad_coefs, ortho_torch_backward, ortho_torch_forward
 
 NamedParams = Iterable[Tuple[str, torch.Tensor]]
+SORSA_NAMES = ("sorsa_A", "sorsa_B")
+PEFT_NAMES = ("lora_A", "lora_B")
 
 
-def _adapters(model_or_params: Union[nn.Module, NamedParams]) -> Tuple[List[torch.Tensor], List[bool]]:
-    named = model_or_params.named_parameters() if isinstance(model_or_params, nn.Module) else model_or_params
-    mats, is_b = [], []
-    for item in named:
-        if not (isinstance(item, tuple) and len(item) == 2):
-            raise TypeError("model_or_params must be an nn.Module or an iterable of (name, parameter) pairs")
-        name, p = item
-        if "sorsa_A" in name or "sorsa_B" in name:
-            if p.dim() != 2:
-                raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(p.shape)}")
+def _adapters(model_or_params=None, a: Optional[Sequence[torch.Tensor]] = None,
+              b: Optional[Sequence[torch.Tensor]] = None,
+              names: Tuple[str, str] = SORSA_NAMES) -> Tuple[List[torch.Tensor], List[bool]]:
+    """The adapter matrices and whether each is B-like (see the module docstring)."""
+    mats: List[torch.Tensor] = []
+    is_b: List[bool] = []
+    if not (isinstance(names, tuple) and len(names) == 2 and all(isinstance(n, str) and n for n in names)):
+        raise TypeError(f"names must be a pair of non-empty strings (A-like, B-like), got {names!r}")
+    if model_or_params is not None:
+        named = model_or_params.named_parameters() if isinstance(model_or_params, nn.Module) else model_or_params
+        try:
+            it = iter(named)
+        except TypeError:
+            raise TypeError("model_or_params must be an nn.Module or an iterable of (name, parameter) pairs, "
+                            f"got {type(model_or_params).__name__}") from None
+        for item in it:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
+                raise TypeError("model_or_params must be an nn.Module or an iterable of (name, parameter) pairs")
+            name, p = item
+            ia, ib = names[0] in name, names[1] in name
+            if ia or ib:
+                if p.dim() != 2:
+                    raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(p.shape)}")
+                mats.append(p)
+                is_b.append(ib and not ia)
+    for kind, lst in (("a", a), ("b", b)):
+        for j, p in enumerate(lst or ()):
+            if not isinstance(p, torch.Tensor) or p.dim() != 2:
+                raise ValueError(f"{kind}[{j}] must be a 2-D tensor, got {getattr(p, 'shape', type(p).__name__)}")
             mats.append(p)
-            is_b.append("sorsa_B" in name and "sorsa_A" not in name)
+            is_b.append(kind == "b")
     return mats, is_b
+
+
+def _check_number(name: str, v) -> Union[float, torch.Tensor]:
+    if isinstance(v, torch.Tensor):  # device scalars pass through: validating them would sync
+        if v.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(v.shape)}")
+        return v.reshape(())
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v}")
+    return v
 
 
 def calc_ortho(model: nn.Module) -> Optional[torch.Tensor]:
@@ -32,9 +83,146 @@ def calc_ortho(model: nn.Module) -> Optional[torch.Tensor]:
 
     Differentiable (backward through it is the reference's way of applying the
     regularizer); ``None`` when the model has no adapters. :func:`orthonormal_grad_`
-    does the same job without an autograd graph.
+    does the same job without an autograd graph, :func:`ortho_loss` with a fused one.
     """
     return calc_ortho_naive(model.named_parameters())
+
+
+# ---------------------------------------------------------------- sharded (DTensor) parameters
+
+def _dtensor_cls():
+    try:
+        from torch.distributed.tensor import DTensor
+        return DTensor
+    except Exception:  # pragma: no cover - builds without distributed
+        return None
+
+
+def _shard_dim(p) -> Optional[int]:
+    """The tensor dim ``p`` is sharded on (None: replicated); 1-D meshes only."""
+    from torch.distributed.tensor import Replicate, Shard
+    if p.device_mesh.ndim != 1:
+        raise NotImplementedError("sharded adapters on a multi-dimensional device mesh (HSDP, TP) are not supported")
+    pl = p.placements[0]
+    if isinstance(pl, Shard):
+        return pl.dim
+    if isinstance(pl, Replicate):
+        return None
+    raise NotImplementedError(f"adapter placement {pl} is not supported (Shard or Replicate only)")
+
+
+def _allreduce(group, flat: torch.Tensor) -> None:
+    import torch.distributed as dist
+    dist.all_reduce(flat, group=group)
+
+
+def _localize(mats: Sequence[torch.Tensor], is_b: Sequence[bool]):
+    """Local operands for the math: (tensors, reduce keys, how each maps back).
+
+    kinds: "plain"; "partial" (local shard along L, Gram all-reduced); "gathered" (full
+    matrix all-gathered, grad sliced back to the local shard); "replicated"."""
+    DTensor = _dtensor_cls()
+    if DTensor is None or not any(isinstance(m, DTensor) for m in mats):
+        return list(mats), None, None
+    local, keys, kinds = [], [], []
+    for m, b in zip(mats, is_b):
+        if not isinstance(m, DTensor):
+            local.append(m), keys.append(None), kinds.append("plain")
+            continue
+        d = _shard_dim(m)
+        if d is None:
+            local.append(m.to_local()), keys.append(None), kinds.append("replicated")
+        elif d == (0 if b else 1):  # sharded along L: the Gram is a sum of per-rank partials
+            local.append(m.to_local()), keys.append(m.device_mesh.get_group()), kinds.append("partial")
+        else:  # sharded along r: the rows must meet, gather this r × L matrix
+            local.append(m.full_tensor()), keys.append(None), kinds.append("gathered")
+    return local, keys, kinds
+
+
+def _to_shard(g: torch.Tensor, p, kind: str) -> torch.Tensor:
+    """The part of the gradient ``g`` (of p's local operand) that belongs to p's local shard."""
+    if kind != "gathered":
+        return g
+    from torch.distributed.tensor import DTensor, Replicate
+    return DTensor.from_local(g, p.device_mesh, [Replicate()], run_check=False).redistribute(
+        p.device_mesh, p.placements).to_local()
+
+
+# ---------------------------------------------------------------- backends: forward / backward phases
+
+def _impl(backend: str, device: torch.device, sharded: bool):
+    name = _backend.resolve(OP, backend, device)
+    if sharded:
+        if backend == "triton":
+            raise RuntimeError("backend='triton' is not available for sharded (DTensor) adapters: "
+                               "use backend='auto' or 'torch'")
+        name = "torch"
+    if name == "triton":
+        from .kernels.ortho_launch import ortho_triton_backward, ortho_triton_forward
+        return ortho_triton_forward, ortho_triton_backward
+    return ortho_torch_forward, ortho_torch_backward
+
+
+def _forward(fwd, local, is_b, keys):
+    if fwd is ortho_torch_forward:
+        return fwd(local, is_b, keys, _allreduce if keys else None)
+    return fwd(local, is_b)
+
+
+class _OrthoLossFn(torch.autograd.Function):
+    """value = mean_m reg_m over the local operands; backward = the fused gradient kernel."""
+
+    @staticmethod
+    def forward(ctx, cfg, *local):
+        is_b, squared, keys, fwd, bwd = cfg
+        norms, state = _forward(fwd, local, is_b, keys)
+        ctx.state, ctx.norms, ctx.squared, ctx.bwd = state, norms, squared, bwd
+        ctx.save_for_backward(*local)  # in-place changes before backward are caught by autograd
+        vals = norms * norms if squared else norms
+        return vals.mean()
+
+    @staticmethod
+    def backward(ctx, gout):
+        local = ctx.saved_tensors
+        coef = grad_coefs(ctx.norms, ctx.squared, gout.float() / len(local))
+        grads = ctx.bwd(local, ctx.state, coef, inplace=False)
+        return (None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:])))
+
+
+def ortho_loss(
+    model_or_params: Union[nn.Module, NamedParams, None] = None,
+    squared: bool = False,
+    *,
+    a: Optional[Sequence[torch.Tensor]] = None,
+    b: Optional[Sequence[torch.Tensor]] = None,
+    names: Tuple[str, str] = SORSA_NAMES,
+    backend: str = "auto",
+) -> Optional[torch.Tensor]:
+    """Differentiable ``calc_ortho``: mean over adapters of ``‖A·Aᵀ−I‖_F`` / ``‖Bᵀ·B−I‖_F``.
+
+    A fused op (one autograd node; its backward is the fused gradient kernel), so
+    ``loss + (gamma / lr) * sk.ortho_loss(model)`` works wherever autograd works (DDP,
+    FSDP2 ``fully_shard``, DeepSpeed, ``GradScaler``, gradient accumulation): the gradient
+    reaches the parameters the ordinary way, wherever they keep their grads.
+
+    Args:
+        model_or_params: a module, or ``(name, parameter)`` pairs; names containing
+            ``names[0]`` are A-like, ``names[1]`` B-like (see the module docstring for the
+            orientation). For PEFT LoRA/KaSA pass ``names=sk.regularizer.PEFT_NAMES``
+            (``("lora_A", "lora_B")``), or explicit lists via ``a=`` / ``b=``.
+        squared: ``‖·‖_F²`` instead of ``‖·‖_F``.
+        a, b: explicit A-like (r × in) and B-like (out × r) matrices, added to the above.
+        backend: "auto" | "torch" | "triton" (sharded parameters use "torch").
+
+    Returns:
+        A 0-d fp32 tensor (no host sync), or None when there are no adapters.
+    """
+    mats, is_b = _adapters(model_or_params, a, b, names)
+    if not mats:
+        return None
+    local, keys, kinds = _localize(mats, is_b)
+    fwd, bwd = _impl(backend, local[0].device, keys is not None)
+    return _OrthoLossFn.apply((tuple(is_b), bool(squared), keys, fwd, bwd), *local)
 
 
 @torch.no_grad()
@@ -45,38 +233,63 @@ def orthonormal_grad_(
     *,
     squared: bool = False,
     backend: str = "auto",
-) -> Optional[float]:
+    names: Tuple[str, str] = SORSA_NAMES,
+) -> Optional[torch.Tensor]:
     """Add the gradient of ``(gamma / lr) · calc_ortho(model)`` to every adapter's ``.grad``.
 
     Call after the task loss's ``backward()`` (and any gradient clipping), before
-    ``optimizer.step()``. ``.grad`` is created where it is None; parameters with
-    ``requires_grad=False`` count in the mean but get no gradient (as with autograd).
-    Math is fp32 whatever the parameter dtype.
+    ``optimizer.step()``: sorsa 1.0.1's exact semantics. ``.grad`` is created where it is
+    None; parameters with ``requires_grad=False`` count in the mean but get no gradient
+    (as with autograd). Math is fp32 whatever the parameter dtype. No host sync.
 
     Args:
-        model_or_params: a module, or ``(name, parameter)`` pairs; names containing
-            ``sorsa_A`` / ``sorsa_B`` are the adapters.
-        gamma: regularizer weight; lr: current learning rate (the reference scales by gamma/lr).
+        model_or_params: a module, or ``(name, parameter)`` pairs (see :func:`ortho_loss`).
+        gamma: regularizer weight (finite). lr: learning rate (finite, > 0); the reference
+            scales by gamma/lr. Either may be a 0-d device tensor (then not validated).
         squared: use ``‖·‖_F²`` instead of ``‖·‖_F``.
         backend: "auto" | "torch" | "triton".
+        names: substrings naming A-like and B-like parameters.
 
     Returns:
-        The regularizer's value (before the gamma/lr factor), or None without adapters.
+        The regularizer's value (before the gamma/lr factor) as a 0-d fp32 tensor on the
+        adapters' device (``float()`` it when you want a number: that syncs), or None
+        without adapters.
     """
-    gamma, lr = float(gamma), float(lr)
-    if not lr > 0:
+    gamma = _check_number("gamma", gamma)
+    lr = _check_number("lr", lr)
+    if isinstance(lr, float) and not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    mats, is_b = _adapters(model_or_params)
+    mats, is_b = _adapters(model_or_params, names=names)
     if not mats:
         return None
-    impl = _IMPLS[_backend.resolve(OP, backend, mats[0].device)]
-    vals = impl(mats, is_b, squared, gamma / (lr * len(mats)))
-    return float(vals.double().mean())
+    local, keys, kinds = _localize(mats, is_b)
+    scale = gamma / (lr * len(mats))
+    if keys is None:
+        fwd, bwd = _impl(backend, mats[0].device, False)
+        norms, state = _forward(fwd, local, is_b, None)
+        bwd(local, state, grad_coefs(norms, squared, scale), inplace=True)
+    else:  # sharded: gradients of the local operands, then into each DTensor's local .grad
+        from torch.distributed.tensor import DTensor
+        fwd, bwd = _impl(backend, local[0].device, True)
+        norms, state = _forward(fwd, local, is_b, keys)
+        grads = bwd(local, state, grad_coefs(norms, squared, scale), inplace=False)
+        for p, g, kind in zip(mats, grads, kinds):
+            if not p.requires_grad:
+                continue
+            if not isinstance(p, DTensor):
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
+                continue
+            g = _to_shard(g, p, kind).to(p.dtype)
+            if p.grad is None:
+                p.grad = DTensor.from_local(g, p.device_mesh, p.placements, run_check=False,
+                                            shape=p.shape, stride=p.stride())
+            else:
+                p.grad.to_local().add_(g)
+    return (norms * norms if squared else norms).mean()
 
 
-_IMPLS = {"torch": ortho_torch_}
 if _backend.triton_status()[0]:
-    from .kernels.ortho_launch import ortho_triton_
-
-    _IMPLS["triton"] = ortho_triton_
     _backend.register(OP, "triton")

@@ -2,30 +2,47 @@
 
 Every adapter is viewed as ``M`` (r × L): ``A`` as is, ``B`` through transposed strides
 (``Bᵀ``), so ``G = M·Mᵀ`` is ``A·Aᵀ`` or ``Bᵀ·B`` and the gradient ``E·M`` is written back
-through the same strides. A per-matrix table (``META``, int64) holds the data and grad
-pointers, sizes, strides and workspace offsets; a work table lists one row per program.
-Three launches per dtype, whatever the number of matrices:
+through the same strides. A per-matrix table (``META``, int64, cached on the device by the
+launcher) holds pointers, sizes, strides and workspace offsets; a work table lists one row
+per program. Three launches per (dtype, layout) group, whatever the number of matrices:
 
-1. ``ortho_gram_kernel``: one program per (matrix, r-tile i, r-tile j, split of L); partial
-   Gram tiles (fp32 accumulation) go to separate workspace slots.
-2. ``ortho_finalize_kernel``: one program per (matrix, tile i, tile j); sums the splits in a
-   fixed order (deterministic), ``E = G − I``, and the tile's ``Σ E²`` into its own slot.
+1. ``ortho_gram_kernel``: one program per (matrix, r-tile i ≤ r-tile j, split of L): partial
+   Gram tiles of the upper triangle only (fp32 accumulation) into separate workspace slots.
+2. ``ortho_finalize_kernel``: one program per (matrix, tile i ≤ tile j); sums the splits in a
+   fixed order (deterministic), ``E = G − I``, writes the tile and its mirror, and the tile's
+   ``Σ E²`` (twice for off-diagonal tiles) into its own slot.
 3. ``ortho_grad_kernel``: one program per (matrix, r-tile, L-tile); ``grad (+)= coef_m · E·M``.
 
-bf16/fp16 Gram products are exact in fp32 (native dot, fp32 accumulation); fp32 params use
-true fp32 products. ``UPCAST`` feeds fp32 to ``tl.dot`` under the interpreter (triton#11584).
+``LAYOUT`` is a compile-time memory layout of ``M`` so the L-direction loads vectorise and
+pipeline: 0 = unit stride along L (row-major ``A``), 1 = unit stride along r (``Bᵀ`` of a
+row-major ``B``), 2 = general strides (anything else). ``I64``: 64-bit offsets, chosen by the
+launcher only when an offset can reach 2³¹. ``PREC``: ``tl.dot`` input precision
+(bf16/fp16 operands: native products, exact in fp32; fp32 operands: ``tf32x3`` split
+products on the GPU). ``UPCAST`` feeds fp32 to ``tl.dot`` under the interpreter (triton#11584).
 """
 import triton
 import triton.language as tl
 
-# META row (int64, 13 columns; see ortho_launch.META_FIELDS): 0 data ptr, 1 grad ptr, 2 r, 3 L,
-# 4-5 data strides (r, L), 6-7 grad strides, 8 workspace offset, 9 accumulate into grad?,
-# 10 E offset, 11 split length along L, 12 number of splits.
+# META row (int64, 13 columns; see ortho_launch.META_FIELDS): 0 data ptr, 1 r, 2 L,
+# 3-4 data strides (r, L), 5 workspace offset, 6 E offset, 7 split length along L,
+# 8 number of splits, 9 grad ptr, 10-11 grad strides (r, L), 12 accumulate into grad?
+NF = 13
+
+
+@triton.jit
+def _offsets(rows, cols, s_r, s_l, LAYOUT: tl.constexpr):
+    # rows: (X, 1) r-indices, cols: (1, Y) or (Y, 1) L-indices; unit stride made compile-time
+    if LAYOUT == 0:
+        return rows * s_r + cols
+    elif LAYOUT == 1:
+        return rows + cols * s_l
+    else:
+        return rows * s_r + cols * s_l
 
 
 @triton.jit
 def ortho_gram_kernel(META, WORK, WS, DT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+                      BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, LAYOUT: tl.constexpr, I64: tl.constexpr):
     pid = tl.program_id(0)
     mat = tl.load(WORK + pid * 4)
     ti = tl.load(WORK + pid * 4 + 1)
@@ -33,12 +50,21 @@ def ortho_gram_kernel(META, WORK, WS, DT: tl.constexpr, UPCAST: tl.constexpr, PR
     split = tl.load(WORK + pid * 4 + 3)
     meta = META + mat * 13
     mp = tl.load(meta + 0).to(tl.pointer_type(DT))
-    r = tl.load(meta + 2)
-    L = tl.load(meta + 3)
-    s_r = tl.load(meta + 4)
-    s_l = tl.load(meta + 5)
-    ws = WS + tl.load(meta + 8)
-    split_len = tl.load(meta + 11)
+    r = tl.load(meta + 1)
+    L = tl.load(meta + 2)
+    s_r = tl.load(meta + 3)
+    s_l = tl.load(meta + 4)
+    ws = WS + tl.load(meta + 5)
+    split_len = tl.load(meta + 7)
+    if not I64:  # every offset < 2³¹ (checked by the launcher): 32-bit index math
+        r = r.to(tl.int32)
+        L = L.to(tl.int32)
+        s_r = s_r.to(tl.int32)
+        s_l = s_l.to(tl.int32)
+        split_len = split_len.to(tl.int32)
+        ti = ti.to(tl.int32)
+        tj = tj.to(tl.int32)
+        split = split.to(tl.int32)
     ri = ti * BLOCK_R + tl.arange(0, BLOCK_R)
     rj = tj * BLOCK_R + tl.arange(0, BLOCK_R)
     rl = tl.arange(0, BLOCK_L)
@@ -47,8 +73,10 @@ def ortho_gram_kernel(META, WORK, WS, DT: tl.constexpr, UPCAST: tl.constexpr, PR
     acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
     for l0 in range(lo, hi, BLOCK_L):
         ll = l0 + rl
-        a = tl.load(mp + ri[:, None] * s_r + ll[None, :] * s_l, mask=(ri[:, None] < r) & (ll[None, :] < hi), other=0.0)
-        b = tl.load(mp + rj[None, :] * s_r + ll[:, None] * s_l, mask=(rj[None, :] < r) & (ll[:, None] < hi), other=0.0)
+        a = tl.load(mp + _offsets(ri[:, None], ll[None, :], s_r, s_l, LAYOUT),
+                    mask=(ri[:, None] < r) & (ll[None, :] < hi), other=0.0)
+        b = tl.load(mp + _offsets(rj[None, :], ll[:, None], s_r, s_l, LAYOUT),
+                    mask=(rj[None, :] < r) & (ll[:, None] < hi), other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -65,10 +93,10 @@ def ortho_finalize_kernel(META, WORK, WS, E, NSQ, max_tiles, BLOCK_R: tl.constex
     tj = tl.load(WORK + pid * 4 + 2)
     slot = tl.load(WORK + pid * 4 + 3)
     meta = META + mat * 13
-    r = tl.load(meta + 2)
-    ws = WS + tl.load(meta + 8)
-    e = E + tl.load(meta + 10)
-    nsplit = tl.load(meta + 12)
+    r = tl.load(meta + 1)
+    ws = WS + tl.load(meta + 5)
+    e = E + tl.load(meta + 6)
+    nsplit = tl.load(meta + 8)
     ri = ti * BLOCK_R + tl.arange(0, BLOCK_R)
     rj = tj * BLOCK_R + tl.arange(0, BLOCK_R)
     mask = (ri[:, None] < r) & (rj[None, :] < r)
@@ -79,27 +107,40 @@ def ortho_finalize_kernel(META, WORK, WS, E, NSQ, max_tiles, BLOCK_R: tl.constex
     g = tl.where(ri[:, None] == rj[None, :], g - 1.0, g)
     g = tl.where(mask, g, 0.0)
     tl.store(e + idx, g, mask=mask)
-    tl.store(NSQ + mat * max_tiles + slot, tl.sum(tl.sum(g * g, axis=1), axis=0))
+    # E is symmetric: the lower-triangle tile is the mirror of this one
+    tl.store(e + rj[None, :] * r + ri[:, None], g, mask=mask & (ti != tj))
+    w = tl.where(ti != tj, 2.0, 1.0)
+    tl.store(NSQ + mat * max_tiles + slot, w * tl.sum(tl.sum(g * g, axis=1), axis=0))
 
 
 @triton.jit
 def ortho_grad_kernel(META, WORK, E, COEF, DT: tl.constexpr, PREC: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
+                      LAYOUT: tl.constexpr, I64: tl.constexpr):
     pid = tl.program_id(0)
     mat = tl.load(WORK + pid * 3)
     ti = tl.load(WORK + pid * 3 + 1)
     lj = tl.load(WORK + pid * 3 + 2)
     meta = META + mat * 13
     mp = tl.load(meta + 0).to(tl.pointer_type(DT))
-    gp = tl.load(meta + 1).to(tl.pointer_type(DT))
-    r = tl.load(meta + 2)
-    L = tl.load(meta + 3)
-    s_r = tl.load(meta + 4)
-    s_l = tl.load(meta + 5)
-    g_r = tl.load(meta + 6)
-    g_l = tl.load(meta + 7)
-    accum = tl.load(meta + 9)
-    e = E + tl.load(meta + 10)
+    r = tl.load(meta + 1)
+    L = tl.load(meta + 2)
+    s_r = tl.load(meta + 3)
+    s_l = tl.load(meta + 4)
+    e = E + tl.load(meta + 6)
+    gp = tl.load(meta + 9).to(tl.pointer_type(DT))
+    g_r = tl.load(meta + 10)
+    g_l = tl.load(meta + 11)
+    accum = tl.load(meta + 12)
+    if not I64:
+        r = r.to(tl.int32)
+        L = L.to(tl.int32)
+        s_r = s_r.to(tl.int32)
+        s_l = s_l.to(tl.int32)
+        g_r = g_r.to(tl.int32)
+        g_l = g_l.to(tl.int32)
+        ti = ti.to(tl.int32)
+        lj = lj.to(tl.int32)
     coef = tl.load(COEF + mat)
     ri = ti * BLOCK_R + tl.arange(0, BLOCK_R)
     rl = lj * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -108,10 +149,12 @@ def ortho_grad_kernel(META, WORK, E, COEF, DT: tl.constexpr, PREC: tl.constexpr,
     for k0 in range(0, r, BLOCK_K):
         kk = k0 + rk
         ek = tl.load(e + ri[:, None] * r + kk[None, :], mask=(ri[:, None] < r) & (kk[None, :] < r), other=0.0)
-        mk = tl.load(mp + kk[:, None] * s_r + rl[None, :] * s_l, mask=(kk[:, None] < r) & (rl[None, :] < L), other=0.0)
+        mk = tl.load(mp + _offsets(kk[:, None], rl[None, :], s_r, s_l, LAYOUT),
+                     mask=(kk[:, None] < r) & (rl[None, :] < L), other=0.0)
         acc = tl.dot(ek, mk.to(tl.float32), acc, input_precision=PREC)
     mask = (ri[:, None] < r) & (rl[None, :] < L)
-    gptr = gp + ri[:, None] * g_r + rl[None, :] * g_l
+    # the launcher gives every grad its parameter's strides (else a temporary), so LAYOUT holds
+    gptr = gp + _offsets(ri[:, None], rl[None, :], g_r, g_l, LAYOUT)
     out = acc * coef
     if accum != 0:
         out += tl.load(gptr, mask=mask, other=0.0).to(tl.float32)

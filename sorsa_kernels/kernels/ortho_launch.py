@@ -1,122 +1,282 @@
 """Launcher for the grouped orthonormal-regularizer kernels (see ortho_kernels.py).
 
+Host work per step is a key comparison: the per-matrix table (``META``) and the work tables
+live on the device in a :class:`TritonPlan`, cached by the parameters (data pointers, shapes,
+strides, dtypes) and rebuilt only when they change. The grad columns of ``META`` are
+re-uploaded (one non-blocking copy) only when the grads' pointers change; grads that are
+None are carved from one flat buffer per dtype, reused while no carved grad is alive. No
+host sync: values come back as device tensors.
+
+Matrices are grouped by (dtype, layout, 64-bit offsets); one launch of each kernel per group.
 One fixed config per kernel rather than autotuning: the launch mixes many shapes, and the
 work is a stream over every adapter (bandwidth-bound at r ≤ 128), so a tile that keeps the
 loads wide and spill-free is what matters; the AOT check compiles these for sm_80/sm_90.
-  gram      64×64 Gram tile, L step 64, 4 warps, 3 stages (fp32 params: L step 32)
+  gram      64×64 Gram tile (upper triangle only), L step 64, 4 warps, 3 stages (fp32: L step 32)
   finalize  64×64 tile, 4 warps
-  grad      64 rows × 128 L-columns, K step 32, 8 warps (4 spill a few bytes), 3 stages
-            (fp32 params: 64 columns)
+  grad      64 rows × 128 L-columns, K step 32, 8 warps, 3 stages (fp32 params: 64 columns)
+fp32 adapters use ``tf32x3`` split products (≈ fp32 accuracy, see tests/test_ortho_fast.py's
+emulation) on the GPU; bf16/fp16 products are exact in fp32 accumulators.
 """
 from __future__ import annotations
 
 import functools
-from typing import List, Sequence, Tuple
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
-from .ortho_kernels import ortho_finalize_kernel, ortho_grad_kernel, ortho_gram_kernel
+from .ortho_kernels import NF, ortho_finalize_kernel, ortho_grad_kernel, ortho_gram_kernel
 
-META_FIELDS = ("ptr", "grad_ptr", "r", "L", "s_r", "s_l", "g_r", "g_l", "ws_off", "accum", "e_off",
-               "split_len", "nsplit")
+META_FIELDS = ("ptr", "r", "L", "s_r", "s_l", "ws_off", "e_off", "split_len", "nsplit",
+               "grad_ptr", "g_r", "g_l", "accum")
+assert len(META_FIELDS) == NF
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+INT32_LIMIT = 2 ** 31
 
 
-def configs(dtype: torch.dtype):
-    """(gram, finalize, grad) as (constexpr dict, num_warps, num_stages) for a param dtype."""
-    if triton_interpret():
-        return (dict(BLOCK_R=16, BLOCK_L=16), 1, 1), (dict(BLOCK_R=16), 1, 1), (dict(BLOCK_R=16, BLOCK_L=16, BLOCK_K=16), 1, 1)
+def configs(dtype: torch.dtype, layout: int = 0, i64: bool = False):
+    """(gram, finalize, grad) as (constexpr dict, num_warps, num_stages) for a param dtype.
+
+    The constexpr dicts carry every compile-time flag the launch passes (precision, layout,
+    64-bit offsets), so an ahead-of-time compile of these dicts is the program that runs."""
+    interp = triton_interpret()
     f32 = dtype == torch.float32
-    return ((dict(BLOCK_R=64, BLOCK_L=32 if f32 else 64), 4, 3), (dict(BLOCK_R=64), 4, 1),
-            (dict(BLOCK_R=64, BLOCK_L=64 if f32 else 128, BLOCK_K=32), 8, 3))
+    prec = "ieee" if interp else ("tf32x3" if f32 else "tf32")
+    flags = dict(LAYOUT=layout, I64=i64)
+    if interp:
+        return ((dict(BLOCK_R=16, BLOCK_L=16, PREC=prec, **flags), 1, 1), (dict(BLOCK_R=16), 1, 1),
+                (dict(BLOCK_R=16, BLOCK_L=16, BLOCK_K=16, PREC=prec, **flags), 1, 1))
+    return ((dict(BLOCK_R=64, BLOCK_L=32 if f32 else 64, PREC=prec, **flags), 4, 3), (dict(BLOCK_R=64), 4, 1),
+            (dict(BLOCK_R=64, BLOCK_L=64 if f32 else 128, BLOCK_K=32, PREC=prec, **flags), 8, 3))
 
 
 # Aim for a few hundred thousand elements of L·r per gram program; at most 16 splits.
 SPLIT_TARGET = 2048
 
 
-@functools.lru_cache(maxsize=64)
-def _plan(shapes: Tuple[Tuple[int, int, bool], ...], br: int, bl_gram: int, bl_grad: int, device: torch.device):
-    """Work tables and offsets for matrices of (r, L, needs_grad); cached per model structure."""
-    w1, w2, w3, rows = [], [], [], []
-    ws_off = e_off = 0
-    max_tiles = 1
-    for m, (r, L, needs_grad) in enumerate(shapes):
-        nt = triton.cdiv(r, br)
-        nsplit = max(1, min(16, triton.cdiv(L, SPLIT_TARGET)))
-        split_len = triton.cdiv(triton.cdiv(L, nsplit), bl_gram) * bl_gram
-        nsplit = triton.cdiv(L, split_len)
-        max_tiles = max(max_tiles, nt * nt)
-        for ti in range(nt):
-            for tj in range(nt):
-                w2.append((m, ti, tj, ti * nt + tj))
-                w1.extend((m, ti, tj, s) for s in range(nsplit))
-            if needs_grad:
-                w3.extend((m, ti, lj) for lj in range(triton.cdiv(L, bl_grad)))
-        rows.append((ws_off, e_off, split_len, nsplit))
-        ws_off += nsplit * r * r
-        e_off += r * r
-    t = lambda x, w: torch.tensor(x, dtype=torch.int64).reshape(-1, w).to(device)  # noqa: E731
-    return t(w1, 4), t(w2, 4), (t(w3, 3) if w3 else None), rows, ws_off, e_off, max_tiles
+def _rl(m: torch.Tensor, b: bool) -> Tuple[int, int, int, int]:
+    """(r, L, stride along r, stride along L) of M = A or Bᵀ."""
+    if b:
+        return m.shape[1], m.shape[0], m.stride(1), m.stride(0)
+    return m.shape[0], m.shape[1], m.stride(0), m.stride(1)
 
 
-def ortho_triton_(mats: Sequence[torch.Tensor], is_b: Sequence[bool], squared: bool, coef: float) -> torch.Tensor:
+def _layout(s_r: int, s_l: int, r: int, L: int) -> int:
+    if s_l == 1 or L == 1:
+        return 0
+    if s_r == 1 or r == 1:
+        return 1
+    return 2
+
+
+def _max_offset(r: int, L: int, s_r: int, s_l: int) -> int:
+    return (r - 1) * abs(s_r) + (L - 1) * abs(s_l)
+
+
+def _upload(rows: List[Tuple[int, ...]], device: torch.device) -> torch.Tensor:
+    t = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class _Group:
+    """One launch group: matrices of one dtype, layout and offset width."""
+
+    def __init__(self, idx: List[int], mats: Sequence[torch.Tensor], is_b: Sequence[bool], dtype, layout, i64,
+                 device):
+        self.idx, self.dtype, self.layout, self.i64 = idx, dtype, layout, i64
+        (gram_c, _, _), (fin_c, _, _), (grad_c, _, _) = configs(dtype, layout, i64)
+        br, bl_gram, bl_grad = gram_c["BLOCK_R"], gram_c["BLOCK_L"], grad_c["BLOCK_L"]
+        w1, w2, w3, rows = [], [], [], []
+        ws_off = e_off = 0
+        self.max_tiles = 1
+        self.needs = [bool(mats[i].requires_grad) for i in idx]
+        for m, i in enumerate(idx):
+            r, L, s_r, s_l = _rl(mats[i], is_b[i])
+            nt = triton.cdiv(r, br)
+            nsplit = max(1, min(16, triton.cdiv(L, SPLIT_TARGET)))
+            split_len = triton.cdiv(triton.cdiv(L, nsplit), bl_gram) * bl_gram
+            nsplit = triton.cdiv(L, split_len)
+            self.max_tiles = max(self.max_tiles, nt * nt)
+            for ti in range(nt):
+                for tj in range(ti, nt):  # upper triangle: the finalize mirrors it
+                    w2.append((m, ti, tj, ti * nt + tj))
+                    w1.extend((m, ti, tj, s) for s in range(nsplit))
+                if self.needs[m]:
+                    w3.extend((m, ti, lj) for lj in range(triton.cdiv(L, bl_grad)))
+            rows.append((mats[i].data_ptr(), r, L, s_r, s_l, ws_off, e_off, split_len, nsplit, 0, 0, 0, 0))
+            ws_off += nsplit * r * r
+            e_off += r * r
+        self.meta = _upload(rows, device)
+        t = lambda x, w: _upload(x, device).reshape(-1, w)  # noqa: E731
+        self.w1, self.w2 = t(w1, 4), t(w2, 4)
+        self.w3 = t(w3, 3) if w3 else None
+        self.ws_size, self.e_size = ws_off, e_off
+        self.e_offs = [row[6] for row in rows]
+        self.rl = [(row[1], row[2]) for row in rows]
+        self.vidx = _upload([(i,) for i in idx], device).reshape(-1)
+        self.grad_key = None
+
+
+class TritonPlan:
+    """Device tables for one list of adapters; valid while :meth:`matches` holds."""
+
+    def __init__(self, mats: Sequence[torch.Tensor], is_b: Sequence[bool]):
+        self.device = mats[0].device
+        self.key = _key(mats, is_b)
+        self.refs = [weakref.ref(m) for m in mats]
+        self.is_b = list(is_b)
+        by: Dict[tuple, List[int]] = {}
+        for i, m in enumerate(mats):
+            if m.dtype not in TL_DTYPE:
+                raise TypeError(f"adapter {i} must be float16, bfloat16 or float32, got {m.dtype}")
+            if m.device != self.device:
+                raise ValueError(f"all adapters must be on one device ({self.device}), adapter {i} is on {m.device}")
+            r, L, s_r, s_l = _rl(m, is_b[i])
+            # 64-bit offsets only when the data (or a grad with the same strides) can reach 2³¹
+            i64 = _max_offset(r, L, s_r, s_l) >= INT32_LIMIT or r * L >= INT32_LIMIT
+            by.setdefault((m.dtype, _layout(s_r, s_l, r, L), i64), []).append(i)
+        self.groups = [_Group(idx, mats, is_b, dt, lay, i64, self.device) for (dt, lay, i64), idx in by.items()]
+        self.flat: Dict[torch.dtype, Tuple[torch.Tensor, int]] = {}
+
+    def matches(self, mats, is_b) -> bool:
+        return len(mats) == len(self.refs) and all(r() is m for r, m in zip(self.refs, mats)) \
+            and _key(mats, is_b) == self.key
+
+    def carve(self, dtype: torch.dtype, mats: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Tensors shaped and strided like ``mats`` (all of ``dtype``), views of one flat buffer;
+        the buffer is reused when none of the views it handed out is alive any more."""
+        total = sum(m.numel() for m in mats)
+        held = self.flat.get(dtype)
+        if held is None or held[0].numel() < total or _use_count(held[0]) > held[1]:
+            buf = torch.empty(total, dtype=dtype, device=self.device)
+            held = self.flat[dtype] = (buf, _use_count(buf))
+        out, off = [], 0
+        for m in mats:
+            dense = m.is_contiguous() or m.t().is_contiguous() if m.dim() == 2 else m.is_contiguous()
+            stride = m.stride() if dense else torch.empty(m.shape, device="meta").stride()
+            out.append(held[0].as_strided(m.shape, stride, off))
+            off += m.numel()
+        return out
+
+
+def _use_count(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _key(mats, is_b) -> tuple:
+    return tuple((m.data_ptr(), m.shape, m.stride(), m.dtype, b, m.requires_grad) for m, b in zip(mats, is_b))
+
+
+_PLANS: Dict[tuple, TritonPlan] = {}
+
+
+def get_plan(mats: Sequence[torch.Tensor], is_b: Sequence[bool]) -> TritonPlan:
+    """The cached plan for these parameters (rebuilt when any pointer, shape, stride, dtype,
+    requires_grad or the parameter objects themselves change)."""
+    ck = tuple(map(id, mats))
+    plan = _PLANS.get(ck)
+    if plan is None or not plan.matches(mats, is_b):
+        if len(_PLANS) >= 8:
+            _PLANS.pop(next(iter(_PLANS)))
+        plan = _PLANS[ck] = TritonPlan(mats, is_b)
+    return plan
+
+
+def ortho_triton_forward(mats: Sequence[torch.Tensor], is_b: Sequence[bool]):
+    """Per-matrix ``‖E‖_F`` (fp32 device tensor, shape (n,)) and the state the gradient needs."""
+    plan = get_plan(mats, is_b)
+    norms = torch.empty(len(mats), dtype=torch.float32, device=plan.device)
+    Es = []
+    interp = triton_interpret()
+    for g in plan.groups:
+        (gram_c, gw, gs), (fin_c, fw, fs), _ = configs(g.dtype, g.layout, g.i64)
+        ws = torch.empty(g.ws_size, dtype=torch.float32, device=plan.device)
+        E = torch.empty(g.e_size, dtype=torch.float32, device=plan.device)
+        nsq = torch.zeros((len(g.idx), g.max_tiles), dtype=torch.float32, device=plan.device)
+        ortho_gram_kernel[(g.w1.shape[0],)](g.meta, g.w1, ws, DT=TL_DTYPE[g.dtype],
+                                            UPCAST=interp and g.dtype == torch.bfloat16,
+                                            num_warps=gw, num_stages=gs, **gram_c)
+        ortho_finalize_kernel[(g.w2.shape[0],)](g.meta, g.w2, ws, E, nsq, g.max_tiles,
+                                                num_warps=fw, num_stages=fs, **fin_c)
+        norms.index_copy_(0, g.vidx, nsq.sum(1).sqrt())
+        Es.append(E)
+    return norms, (plan, Es)
+
+
+def ortho_triton_backward(mats: Sequence[torch.Tensor], state, coef: torch.Tensor,
+                          inplace: bool) -> Optional[List[Optional[torch.Tensor]]]:
+    """``coef[m] · E_m·M_m`` for every matrix that requires grad: added into ``.grad`` when
+    ``inplace`` (created where None), else returned as new tensors (None where no grad)."""
+    plan, Es = state
+    out: List[Optional[torch.Tensor]] = [None] * len(mats)
+    fixups = []
+    for g, E in zip(plan.groups, Es):
+        if g.w3 is None:
+            continue
+        _, _, (grad_c, dw, ds) = configs(g.dtype, g.layout, g.i64)
+        targets = [mats[i] for i, need in zip(g.idx, g.needs) if need]
+        grads = [t.grad for t in targets] if inplace else [None] * len(targets)
+        missing = [k for k, gr in enumerate(grads) if gr is None]
+        carved = plan.carve(g.dtype, [targets[k] for k in missing]) if missing else []
+        for k, c in zip(missing, carved):
+            grads[k] = c
+        rows, k = [], 0
+        for m, i in enumerate(g.idx):
+            if not g.needs[m]:
+                rows.append((0, 0, 0, 0))
+                continue
+            gr, p = grads[k], targets[k]
+            if gr.dtype != p.dtype:
+                raise TypeError(f"adapter {i}'s .grad must have its dtype {p.dtype}, got {gr.dtype}")
+            if g.layout != 2 and gr.stride() != p.stride():  # keep the compile-time layout: temporary
+                tmp = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=p.device)
+                fixups.append((gr, tmp))
+                gr, accum = tmp, 0
+            else:
+                accum = 0 if (k in missing) else 1
+            _, _, gs_r, gs_l = _rl(gr, plan.is_b[i])
+            rows.append((gr.data_ptr(), gs_r, gs_l, accum))
+            if not inplace or k in missing:
+                out[i] = grads[k]
+            k += 1
+        key = tuple(rows)
+        if key != g.grad_key:  # grads moved: re-upload the four grad columns (no sync)
+            g.meta[:, 9:13].copy_(_upload(rows, plan.device))
+            g.grad_key = key
+        ortho_grad_kernel[(g.w3.shape[0],)](g.meta, g.w3, E, coef[g.vidx].contiguous(), DT=TL_DTYPE[g.dtype],
+                                            num_warps=dw, num_stages=ds, **grad_c)
+    for gr, tmp in fixups:
+        gr.add_(tmp)
+    if inplace:
+        for i, gr in enumerate(out):
+            if gr is not None:
+                mats[i].grad = gr
+        return None
+    return out
+
+
+def ortho_triton_(mats: Sequence[torch.Tensor], is_b: Sequence[bool], squared: bool, coef) -> torch.Tensor:
     """Per-matrix regularizer values (fp32, shape (n,)); adds ``coef ·`` their gradient into ``.grad``
-    of every matrix that requires grad (created where None). O(1) launches per dtype."""
-    device = mats[0].device
-    vals = torch.empty(len(mats), dtype=torch.float32, device=device)
-    by_dtype = {}
-    for i, m in enumerate(mats):
-        if m.dtype not in TL_DTYPE:
-            raise TypeError(f"adapter {i} must be float16, bfloat16 or float32, got {m.dtype}")
-        if m.device != device:
-            raise ValueError(f"all adapters must be on one device ({device}), adapter {i} is on {m.device}")
-        by_dtype.setdefault(m.dtype, []).append(i)
-    for dtype, idx in by_dtype.items():
-        (gram_c, gw, gs), (fin_c, fw, fs), (grad_c, dw, ds) = configs(dtype)
-        group = [mats[i] for i in idx]
-        shapes, meta = [], []
-        for i, m in zip(idx, group):
-            b = is_b[i]
-            r, L = (m.shape[1], m.shape[0]) if b else (m.shape[0], m.shape[1])
-            shapes.append((r, L, bool(m.requires_grad)))
-        w1, w2, w3, rows, ws_size, e_size, max_tiles = _plan(
-            tuple(shapes), gram_c["BLOCK_R"], gram_c["BLOCK_L"], grad_c["BLOCK_L"], device)
-        for i, m, (ws_off, e_off, split_len, nsplit), (r, L, needs) in zip(idx, group, rows, shapes):
-            g, accum = m.grad, 1
-            if needs and g is None:
-                g = m.grad = torch.empty_like(m)
-                accum = 0
-            if needs and g.dtype != m.dtype:
-                raise TypeError(f"adapter {i}'s .grad must have its dtype {m.dtype}, got {g.dtype}")
-            st = m.stride()[::-1] if is_b[i] else m.stride()
-            gst = (g.stride()[::-1] if is_b[i] else g.stride()) if needs else (0, 0)
-            meta.append((m.data_ptr(), g.data_ptr() if needs else 0, r, L, st[0], st[1], gst[0], gst[1],
-                         ws_off, accum, e_off, split_len, nsplit))
-        meta_t = torch.tensor(meta, dtype=torch.int64).to(device)
-        ws = torch.empty(ws_size, dtype=torch.float32, device=device)
-        E = torch.empty(e_size, dtype=torch.float32, device=device)
-        nsq = torch.zeros((len(group), max_tiles), dtype=torch.float32, device=device)
-        dt = TL_DTYPE[dtype]
-        interp = triton_interpret()
-        f32 = dtype == torch.float32
-        gram_prec = "ieee" if f32 or interp else "tf32"  # bf16/fp16 operands: native dot, exact products
-        ortho_gram_kernel[(w1.shape[0],)](meta_t, w1, ws, DT=dt, UPCAST=interp and dtype == torch.bfloat16,
-                                          PREC=gram_prec, num_warps=gw, num_stages=gs, **gram_c)
-        ortho_finalize_kernel[(w2.shape[0],)](meta_t, w2, ws, E, nsq, max_tiles, num_warps=fw, num_stages=fs, **fin_c)
-        norms = nsq.sum(1).sqrt()
-        if squared:
-            v, c = norms * norms, torch.full_like(norms, 4.0 * coef)
-        else:
-            v = norms
-            c = torch.where(norms > 0, (2.0 * coef) / torch.where(norms > 0, norms, torch.ones_like(norms)),
-                            torch.zeros_like(norms))
-        vals[torch.tensor(idx, device=device)] = v
-        if w3 is not None:
-            ortho_grad_kernel[(w3.shape[0],)](meta_t, w3, E, c.contiguous(), DT=dt,
-                                              PREC="ieee" if f32 or interp else "tf32",
-                                              num_warps=dw, num_stages=ds, **grad_c)
-    return vals
+    of every matrix that requires grad (created where None). O(1) launches per group, no host sync."""
+    from ..ops.ortho import grad_coefs
+    norms, state = ortho_triton_forward(mats, is_b)
+    ortho_triton_backward(mats, state, grad_coefs(norms, squared, coef), inplace=True)
+    return norms * norms if squared else norms
+
+
+def aot_cases(device: str = "meta") -> List[Tuple[List[torch.Tensor], List[bool]]]:
+    """Representative adapter lists (Llama-2-7B shapes at r = 128, one per dtype, plus a ragged
+    column-major one) for compiling every (dtype, layout) program ahead of time: call
+    ``ortho_triton_(mats, is_b, False, 1.0)`` on each with launches intercepted."""
+    cases = []
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        mk = lambda *s: torch.empty(*s, dtype=dt, device=device, requires_grad=True)  # noqa: E731
+        mats = [mk(128, 4096), mk(4096, 128), mk(128, 11008), mk(11008, 128),
+                mk(1000, 77).t(), mk(333, 17)]  # last two: general layouts / ragged r
+        cases.append((mats, [False, True, False, True, False, True]))
+    return cases
