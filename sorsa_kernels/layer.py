@@ -77,7 +77,8 @@ class SORSALinear(nn.Module):
     The state dict always holds the *unmerged* form (``weight`` = W_r), whatever the merge
     state, so a checkpoint of a merged layer reloads to the same outputs; loading into a
     merged layer keeps it merged. The initial adapter (A0, S0, B0 of the last init; zero for
-    a layer never initialised) is kept in non-persistent buffers: it defines the original
+    a layer never initialised) is kept in non-persistent buffers (one more adapter-sized copy,
+    not in the state dict, so strict loads with the reference still work): it defines the original
     weight ``W = W_r + scale·B0·diag(S0)·A0`` used by :func:`sorsa_kernels.disable_adapters`,
     :func:`sorsa_kernels.save_adapter` and :func:`sorsa_kernels.export_lora`. It becomes
     unknown (None) when a state dict replaces ``weight`` with different values.

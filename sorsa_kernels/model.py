@@ -92,7 +92,8 @@ def apply_sorsa(
     Atomic: every target is validated first (rank, finite float weight, init method and
     keywords, alpha, dropout) and any failure during conversion or init puts the original
     modules back, so on error the model is unchanged. Raises ``ValueError`` when nothing matches
-    (naming already-converted SORSA layers when that is why).
+    (naming already-converted SORSA layers when that is why); warns naming matched modules that
+    have a weight but are neither ``nn.Linear`` nor ``Conv1D`` (skipped, e.g. ``Embedding``).
     """
     is_match = target_matcher(target_modules, match)
     targets = _targets(target_modules)
