@@ -1,6 +1,6 @@
 """sorsa-kernels: fast, exact SORSA (Singular Values and Orthonormal Regularized Singular
 Vectors Adaptation, arXiv 2409.00055) layers, regularizer and init for PyTorch."""
-from . import ops
+from . import integrations, ops
 from ._build_info import build_info
 from .adapters import load_adapter, save_adapter
 from .export import export_lora, merge_and_unload
@@ -16,7 +16,7 @@ from .training import SORSACallback, SORSARegularizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "SORSALinear", "apply_sorsa", "calc_ortho", "ortho_loss", "orthonormal_grad_", "merge_sorsa", "unmerge_sorsa",
+    "SORSALinear", "apply_sorsa", "integrations", "calc_ortho", "ortho_loss", "orthonormal_grad_", "merge_sorsa", "unmerge_sorsa",
     "sorsa_parameters", "mark_only_sorsa_trainable", "sorsa_layers", "sorsa_decompose", "svd_factors", "init_layers",
     "rsvd", "SORSARegularizer", "SORSACallback", "ops", "build_info", "__version__",
     "save_adapter", "load_adapter", "export_lora", "merge_and_unload",
