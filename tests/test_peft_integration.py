@@ -1,0 +1,334 @@
+"""sk.integrations.peft against the installed peft: the fused forward equals PEFT's own LoRA / KaSA
+layers (float64 rule, every gradient), dropout replays our mask, PEFT's save/load, adapter
+switching and merge keep working, batched PiSSA/KaSA init matches PEFT's, regularizers match."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.tuners.lora import KasaConfig  # noqa: E402
+from peft.tuners.lora import Linear as LoraLinear  # noqa: E402
+
+import sorsa_kernels as sk  # noqa: E402
+import sorsa_kernels.init as sk_init  # noqa: E402
+from sorsa_kernels.integrations import peft as skp  # noqa: E402
+from sorsa_kernels.ops.linear import _torch_keep, sorsa_linear_naive  # noqa: E402
+from sorsa_kernels.synthetic import exact_sigmas, max_rel_sigma_err, synthetic_weights  # noqa: E402
+
+from conftest import HAS_TRITON, assert_tolerance  # noqa: E402
+
+
+class Tiny(nn.Module):
+    """Two ragged linears (one with bias) and an embedding PEFT wraps in another layer type."""
+
+    def __init__(self, k=24, h=20):
+        super().__init__()
+        self.emb = nn.Embedding(11, k)
+        self.q = nn.Linear(k, h)
+        self.v = nn.Linear(h, k, bias=False)
+
+    def forward(self, x):
+        return self.v(torch.tanh(self.q(x)))
+
+
+def make(kind="lora", p=0.0, targets=("q", "v"), seed=0, **cfg):
+    """A float32 PEFT model with non-trivial adapters (B ≠ 0, KaSA diag random)."""
+    torch.manual_seed(seed)
+    base = Tiny()
+    kasa = KasaConfig(beta=0.3, gamma=0.7) if kind == "kasa" else None
+    conf = LoraConfig(r=4, lora_alpha=6, target_modules=list(targets), lora_dropout=p, kasa_config=kasa, **cfg)
+    pm = get_peft_model(base, conf)
+    with torch.no_grad():
+        for n, t in pm.named_parameters():
+            if "lora_B" in n or "lora_diag" in n:
+                t.normal_()
+    return pm
+
+
+def run(model, x, dy):
+    """Output and the gradients of x and of every trainable parameter."""
+    x = x.clone().requires_grad_()
+    for t in model.parameters():
+        t.grad = None
+    y = model(x)
+    y.backward(dy.to(y.dtype))
+    grads = {n: t.grad for n, t in model.named_parameters() if t.requires_grad}
+    return y.detach(), x.grad, grads
+
+
+def inputs(dtype, shape=(3, 5), k=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, k, generator=g).to(dtype), torch.randn(*shape, k, generator=g)
+
+
+def compare(out, low, ref):
+    (y, dx, g), (yl, dxl, gl), (yr, dxr, gr) = out, low, ref
+    assert_tolerance(y, yl, yr, "y")
+    assert_tolerance(dx, dxl, dxr, "dx")
+    assert g.keys() == gr.keys() and len(g) >= 4
+    for n in g:
+        assert_tolerance(g[n], gl[n], gr[n], n)
+
+
+# ---------------------------------------------------------------- forward / gradients vs PEFT
+
+@pytest.mark.parametrize("kind", ["lora", "kasa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "bf16+fp32"])
+def test_matches_peft_layer(kind, dtype):
+    pm = make(kind, use_rslora=(dtype == torch.float32))
+    ref64 = copy.deepcopy(pm).double()
+    if dtype == "bf16+fp32":  # PEFT's default for a bf16 base: fp32 adapters
+        dtype = torch.bfloat16
+        low = copy.deepcopy(pm).to(dtype)
+        for n, t in low.named_parameters():
+            if "lora_" in n:
+                t.data = t.data.float()
+    else:
+        low = copy.deepcopy(pm).to(dtype)
+    fast = copy.deepcopy(low)
+    rep = skp.accelerate(fast, backend="torch")
+    assert sorted(rep.accelerated) == ["base_model.model.q", "base_model.model.v"] and not rep.skipped
+    x, dy = inputs(dtype)
+    out = run(fast, x, dy)
+    assert out[0].dtype == dtype
+    compare(out, run(low, x, dy), run(ref64, x.double(), dy.double()))
+    # the fused path really ran: PEFT's own forward is never entered
+    calls = []
+    orig = LoraLinear.forward
+    LoraLinear.forward = lambda self, *a, **k: calls.append(1) or orig(self, *a, **k)
+    try:
+        fast(x)
+    finally:
+        LoraLinear.forward = orig
+    assert not calls
+
+
+@pytest.mark.parametrize("kind", ["lora", "kasa"])
+def test_dropout_replays_our_mask(kind):
+    """With p > 0 masks cannot be shared with PEFT's nn.Dropout: our layer is compared with a
+    float64 replay of the mask our op drew (same RNG state), and with PEFT itself in eval."""
+    p = 0.3
+    pm = make(kind, p=p, targets=("q",))
+    fast = copy.deepcopy(pm)
+    skp.accelerate(fast, backend="torch")
+    fast.train()
+    layer = fast.base_model.model.q
+    x, dy = inputs(torch.float32, k=24)
+    dyq = torch.randn(3, 5, 20, generator=torch.Generator().manual_seed(5))
+
+    def ours(x):
+        torch.manual_seed(123)
+        return layer(x)
+
+    def replay(dt):
+        torch.manual_seed(123)
+        seed = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64)
+        keep = _torch_keep(x.reshape(-1, 24), p, seed).reshape(x.shape)
+        W, b = layer.base_layer.weight, layer.base_layer.bias
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        S = layer.lora_diag["default"] if kind == "kasa" else torch.ones(4)
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x, A, S, B)]
+        y = sorsa_linear_naive(leaves[0], W.to(dt), leaves[1], leaves[2], leaves[3], layer.scaling["default"],
+                               b.to(dt), mask=keep, dropout_p=p)
+        y.backward(dyq.to(dt))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    xl = x.clone().requires_grad_()
+    y = ours(xl)
+    y.backward(dyq)
+    got = [y.detach(), xl.grad, layer.lora_A["default"].weight.grad,
+           layer.lora_diag["default"].grad if kind == "kasa" else None, layer.lora_B["default"].weight.grad]
+    ref, low = replay(torch.float64), replay(torch.float32)
+    for name, a, l, r in zip(["y", "dx", "dA", "dS", "dB"], got, low, ref):
+        if a is not None:
+            assert_tolerance(a, l, r, name)
+    # the mask was applied (differs from the no-dropout output) ...
+    fast.eval()
+    y_eval = layer(x)
+    assert (y.detach() - y_eval).abs().max() > 1e-3
+    # ... and in eval both paths skip dropout: equal to PEFT's layer
+    pm.eval()
+    assert_tolerance(y_eval, pm.base_model.model.q(x), pm.base_model.model.q.double()(x.double()), "eval")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("kind", ["lora", "kasa"])
+def test_forced_triton(kind):
+    """backend='triton' (the Triton interpreter on CPU under the test suite) serves PEFT's layers."""
+    pm = make(kind)
+    fast = copy.deepcopy(pm)
+    skp.accelerate(fast, backend="triton")
+    x, dy = inputs(torch.float32, shape=(7,))
+    compare(run(fast, x, dy), run(pm, x, dy), run(copy.deepcopy(pm).double(), x.double(), dy.double()))
+
+
+# ---------------------------------------------------------------- PEFT machinery intact
+
+@pytest.mark.parametrize("kind", ["lora", "kasa"])
+def test_train_save_load_through_peft(kind, tmp_path):
+    pm = make(kind, p=0.1)
+    plain_keys = set(pm.state_dict())
+    skp.accelerate(pm, backend="torch")
+    assert set(pm.state_dict()) == plain_keys
+    opt = torch.optim.SGD([t for t in pm.parameters() if t.requires_grad], lr=1e-3)
+    x, dy = inputs(torch.float32)
+    pm.train()
+    for _ in range(2):
+        opt.zero_grad()
+        (pm(x) * dy).sum().backward()
+        opt.step()
+    pm.eval()
+    y = pm(x).detach()
+    pm.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(Tiny(), tmp_path)  # same base weights (seed 0)
+    assert type(loaded.base_model.model.q) is LoraLinear
+    tol = dict(rtol=0, atol=1e-6 * y.abs().max().item())  # fp32 rounding; PEFT re-truncates KaSA's base
+    torch.testing.assert_close(loaded(x), y, **tol)
+    skp.accelerate(loaded)
+    torch.testing.assert_close(loaded(x), y, **tol)
+
+
+def test_adapter_switching_disable_merge():
+    pm = make()
+    pm.add_adapter("other", LoraConfig(r=3, lora_alpha=3, target_modules=["q"], init_lora_weights=False))
+    ref = copy.deepcopy(pm)
+    skp.accelerate(pm, backend="torch")
+    x, _ = inputs(torch.float32)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # noqa: E731
+    for name in ("other", "default"):
+        pm.set_adapter(name)
+        ref.set_adapter(name)
+        close(pm(x), ref(x))
+    with pm.disable_adapter(), ref.disable_adapter():
+        close(pm(x), ref(x))
+    # two active adapters: PEFT's path, same result
+    pm.base_model.set_adapter(["default", "other"])
+    ref.base_model.set_adapter(["default", "other"])
+    close(pm(x), ref(x))
+    pm.set_adapter("default")
+    ref.set_adapter("default")
+    y = ref(x)
+    pm.merge_adapter()
+    close(pm(x), y)
+    pm.unmerge_adapter()
+    close(pm(x), y)
+    merged = pm.merge_and_unload()
+    assert type(merged.q) is nn.Linear
+    close(merged(x), y)
+
+
+def test_report_skips_unservable_and_unaccelerate():
+    torch.manual_seed(0)
+    pm = get_peft_model(Tiny(), LoraConfig(r=2, target_modules=["q", "v", "emb"], use_dora=False))
+    pm.add_adapter("dora", LoraConfig(r=2, target_modules=["v"], use_dora=True))
+    with pytest.warns(UserWarning, match="left on PEFT's path") as rec:
+        rep = skp.accelerate(pm)
+    assert len(rec) == 1
+    assert "base_model.model.emb" in rep.skipped and "not a plain lora.Linear" in rep.skipped["base_model.model.emb"]
+    assert "DoraLinearVariant" in rep.skipped["base_model.model.v"]
+    assert set(rep.accelerated) == {"base_model.model.q", "base_model.model.v"}  # v's 'default' is servable
+    assert type(pm.base_model.model.emb) is not skp.AcceleratedLoraLinear
+    x = torch.randn(4, 24)
+    pm.set_adapter("dora")
+    with torch.no_grad():
+        y = pm(x)
+    skp.unaccelerate(pm)
+    assert type(pm.base_model.model.q) is LoraLinear
+    torch.testing.assert_close(pm(x), y)
+    with pytest.raises(ValueError, match="backend"):
+        skp.accelerate(pm, backend="cuda")
+    with pytest.raises(TypeError, match="model"):
+        skp.accelerate("not a model")
+
+
+# ---------------------------------------------------------------- batched SVD init
+
+def test_fast_pissa_matches_peft_and_batches(monkeypatch):
+    torch.manual_seed(3)
+    base = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 48))
+    conf = LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1", "2"], init_lora_weights="pissa")
+    ref = get_peft_model(copy.deepcopy(base), copy.deepcopy(conf))
+    calls = []
+    real = sk_init.rsvd
+    monkeypatch.setattr(sk_init, "rsvd", lambda W, r, **kw: calls.append(tuple(W.shape)) or real(W, r, **kw))
+    with skp.fast_svd_init(method="rsvd_always", seed=0, niter=12):
+        ours = get_peft_model(copy.deepcopy(base), copy.deepcopy(conf))
+    assert sorted(calls) == [(1, 48, 32), (2, 32, 32)]  # one call per shape group
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-5)
+    for i in range(3):
+        lo, lr_ = ours.base_model.model[i], ref.base_model.model[i]
+        BA = lambda m: m.lora_B["default"].weight @ m.lora_A["default"].weight  # noqa: E731
+        torch.testing.assert_close(BA(lo), BA(lr_), rtol=0, atol=1e-4)
+        torch.testing.assert_close(lo.base_layer.weight, lr_.base_layer.weight, rtol=0, atol=1e-4)
+    # PEFT's machinery is restored after the block
+    assert peft.tuners.lora.LoraLayer.pissa_init.__name__ == "pissa_init"
+    assert peft.tuners.lora.LoraLayer.pissa_init.__qualname__.startswith("LoraLayer")
+
+
+def test_fast_kasa_truncation_matches_peft():
+    torch.manual_seed(4)
+    base = Tiny()
+    conf = LoraConfig(r=4, target_modules=["q", "v"], kasa_config=KasaConfig())
+    ref = get_peft_model(copy.deepcopy(base), copy.deepcopy(conf))
+    with skp.fast_svd_init():
+        ours = get_peft_model(copy.deepcopy(base), copy.deepcopy(conf))
+    for name in ("q", "v"):
+        torch.testing.assert_close(getattr(ours.base_model.model, name).base_layer.weight,
+                                   getattr(ref.base_model.model, name).base_layer.weight, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="KaSA requires"), skp.fast_svd_init():
+        get_peft_model(Tiny(), LoraConfig(r=20, target_modules=["q"], kasa_config=KasaConfig()))
+    with pytest.raises(ValueError, match="method"), skp.fast_svd_init(method="qr"):
+        pass
+
+
+def test_fast_pissa_more_accurate_than_pissa_niter():
+    """σ error of the top-r components PiSSA moves into the adapter: our rsvd defaults vs PEFT's
+    fast PiSSA (``pissa_niter_4``: torch.svd_lowrank, q = r, no oversampling)."""
+    W = synthetic_weights(2, 256, 256, seed=0)
+    r = 16
+    exact = exact_sigmas(W, r)
+    _, S_ours, _ = sk.rsvd(W, r, seed=0)
+    S_peft = torch.stack([torch.svd_lowrank(w, r, niter=4)[1] for w in W])
+    err_ours, err_peft = max_rel_sigma_err(S_ours, exact), max_rel_sigma_err(S_peft, exact)
+    assert err_ours < 0.02 and err_ours < err_peft / 3, (err_ours, err_peft)
+
+
+# ---------------------------------------------------------------- regularizers
+
+def test_kasa_loss_equals_peft():
+    pm = make("kasa")
+    ours = skp.kasa_loss(pm)
+    ours.backward()
+    g_ours = {n: t.grad.clone() for n, t in pm.named_parameters() if t.grad is not None}
+    pm.zero_grad()
+    theirs = pm.base_model._get_kasa_loss()
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert len(g_ours) == 6
+    for n, t in pm.named_parameters():
+        if t.grad is not None:
+            torch.testing.assert_close(g_ours[n], t.grad, rtol=1e-4, atol=1e-6)
+    assert skp.kasa_loss(make("lora")) == 0.0
+
+
+def test_sorsa_ortho_on_peft_params():
+    pm = make("lora")
+    mats = [(m.lora_A["default"].weight, False) for m in (pm.base_model.model.q, pm.base_model.model.v)]
+    mats += [(m.lora_B["default"].weight, True) for m in (pm.base_model.model.q, pm.base_model.model.v)]
+    ref = sum(torch.linalg.norm((M.t() @ M if isb else M @ M.t()) - torch.eye(4)) for M, isb in mats) / 4
+    val = skp.ortho_loss(pm)
+    torch.testing.assert_close(val, ref, rtol=1e-5, atol=1e-6)
+    val.backward()
+    g = {id(M): M.grad.clone() for M, _ in mats}
+    pm.zero_grad(set_to_none=True)
+    out = skp.orthonormal_grad_(pm, gamma=0.2, lr=0.1)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
+    for M, _ in mats:
+        torch.testing.assert_close(M.grad, 2.0 * g[id(M)], rtol=1e-4, atol=1e-6)
+    assert skp.ortho_loss(Tiny()) is None
