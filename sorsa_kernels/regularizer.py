@@ -184,7 +184,7 @@ class _OrthoLossFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gout):
         local = ctx.saved_tensors
-        coef = grad_coefs(ctx.norms, ctx.squared, gout.float() / len(local))
+        coef = grad_coefs(ctx.norms, ctx.squared, gout.to(ctx.norms.dtype) / len(local))
         grads = ctx.bwd(local, ctx.state, coef, inplace=False)
         return (None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:])))
 

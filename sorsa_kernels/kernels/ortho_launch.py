@@ -120,6 +120,7 @@ class _Group:
         self.rl = [(row[1], row[2]) for row in rows]
         self.vidx = _upload([(i,) for i in idx], device).reshape(-1)
         self.grad_key = None
+        self.flat: Optional[Tuple[torch.Tensor, int]] = None  # (buffer, its storage's use count alone)
 
 
 class TritonPlan:
@@ -141,27 +142,41 @@ class TritonPlan:
             i64 = _max_offset(r, L, s_r, s_l) >= INT32_LIMIT or r * L >= INT32_LIMIT
             by.setdefault((m.dtype, _layout(s_r, s_l, r, L), i64), []).append(i)
         self.groups = [_Group(idx, mats, is_b, dt, lay, i64, self.device) for (dt, lay, i64), idx in by.items()]
-        self.flat: Dict[torch.dtype, Tuple[torch.Tensor, int]] = {}
 
     def matches(self, mats, is_b) -> bool:
         return len(mats) == len(self.refs) and all(r() is m for r, m in zip(self.refs, mats)) \
             and _key(mats, is_b) == self.key
 
-    def carve(self, dtype: torch.dtype, mats: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Tensors shaped and strided like ``mats`` (all of ``dtype``), views of one flat buffer;
-        the buffer is reused when none of the views it handed out is alive any more."""
-        total = sum(m.numel() for m in mats)
-        held = self.flat.get(dtype)
+    def carve(self, g: "_Group", specs: List[Tuple[torch.Size, Tuple[int, int]]]) -> List[torch.Tensor]:
+        """Tensors of the given (shape, dense strides) in ``g``'s dtype, views of one flat buffer
+        per group; the buffer is reused when none of the views it handed out is alive any more."""
+        total = sum(shape.numel() for shape, _ in specs)
+        held = g.flat
         if held is None or held[0].numel() < total or _use_count(held[0]) > held[1]:
-            buf = torch.empty(total, dtype=dtype, device=self.device)
-            held = self.flat[dtype] = (buf, _use_count(buf))
+            buf = torch.empty(total, dtype=g.dtype, device=self.device)
+            held = g.flat = (buf, _use_count(buf))
         out, off = [], 0
-        for m in mats:
-            dense = m.is_contiguous() or m.t().is_contiguous() if m.dim() == 2 else m.is_contiguous()
-            stride = m.stride() if dense else torch.empty(m.shape, device="meta").stride()
-            out.append(held[0].as_strided(m.shape, stride, off))
-            off += m.numel()
+        for shape, stride in specs:
+            out.append(held[0].as_strided(shape, stride, off))
+            off += shape.numel()
         return out
+
+
+def _grad_strides(p: torch.Tensor, b: bool, layout: int) -> Tuple[int, int]:
+    """Dense strides for a new grad of ``p`` whose unit stride is where the group's compile-time
+    layout expects it (p's own strides need not be dense: strided views, memory maps)."""
+    n0, n1 = p.shape
+    row_major, col_major = (n1, 1), (1, n0)
+    if layout == 0:  # unit stride along L: A row-major, B column-major
+        return col_major if b else row_major
+    if layout == 1:
+        return row_major if b else col_major
+    return row_major
+
+
+def _fits_layout(g: torch.Tensor, b: bool, layout: int) -> bool:
+    r, L, s_r, s_l = _rl(g, b)
+    return layout == 2 or (s_l == 1 or L == 1 if layout == 0 else s_r == 1 or r == 1)
 
 
 def _use_count(t: torch.Tensor) -> int:
@@ -219,31 +234,28 @@ def ortho_triton_backward(mats: Sequence[torch.Tensor], state, coef: torch.Tenso
         if g.w3 is None:
             continue
         _, _, (grad_c, dw, ds) = configs(g.dtype, g.layout, g.i64)
-        targets = [mats[i] for i, need in zip(g.idx, g.needs) if need]
-        grads = [t.grad for t in targets] if inplace else [None] * len(targets)
-        missing = [k for k, gr in enumerate(grads) if gr is None]
-        carved = plan.carve(g.dtype, [targets[k] for k in missing]) if missing else []
-        for k, c in zip(missing, carved):
-            grads[k] = c
-        rows, k = [], 0
+        need = [i for i, nd in zip(g.idx, g.needs) if nd]
+        have = {i: mats[i].grad for i in need} if inplace else {}
+        # new grads, and temporaries for existing grads whose unit stride is not where the
+        # compile-time layout has it (computed apart, then added), come from one flat buffer
+        fresh = [i for i in need if have.get(i) is None or not _fits_layout(have[i], plan.is_b[i], g.layout)]
+        carved = dict(zip(fresh, plan.carve(g, [(mats[i].shape, _grad_strides(mats[i], plan.is_b[i], g.layout))
+                                                for i in fresh]))) if fresh else {}
+        rows = []
         for m, i in enumerate(g.idx):
             if not g.needs[m]:
                 rows.append((0, 0, 0, 0))
                 continue
-            gr, p = grads[k], targets[k]
-            if gr.dtype != p.dtype:
-                raise TypeError(f"adapter {i}'s .grad must have its dtype {p.dtype}, got {gr.dtype}")
-            if g.layout != 2 and gr.stride() != p.stride():  # keep the compile-time layout: temporary
-                tmp = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=p.device)
-                fixups.append((gr, tmp))
-                gr, accum = tmp, 0
-            else:
-                accum = 0 if (k in missing) else 1
+            gr = carved.get(i, have.get(i))
+            if gr.dtype != mats[i].dtype:
+                raise TypeError(f"adapter {i}'s .grad must have its dtype {mats[i].dtype}, got {gr.dtype}")
             _, _, gs_r, gs_l = _rl(gr, plan.is_b[i])
-            rows.append((gr.data_ptr(), gs_r, gs_l, accum))
-            if not inplace or k in missing:
-                out[i] = grads[k]
-            k += 1
+            rows.append((gr.data_ptr(), gs_r, gs_l, 0 if i in carved else 1))
+            if i in carved:
+                if have.get(i) is None:
+                    out[i] = gr
+                else:
+                    fixups.append((have[i], gr))
         key = tuple(rows)
         if key != g.grad_key:  # grads moved: re-upload the four grad columns (no sync)
             g.meta[:, 9:13].copy_(_upload(rows, plan.device))

@@ -55,7 +55,9 @@ def accumulate_grad_(p: torch.Tensor, g: torch.Tensor) -> None:
 class _TorchGroup:
     def __init__(self, idx: List[int], b: bool, r: int, dtype: torch.dtype, device: torch.device, reduce_key):
         self.idx, self.b, self.dtype, self.reduce_key = idx, b, dtype, reduce_key
-        self.eye = torch.eye(r, dtype=torch.float32, device=device)
+        # math in fp32 (exact products of bf16/fp16), float64 kept for float64 adapters
+        self.ct = torch.float64 if dtype == torch.float64 else torch.float32
+        self.eye = torch.eye(r, dtype=self.ct, device=device)
         self.vidx = torch.tensor(idx, device=device)
 
 
@@ -76,6 +78,7 @@ class TorchPlan:
             self.groups += [_TorchGroup(idx[s:s + step], b, shape[1] if b else shape[0], dt, dev, rks[rk])
                             for s in range(0, len(idx), step)]
         self.device = mats[0].device
+        self.ct = torch.float64 if any(g.ct == torch.float64 for g in self.groups) else torch.float32
 
 
 _TORCH_PLANS: Dict[tuple, TorchPlan] = {}
@@ -106,7 +109,7 @@ def ortho_torch_forward(mats: Sequence[torch.Tensor], is_b: Sequence[bool],
     with torch.no_grad():
         Xs, Gs = [], []
         for g in plan.groups:
-            X = torch.stack([mats[i] for i in g.idx]).float()  # (k, rows, cols); no copy twice for fp32
+            X = torch.stack([mats[i] for i in g.idx]).to(g.ct)  # (k, rows, cols); no second copy for fp32
             Gs.append(torch.bmm(X.mT, X) if g.b else torch.bmm(X, X.mT))
             Xs.append(X)
         keys = {id(g.reduce_key): g.reduce_key for g in plan.groups if g.reduce_key is not None}
@@ -118,7 +121,7 @@ def ortho_torch_forward(mats: Sequence[torch.Tensor], is_b: Sequence[bool],
             for G in sel:
                 G.copy_(flat[off:off + G.numel()].view_as(G))
                 off += G.numel()
-        norms = torch.empty(len(mats), dtype=torch.float32, device=plan.device)
+        norms = torch.empty(len(mats), dtype=plan.ct, device=plan.device)
         Es = []
         for g, G in zip(plan.groups, Gs):
             E = G.sub_(g.eye)
@@ -139,7 +142,7 @@ def ortho_torch_backward(mats: Sequence[torch.Tensor], state, coef: torch.Tensor
             c = coef if local_coef else coef.index_select(0, g.vidx)  # local: already the group's
             Es_ = E * c[:, None, None]
             gr = torch.bmm(X, Es_) if g.b else torch.bmm(Es_, X)
-            if cast and g.dtype != torch.float32:
+            if cast and g.dtype != g.ct:
                 gr = gr.to(g.dtype)
             views = gr.unbind(0)
             if not inplace:
@@ -177,10 +180,10 @@ def ortho_torch_(mats: Sequence[torch.Tensor], is_b: Sequence[bool], squared: bo
     gradient into each ``.grad``; forward and gradient run chunk by chunk while the chunk's
     stacked copy is in cache (one pass over the adapters instead of two)."""
     plan = torch_plan(mats, is_b)
-    norms = torch.empty(len(mats), dtype=torch.float32, device=plan.device)
+    norms = torch.empty(len(mats), dtype=plan.ct, device=plan.device)
     with torch.no_grad():
         for g in plan.groups:
-            X = torch.stack([mats[i] for i in g.idx]).float()
+            X = torch.stack([mats[i] for i in g.idx]).to(g.ct)
             E = (torch.bmm(X.mT, X) if g.b else torch.bmm(X, X.mT)).sub_(g.eye)
             n = torch.linalg.vector_norm(E, dim=(1, 2))
             norms.index_copy_(0, g.vidx, n)
