@@ -34,22 +34,24 @@ def _work_dtype(W: torch.Tensor) -> torch.dtype:
 def svd_cost(m: int, n: int) -> float:
     """Relative cost of an exact thin SVD with vectors of an m×n matrix: R-SVD flops
     6·M·N² + 20·N³ (M ≥ N; Golub & Van Loan), ×2 because half of bidiagonalisation is
-    memory-bound BLAS-2 (calibrated against the rsvd model on this CPU: exact wins at
-    384² and ~2752×1024 r = 128, rsvd is ≥ 7× faster at 2048² r = 64)."""
+    memory-bound BLAS-2. With :func:`rsvd_cost` calibrated on this 2-core CPU (r = 64, measured
+    exact / rsvd time: 384² 0.34, 1536×384 0.6, 1024² 4, 2048² 7.6; 2752×1024 r = 128 0.77; the
+    model gives 0.6, 0.5, 4.5, 14, 0.9)."""
     M, N = max(m, n), min(m, n)
     return 2.0 * (6.0 * M * N * N + 20.0 * N ** 3)
 
 
 def rsvd_cost(m: int, n: int, r: int, oversample: Optional[int] = None, niter: Optional[int] = None) -> float:
     """Relative cost of :func:`rsvd` in the same units: fp32 GEMMs ``2·m·n·k`` per pass (2·niter + 2
-    passes), CholeskyQR with fp64 Gram matrices (~20·(m+n)/2·k² per orthonormalisation, fp64 at a
-    quarter of the fp32 rate) and the fp64 2k×2k small SVD (~100·(2k)³)."""
+    passes), CholeskyQR with fp64 Gram matrices and many small launches (~40·(m+n)·k² per
+    iteration) and the fp64 2k×2k small SVD (~200·(2k)³); the constants are fitted to the
+    measurements in :func:`svd_cost`."""
     M, N = max(m, n), min(m, n)
     k = min(r + (default_oversample(r) if oversample is None else oversample), N)
     q = DEFAULT_NITER if niter is None else niter
     gemm = 2.0 * M * N * k * (2 * q + 2)
-    orth = 20.0 * (M + N) * k * k * (q + 2)
-    small = 100.0 * (2 * k) ** 3
+    orth = 40.0 * (M + N) * k * k * (q + 2)
+    small = 200.0 * (2 * k) ** 3
     return gemm + orth + small
 
 

@@ -36,6 +36,8 @@ DEFAULT_OVERSAMPLE = 16
 DEFAULT_NITER = 8
 MAX_TOL_ITERS = 40
 JACOBI_SWEEPS = 30
+#: Rayleigh–Ritz on [Q_{q-1} | Q_q] (2k columns) rather than Q_q alone; see the module doc
+TWO_ITERATE_RR = True
 
 if _backend.ext_status()[0]:
     _backend.register(OP, "ext")
@@ -268,7 +270,18 @@ def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype):
     it_dt = iter_dtype or (torch.bfloat16 if fast else work)
     if it_dt not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         raise ValueError(f"iter_dtype must be a floating dtype, got {it_dt}")
-    Wi = Wb if it_dt == work else Wb.to(it_dt)
+    # Off CUDA, low-precision iterations are emulated: operands rounded to it_dt, the product
+    # formed in the working precision and rounded to it_dt, as a tensor-core GEMM does (up to
+    # summation order); CPU bf16 GEMMs would be ~10× slower than fp32 ones for no gain.
+    emulate = it_dt != work and W.device.type != "cuda"
+    Wi = Wb if it_dt == work else (Wb.to(it_dt).to(work) if emulate else Wb.to(it_dt))
+
+    def iter_mm(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        if it_dt == work:
+            return A @ X
+        if emulate:
+            return (A @ X.to(it_dt).to(work)).to(it_dt).to(work)
+        return (A @ X.to(it_dt)).to(work)
     k = min(rank + oversample, m, n)
     Omega = run.gaussian((Wb.shape[0], n, k), work, W.device)
     Q, _ = run.orth(Wb @ Omega, passes=2)  # work dtype
@@ -277,7 +290,7 @@ def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype):
     converged = tol is None
     for _ in range(iters):
         Q_prev = Q
-        Z, Rz = run.orth((Wi.mT @ Q.to(it_dt)).to(work), passes=2)
+        Z, Rz = run.orth(iter_mm(Wi.mT, Q), passes=2)
         if tol is not None:
             # σ(R_z) = σ(Wᵀ·Q): the current Ritz values, which increase towards σ(W); their
             # relative change d_t shrinks geometrically (ratio ρ = d_t/d_{t-1}), so the remaining
@@ -293,11 +306,11 @@ def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype):
                         break
                 d_prev, est = d, True
             prev = cur
-        Q, _ = run.orth((Wi @ Z.to(it_dt)).to(work), passes=2)
+        Q, _ = run.orth(iter_mm(Wi, Z), passes=2)
     if not converged:
         warnings.warn(f"rsvd: tol={tol} not reached within {iters} iterations; returning the last iterate",
                       RuntimeWarning, stacklevel=3)
-    if Q_prev is not None and min(m, n) >= 2 * k:
+    if TWO_ITERATE_RR and Q_prev is not None and min(m, n) >= 2 * k:
         # Rayleigh–Ritz on the last two iterates together (a depth-2 block Krylov space): for the
         # same GEMM work this is far more accurate than the last iterate alone (see module doc)
         Q, _ = run.orth(torch.cat([Q_prev, Q], dim=-1).to(torch.float64))  # nearly dependent: fp64

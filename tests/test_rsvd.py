@@ -236,3 +236,103 @@ def test_bf16_power_iterations_keep_accuracy():
     assert ((S.double() - S64).abs() / S64).max().item() <= 0.01
     with pytest.raises(ValueError, match="iter_dtype must be a floating dtype"):
         sk.rsvd(W, 4, iter_dtype=torch.int32)
+
+
+# ---- issue 9 (4): extreme scales ------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,c", [(torch.float32, 2.0 ** 100), (torch.float32, 2.0 ** -100), (torch.float32, 1e30),
+                                     (torch.float32, 1e-30), (torch.float64, 1e-30)])
+def test_scale_equivariance(backend, dtype, c):
+    """rsvd(c·W) = c·rsvd(W) to rounding: no column is treated as null because its fp32 norm or
+    Gram entry under/overflows (before the fix: σ 25–40 % off at 2^±100)."""
+    W = family("llm", b=2, m=120, n=90).to(dtype)
+    U, S, Vh = sk.rsvd(W, 8, seed=0, backend=backend)
+    Uc, Sc, Vhc = sk.rsvd(W * c, 8, seed=0, backend=backend)
+    assert bool(torch.isfinite(Sc).all())
+    rtol = 1e-4 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(Sc.double() / c, S.double(), rtol=rtol, atol=0)
+    # the leading, well-separated singular vectors agree up to sign
+    torch.testing.assert_close((Uc[..., :4].mT @ U[..., :4]).abs().double(),
+                               torch.eye(4, dtype=torch.float64).expand(2, 4, 4), atol=10 * rtol, rtol=0)
+    check_orthonormal(Uc, 1e-5)
+    check_orthonormal(Vhc.mT, 1e-5)
+    if c in (2.0 ** 100, 2.0 ** -100):  # powers of 2: bit-identical after the normalisation
+        assert torch.equal(Uc, U) and torch.equal(Vhc, Vh)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_equivariance_fp64_beyond_fp32_range(backend):
+    W = family("llm", b=1, m=80, n=60)
+    _, S, _ = sk.rsvd(W, 6, seed=0, backend=backend)
+    for c in (2.0 ** 600, 2.0 ** -600, 1e-300):
+        _, Sc, _ = sk.rsvd(W * c, 6, seed=0, backend=backend)
+        torch.testing.assert_close(Sc / c, S, rtol=1e-9, atol=0)
+    # fp32 subnormal entries (2^e itself not representable in fp32)
+    Wt = (W.float() * 2.0 ** -135)
+    _, St, _ = sk.rsvd(Wt, 6, seed=0, backend=backend)
+    _, S32, _ = sk.rsvd(W.float(), 6, seed=0, backend=backend)
+    assert ((St.double() * 2.0 ** 135 - S32.double()).abs() / S32.double()).max() < 1e-2  # subnormals keep ~10 bits
+
+
+# ---- no host sync inside the iteration loop --------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_host_sync_per_iteration(backend, monkeypatch):
+    """The number of tensor→host reads (bool(), item(), tolist()) does not grow with niter."""
+    W = family("rankdef", b=2, m=90, n=70).float()  # rank-deficient: exercises the null/shift paths
+    counts = {"n": 0}
+    for name in ("__bool__", "item", "tolist"):
+        orig = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _orig=orig, **k):
+            counts["n"] += 1
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    per_niter = {}
+    for niter in (1, 6):
+        counts["n"] = 0
+        sk.rsvd(W, 16, seed=0, niter=niter, backend=backend)
+        per_niter[niter] = counts["n"]
+    assert per_niter[1] == per_niter[6] and per_niter[6] <= 4, per_niter
+
+
+# ---- issue 9 (5): TF32 off inside, the user's setting restored -------------------------------
+def test_tf32_off_inside_and_restored(monkeypatch):
+    import sys
+    rsvd_mod = sys.modules["sorsa_kernels.rsvd"]
+    seen = {}
+    orig = rsvd_mod._rsvd
+
+    def spy(*a, **k):
+        seen["prec"] = torch.get_float32_matmul_precision()
+        seen["mm"] = torch.backends.cuda.matmul.allow_tf32
+        seen["cudnn"] = torch.backends.cudnn.allow_tf32
+        return orig(*a, **k)
+    monkeypatch.setattr(rsvd_mod, "_rsvd", spy)
+    before = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True  # what transformers' tf32=True sets
+        torch.backends.cudnn.allow_tf32 = True
+        user = (torch.get_float32_matmul_precision(), True, True)
+        sk.rsvd(torch.randn(20, 10), 2, seed=0)
+        assert seen == {"prec": "highest", "mm": False, "cudnn": False}
+        assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32) == user
+        with pytest.raises(ValueError):  # restored on error too
+            sk.rsvd(torch.randn(20, 10), 2, iter_dtype=torch.int8)
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1], before[2]
+
+
+# ---- issue 11: default accuracy at r = 128 on LLM-like and flatter spectra --------------------
+@pytest.mark.parametrize("family_name", ["llm", "flat"])
+@pytest.mark.parametrize("iter_dtype", [None, torch.bfloat16], ids=["fp32", "bf16-emulated"])
+def test_default_accuracy_r128_synthetic(family_name, iter_dtype):
+    """Defaults ≤ 1 % max relative σ error at r = 128 (1024×2752: a scaled-down 11008×4096, the
+    same spectrum families as the BENCHMARKS.md table), CPU path and the GPU's bf16 iterations."""
+    from sorsa_kernels.synthetic import exact_sigmas, synthetic_weights
+    W = synthetic_weights(1, 2752, 1024, seed=1, family=family_name)
+    _, S, _ = sk.rsvd(W, 128, seed=0, iter_dtype=iter_dtype)
+    err = ((S.double() - exact_sigmas(W, 128)).abs() / exact_sigmas(W, 128)).max().item()
+    assert err <= 0.01, err

@@ -1,0 +1,170 @@
+"""Model-wide SVD init (issue 11) and its hygiene items (issue 9: 5, 6, 9): one batched call per
+shape group, exact-vs-randomized choice by cost, chunking by free memory, adapters that own their
+storage, TF32 off inside, clear errors for a non-float weight_dtype and the meta device."""
+import io
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sorsa_kernels as sk
+from sorsa_kernels import init as init_mod
+
+D, F = 64, 172  # a 7B model's 4096 / 11008, scaled down by 64
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, D, bias=False) for _ in range(4))
+        self.gate_proj, self.up_proj = nn.Linear(D, F, bias=False), nn.Linear(D, F, bias=False)
+        self.down_proj = nn.Linear(F, D, bias=False)
+
+    def forward(self, x):
+        x = x + self.o_proj(self.q_proj(x) * self.k_proj(x).sigmoid() + self.v_proj(x))
+        return x + self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def small_llama(layers=4, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(*[Block() for _ in range(layers)])
+
+
+def count_calls(monkeypatch):
+    calls = []
+    orig = init_mod.svd_factors
+
+    def spy(W, r, method="svd", **kw):
+        calls.append((tuple(W.shape), method))
+        return orig(W, r, method, **kw)
+    monkeypatch.setattr(init_mod, "svd_factors", spy)
+    return calls
+
+
+@pytest.mark.parametrize("init", ["rsvd", "rsvd_always", "svd"])
+def test_one_call_per_shape_group_on_a_7b_shaped_model(monkeypatch, init):
+    """28 matrices of 2 shape groups (D×D; F×D and D×F share one, transposed) → 2 batched calls."""
+    model = small_llama()
+    x = torch.randn(3, D)
+    y0 = model(x)
+    calls = count_calls(monkeypatch)
+    sk.apply_sorsa(model, TARGETS, r=16, init=init)
+    assert sorted(calls) == sorted([((16, D, D), calls[0][1]), ((12, F, D), calls[0][1])]), calls
+    torch.testing.assert_close(model(x), y0, atol=1e-5, rtol=1e-5)
+
+
+def test_memory_budget_chunks_a_group_and_default_fits_it(monkeypatch):
+    calls = count_calls(monkeypatch)
+    per = init_mod.bytes_per_matrix(F, D, 8, torch.float32)
+    monkeypatch.setattr(init_mod, "memory_budget", lambda device: 5 * per)  # 5 matrices per call
+    sk.apply_sorsa(small_llama(2), ["gate_proj", "up_proj", "down_proj"], r=8)
+    assert [c[0][0] for c in calls] == [5, 1]
+    assert init_mod.memory_budget.__name__ == "<lambda>"
+    monkeypatch.undo()
+    budget = init_mod.memory_budget(torch.device("cpu"))
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    assert 0.1 * avail < budget <= 0.5 * avail  # a fraction of MemAvailable
+
+
+def test_cost_choice_exact_for_small_rsvd_for_large():
+    """Never slower than exact by the estimate: small matrices (or r near the size) → exact SVD."""
+    assert init_mod.choose_method(384, 384, 64) == "svd"  # MiniLM: exact measured 2.3× faster
+    assert init_mod.choose_method(1536, 384, 64) == "svd"
+    assert init_mod.choose_method(2048, 2048, 64) == "rsvd"
+    assert init_mod.choose_method(11008, 4096, 128) == "rsvd"
+    assert init_mod.choose_method(4096, 4096, 128) == "rsvd"
+    assert init_mod.choose_method(4096, 4096, 2048) == "svd"
+    assert init_mod.choose_method(384, 384, 64, "rsvd_always") == "rsvd"
+    assert init_mod.choose_method(4096, 4096, 64, "svd") == "svd"
+
+
+def test_progress_bar_counts_matrices_and_names_group_and_method(monkeypatch):
+    tqdm_auto = pytest.importorskip("tqdm.auto")
+    buf = io.StringIO()
+    orig = tqdm_auto.tqdm
+    monkeypatch.setattr(tqdm_auto, "tqdm", lambda *a, **k: orig(*a, file=buf, mininterval=0, **k))
+    sk.apply_sorsa(small_llama(1), TARGETS, r=8, progress=True)
+    out = buf.getvalue()
+    assert "7/7" in out and "matrix" in out
+    assert "64x64 r=8 ×4 svd" in out and "172x64 r=8 ×3 svd" in out
+
+
+def test_adapters_own_their_storage():
+    """Issue 9 item 6: no parameter is a view of one batched tensor; a layer's state_dict holds
+    only its own bytes."""
+    model = small_llama(2)
+    sk.apply_sorsa(model, TARGETS, r=8, init="rsvd_always")
+    for layer in sk.sorsa_layers(model):
+        for p in (layer.sorsa_A, layer.sorsa_S, layer.sorsa_B, layer.weight):
+            assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+    layer = model[0].up_proj
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    own = sum(t.numel() * t.element_size() for t in layer.state_dict().values() if torch.is_tensor(t))
+    assert buf.getbuffer().nbytes < own + 64 * 1024
+
+
+def test_init_runs_without_tf32_and_restores_the_setting(monkeypatch):
+    """Issue 9 item 5: inside init (exact or randomized) TF32 is off; the user's setting is back after."""
+    seen = []
+    orig_svd = torch.linalg.svd
+
+    def spy(*a, **k):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                     torch.get_float32_matmul_precision()))
+        return orig_svd(*a, **k)
+    monkeypatch.setattr(torch.linalg, "svd", spy)
+    before = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        for method in ("svd", "rsvd_always"):
+            sk.apply_sorsa(small_llama(1), ["q_proj"], r=4, init=method)
+        assert seen and all(s == (False, False, "highest") for s in seen)
+        assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1], before[2]
+
+
+def test_non_float_weight_dtype_is_rejected_before_any_change():
+    """Issue 9 item 9: sorsa_init(weight_dtype=torch.int32) → TypeError, layer untouched."""
+    lin = nn.Linear(12, 10)
+    layer = sk.SORSALinear.from_linear(lin, r=3, init="svd")
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    for bad in (torch.int32, torch.bool, "float32"):
+        with pytest.raises(TypeError, match="weight_dtype must be None or a floating dtype"):
+            layer.sorsa_init(weight_dtype=bad)
+    with pytest.raises(TypeError, match="adapter_dtype must be None or a floating dtype"):
+        sk.init_layers([layer], adapter_dtype=torch.int64)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_init_on_the_meta_device_says_to_pass_init_none():
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(16, 8))
+    with pytest.raises(ValueError, match="meta device.*init=None"):
+        sk.init_layers([sk.SORSALinear.from_linear(net[0], r=2, init=None)])
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(16, 8))
+    sk.apply_sorsa(net, ["0"], r=2, init=None)  # what the message asks for works
+    assert net[0].sorsa_A.is_meta
+
+
+def test_rsvd_kwargs_with_exact_choice_and_bad_chunk_bytes():
+    model = small_llama(1)
+    x = torch.randn(2, D)
+    y0 = model(x)
+    sk.apply_sorsa(model, TARGETS, r=4, oversample=8, niter=2)  # exact chosen here: kwargs unused, no error
+    torch.testing.assert_close(model(x), y0, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="chunk_bytes must be None or an int >= 1"):
+        sk.init_layers(list(sk.sorsa_layers(model)), chunk_bytes=0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        sk.init_layers(list(sk.sorsa_layers(model)), method="qr")
