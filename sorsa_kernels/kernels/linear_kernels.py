@@ -2,18 +2,24 @@
 
 Two kernels cover every GEMM of the op:
 
-* ``sorsa_mm_kernel``:  ``C = drop_in(X1)·W1ᵀ + drop_out(X2·W2ᵀ) + bias`` — the second,
-  rank-r segment extends the main K loop (LoRAFusion's ``[x | s]·[W_r | B]ᵀ``), so the
-  adapter never costs a second pass over C. Forward ``y``, the shrink ``x·Aᵀ``, ``dY·B``
-  and ``dX = dY·W_r + drop(gs·A)`` are all instances (operands are addressed by strides,
-  so transposed views cost nothing).
+* ``sorsa_mm_kernel`` (persistent: a grid of at most #SMs programs walks the output tiles in
+  grouped order): ``C = drop_in(X1)·W1ᵀ + drop_out(X2·W2ᵀ) + bias``. Without an output mask
+  the rank-r segment is *the tail of the same K loop*: the last ``cdiv(R, BLOCK_K)`` steps
+  read ``[X2 | W2]`` instead of ``[X1 | W1]`` (a scalar switch of base pointer and strides),
+  so the software pipeline never drains between the two (LoRAFusion's ``[x | s]·[W_r | B]ᵀ``
+  without materialising the concatenation). Forward ``y``, the shrink ``x·Aᵀ`` (split-K
+  partials), ``dY·B`` and ``dX = dY·W_r + drop(gs·A)`` are all instances (operands are
+  addressed by strides, so transposed views cost nothing).
 * ``sorsa_tn_kernel``: ``C[s] = P[m_s]ᵀ·drop(Q[m_s])`` over a slice ``m_s`` of the long
   M dimension (split-M, partials summed afterwards in a fixed order → deterministic):
   ``dB`` and ``dA``, whose outputs are too small to fill the GPU otherwise.
 
-Dropout masks are never stored: element (m, k) of x is kept iff
-``philox(seed, m·in_features + k) >= p``, regenerated identically wherever it is needed;
-``seed`` is a host integer (drawn from torch's CPU generator per call: no device sync).
+Dropout masks are never stored. Element (m, k) of x belongs to Philox counter
+``m·cdiv(in_features, 4) + k // 4`` and takes one of that call's four 32-bit outputs
+(``tl.randint4x``: one Philox per 4 elements); it is kept iff its top 24 bits are
+``>= round(p·2^24)``. The mask is regenerated identically wherever it is needed (forward
+shrink, dX epilogue, dA); ``seed`` is a host integer drawn per call from torch's CPU
+generator (no device sync; independent masks across layers and steps).
 ``BIG`` (decided by the launcher from shapes and strides) switches every index to int64.
 ``UPCAST`` feeds fp32 to ``tl.dot`` (the interpreter's bf16 dot is wrong, triton#11584);
 on the GPU the native low-precision dot is used.
@@ -23,82 +29,109 @@ import triton.language as tl
 
 
 @triton.jit
-def _keep(seed, rows, cols, ld, p, BIG: tl.constexpr):
-    # rows: (BM, 1), cols: (1, BN) index tensors of the logical x (M × in_features).
-    # rows/cols are already int64 when BIG (the launcher's decision), so the product is too.
-    return tl.rand(seed, rows * ld + cols) >= p
+def _keep4(seed, rows, c0, ld4, thr, BN: tl.constexpr):
+    """Keep-mask of the (rows × [c0, c0+BN)) tile of x; ``c0`` and ``BN`` are multiples of 4.
+
+    rows: (BM, 1) row indices (int64 when offsets are big). One ``randint4x`` call per group
+    of 4 columns; the four outputs are interleaved back to columns with join/reshape.
+    """
+    g = c0 // 4 + tl.arange(0, BN // 4)
+    off = rows * ld4 + g[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, off)
+    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (rows.shape[0], BN))
+    return (r >> 8).to(tl.int32) >= thr
+
+
+@triton.jit
+def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    # grouped ordering: GROUP_M row tiles share W tiles in L2
+    width = GROUP_M * num_n
+    group = tile // width
+    first_m = group * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % width) % gsize, (tile % width) // gsize
 
 
 @triton.jit(do_not_specialize=["seed", "M_BUCKET"])
 def sorsa_mm_kernel(
     X1, W1, X2, W2, BIAS, C, seed,
-    M, N, K, R, M_BUCKET,
+    M, N, K, R, M_BUCKET, k_per_split,
     s_x1m, s_x1k, s_w1n, s_w1k,
     s_x2m, s_x2r, s_w2n, s_w2r,
-    s_cm, s_cn,
-    p, inv_keep, drop_ld,
+    s_cs, s_cm, s_cn,
+    thr, inv_keep, drop_ld4,
     HAS_SEG2: tl.constexpr, HAS_BIAS: tl.constexpr, DROP_IN: tl.constexpr, DROP_OUT: tl.constexpr,
     BIG: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    split = tl.program_id(1)  # split-K slice (the skinny shrink only; 0 otherwise)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: GROUP_M row tiles share W tiles in L2
-    width = GROUP_M * num_n
-    group = pid // width
-    first_m = group * GROUP_M
-    gsize = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsize
-    pid_n = (pid % width) // gsize
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    num_tiles = num_m * num_n
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_steps = tl.cdiv(k_hi - k_lo, BLOCK_K)
+    # the rank-r segment joins the K loop unless its product needs its own output mask
+    FUSED: tl.constexpr = HAS_SEG2 and not DROP_OUT
+    r_steps = 0
+    if FUSED:
+        r_steps = tl.cdiv(R, BLOCK_K)
     rk = tl.arange(0, BLOCK_K)
-    if BIG:  # some offset can reach 2^31 elements: index arithmetic in int64
-        rm = rm.to(tl.int64)
-        rn = rn.to(tl.int64)
-        rk = rk.to(tl.int64)
-    m_ok = rm[:, None] < M
-    n_ok = rn[None, :] < N
+    c_split = C + split.to(tl.int64) * s_cs
+    for tile in tl.range(pid, num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if BIG:  # some offset can reach 2^31 elements: index arithmetic in int64
+            rm = rm.to(tl.int64)
+            rn = rn.to(tl.int64)
+        m_ok = rm[:, None] < M
+        n_ok = rn[None, :] < N
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        a = tl.load(X1 + rm[:, None] * s_x1m + kk[None, :] * s_x1k, mask=m_ok & (kk[None, :] < K), other=0.0)
-        if DROP_IN:
-            keep = _keep(seed, rm[:, None], kk[None, :], drop_ld, p, BIG)
-            a = tl.where(keep, a.to(tl.float32) * inv_keep, 0.0).to(a.dtype)
-        b = tl.load(W1 + rn[None, :] * s_w1n + kk[:, None] * s_w1k, mask=n_ok & (kk[:, None] < K), other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-
-    if HAS_SEG2:
-        # Without an output mask the rank-r segment accumulates straight into acc: a second
-        # 128×128 fp32 accumulator would spill.
-        if DROP_OUT:
-            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        else:
-            acc2 = acc
-        for r0 in range(0, R, BLOCK_K):
-            kk = r0 + rk
-            a = tl.load(X2 + rm[:, None] * s_x2m + kk[None, :] * s_x2r, mask=m_ok & (kk[None, :] < R), other=0.0)
-            b = tl.load(W2 + rn[None, :] * s_w2n + kk[:, None] * s_w2r, mask=n_ok & (kk[:, None] < R), other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(0, k_steps + r_steps):
+            # scalar switch to the [X2 | W2] segment for the last r_steps steps
+            main = step < k_steps
+            k0 = tl.where(main, k_lo + step * BLOCK_K, (step - k_steps) * BLOCK_K)
+            k_end = tl.where(main, k_hi, R)
+            xa_ = tl.where(main, X1, X2)
+            wa_ = tl.where(main, W1, W2)
+            sxm = tl.where(main, s_x1m, s_x2m)
+            sxk = tl.where(main, s_x1k, s_x2r)
+            swn = tl.where(main, s_w1n, s_w2n)
+            swk = tl.where(main, s_w1k, s_w2r)
+            kk = k0 + rk
+            if BIG:
+                kk = kk.to(tl.int64)
+            k_ok = kk < k_end
+            a = tl.load(xa_ + rm[:, None] * sxm + kk[None, :] * sxk, mask=m_ok & k_ok[None, :], other=0.0)
+            if DROP_IN:
+                keep = _keep4(seed, rm[:, None], k0, drop_ld4, thr, BLOCK_K)
+                a = tl.where(keep, a.to(tl.float32) * inv_keep, 0.0).to(a.dtype)
+            b = tl.load(wa_ + rn[None, :] * swn + kk[:, None] * swk, mask=n_ok & k_ok[:, None], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc2 = tl.dot(a, b, acc2, input_precision=PREC)
-        if DROP_OUT:
-            keep = _keep(seed, rm[:, None], rn[None, :], drop_ld, p, BIG)
-            acc += tl.where(keep, acc2 * inv_keep, 0.0)
-        else:
-            acc = acc2
+            acc = tl.dot(a, b, acc, input_precision=PREC)
 
-    if HAS_BIAS:
-        acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(C + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(C.dtype.element_ty), mask=m_ok & n_ok)
+        if HAS_SEG2 and DROP_OUT:
+            # dX's rank-r term is masked element-wise, so it needs its own accumulator
+            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_K):
+                kk = r0 + rk
+                a = tl.load(X2 + rm[:, None] * s_x2m + kk[None, :] * s_x2r, mask=m_ok & (kk[None, :] < R), other=0.0)
+                b = tl.load(W2 + rn[None, :] * s_w2n + kk[:, None] * s_w2r, mask=n_ok & (kk[:, None] < R), other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc2 = tl.dot(a, b, acc2, input_precision=PREC)
+            keep = _keep4(seed, rm[:, None], pid_n * BLOCK_N, drop_ld4, thr, BLOCK_N)
+            acc += tl.where(keep, acc2 * inv_keep, 0.0)
+
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_split + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(C.dtype.element_ty), mask=m_ok & n_ok)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -106,7 +139,7 @@ def sorsa_tn_kernel(
     P, Q, C, seed,
     M, DA, DB, m_per_split,
     s_pm, s_pa, s_qm, s_qb, s_cs, s_ca, s_cb,
-    p, inv_keep, drop_ld,
+    thr, inv_keep, drop_ld4,
     DROP_Q: tl.constexpr, BIG: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -130,7 +163,7 @@ def sorsa_tn_kernel(
         pt = tl.load(P + rm[None, :] * s_pm + ra[:, None] * s_pa, mask=mm[None, :] & (ra[:, None] < DA), other=0.0)
         q = tl.load(Q + rm[:, None] * s_qm + rb[None, :] * s_qb, mask=mm[:, None] & (rb[None, :] < DB), other=0.0)
         if DROP_Q:
-            keep = _keep(seed, rm[:, None], rb[None, :], drop_ld, p, BIG)
+            keep = _keep4(seed, rm[:, None], pid_b * BLOCK_B, drop_ld4, thr, BLOCK_B)
             q = tl.where(keep, q.to(tl.float32) * inv_keep, 0.0).to(q.dtype)
         if UPCAST:
             pt = pt.to(tl.float32)

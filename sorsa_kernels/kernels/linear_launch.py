@@ -133,13 +133,31 @@ def _m_bucket(M: int) -> int:
     return triton.next_power_of_2(max(M, 1))
 
 
+def _drop_args(p: float, ld: int) -> Tuple[int, float, int]:
+    # keep iff top 24 bits of the element's Philox word >= thr (p quantised to 2^-24)
+    return int(round(p * 2 ** 24)), 1.0 / (1.0 - p), triton.cdiv(max(ld, 1), 4)
+
+
+def _k_splits(M: int, N: int, K: int, device: torch.device) -> int:
+    """Split-K factor of the skinny GEMMs (N = r): enough (M/64 × N/64) tiles × splits to
+    fill two waves of SMs, each split at least 256 deep so partials stay cheap."""
+    tiles = triton.cdiv(M, 64) * triton.cdiv(N, 64)
+    depth = 64 if triton_interpret() else 256  # the interpreter runs the same path on tiny K
+    return max(1, min(triton.cdiv(2 * num_sms(device), tiles), K // depth))
+
+
 def mm(
     x1: torch.Tensor, w1: torch.Tensor, out: torch.Tensor, *,
     x2: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
-    bias: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None, seed: Union[int, torch.Tensor, None] = None,
     p: float = 0.0, drop_in: bool = False, drop_out: bool = False, drop_ld: int = 0,
+    k_splits: int = 1,
 ) -> torch.Tensor:
-    """``out = drop_in(x1)·w1ᵀ + drop_out(x2·w2ᵀ) + bias``; x1 (M,K), w1 (N,K), x2 (M,R), w2 (N,R)."""
+    """``out = drop_in(x1)·w1ᵀ + drop_out(x2·w2ᵀ) + bias``; x1 (M,K), w1 (N,K), x2 (M,R), w2 (N,R).
+
+    With ``k_splits > 1`` (only without ``x2``/``bias``) ``out`` is a (k_splits, M, N) fp32
+    buffer of split-K partials, summed by the caller in a fixed order.
+    """
     M, K = x1.shape
     N = w1.shape[0]
     has2 = x2 is not None
@@ -147,21 +165,29 @@ def mm(
     x2_, w2_ = (x2, w2) if has2 else (x1, w1)
     if M == 0 or N == 0:
         return out
-    big = _big(x1, w1, x2_, w2_, out, extra=M * drop_ld if (drop_in or drop_out) else 0)
-    args = (x1, w1, x2_, w2_, bias if bias is not None else out, out, _seed_int(seed),
-            M, N, K, R, _m_bucket(M),
+    out3 = out if out.dim() == 3 else out.unsqueeze(0)
+    k_per = triton.cdiv(triton.cdiv(K, k_splits), 64) * 64  # a multiple of every BLOCK_K
+    splits = triton.cdiv(K, k_per)
+    assert splits == out3.shape[0], "out must hold one partial per K split"
+    big = _big(x1, w1, x2_, w2_, out3, extra=M * drop_ld if (drop_in or drop_out) else 0)
+    thr, inv_keep, ld4 = _drop_args(p, drop_ld)
+    args = (x1, w1, x2_, w2_, bias if bias is not None else out3, out3, _seed_int(seed),
+            M, N, K, R, _m_bucket(M), k_per,
             x1.stride(0), x1.stride(1), w1.stride(0), w1.stride(1),
             x2_.stride(0), x2_.stride(1), w2_.stride(0), w2_.stride(1),
-            out.stride(0), out.stride(1),
-            float(p), 1.0 / (1.0 - p), drop_ld)
+            out3.stride(0), out3.stride(1), out3.stride(2),
+            thr, inv_keep, ld4)
     flags = dict(HAS_SEG2=has2, HAS_BIAS=bias is not None, DROP_IN=drop_in, DROP_OUT=drop_out,
                  BIG=big, UPCAST=_upcast(x1.dtype), PREC=_prec(x1.dtype))
+    progs = num_sms(x1.device)  # persistent: at most one program per SM
+
+    def grid(meta):
+        return (min(progs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])), splits)
+
     with device_guard(x1.device):
         if triton_interpret():
-            grid = (triton.cdiv(M, INTERP_MM["BLOCK_M"]) * triton.cdiv(N, INTERP_MM["BLOCK_N"]),)
-            sorsa_mm_kernel[grid](*args, **flags, **INTERP_MM)
+            sorsa_mm_kernel[grid(INTERP_MM)](*args, **flags, **INTERP_MM)
         else:
-            grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
             role = ("main_drop" if drop_out else "main") if has2 else "skinny"
             _TUNED[(role, x1.dtype == torch.float32)][grid](*args, **flags)
     return out
@@ -188,7 +214,7 @@ def tn(p_mat: torch.Tensor, q: torch.Tensor, *, seed: Optional[torch.Tensor] = N
             M, DA, DB, m_per,
             p_mat.stride(0), p_mat.stride(1), q.stride(0), q.stride(1),
             part.stride(0), part.stride(1), part.stride(2),
-            float(p), 1.0 / (1.0 - p), drop_ld)
+            *_drop_args(p, drop_ld))
     flags = dict(DROP_Q=drop_q, BIG=big, UPCAST=_upcast(q.dtype), PREC=_prec(q.dtype))
     cfg = INTERP_TN if interp else PINNED["tn"][q.dtype == torch.float32].all_kwargs()
     meta = {k: cfg[k] for k in ("BLOCK_A", "BLOCK_B", "BLOCK_M")}
@@ -199,34 +225,52 @@ def tn(p_mat: torch.Tensor, q: torch.Tensor, *, seed: Optional[torch.Tensor] = N
     return part[0] if splits == 1 else part.sum(0)
 
 
-def linear_fwd(x, weight, A, S, B, bias, scale: float, p: float, seed) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward: shrink ``xa = drop(x)·Aᵀ`` (fp32, saved), then ``[x | s]·[W_r | B]ᵀ + bias``."""
+def skinny(x: torch.Tensor, w: torch.Tensor, **drop) -> torch.Tensor:
+    """fp32 ``drop(x)·wᵀ`` for a thin w (r rows): split-K partials summed in a fixed order."""
     M, K = x.shape
-    dt, r = x.dtype, A.shape[0]
-    drop = p > 0
+    if M == 0 or K == 0:
+        return torch.zeros((M, w.shape[0]), dtype=torch.float32, device=x.device)
+    splits = _k_splits(M, w.shape[0], K, x.device)
+    k_per = triton.cdiv(triton.cdiv(K, splits), 64) * 64
+    splits = triton.cdiv(K, k_per)
+    part = torch.empty((splits, M, w.shape[0]), dtype=torch.float32, device=x.device)
+    mm(x, w, part, k_splits=splits, **drop)
+    return part[0] if splits == 1 else part.sum(0)
+
+
+def linear_fwd(x, weight, A, S, B, bias, scale: float, p: float, seed) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward: shrink ``xa = drop(x)·Aᵀ`` (fp32, saved), then ``[x | s]·[W_r | B]ᵀ + bias``
+    as one K loop whose last step(s) read ``[s | B]``."""
+    M, K = x.shape
+    dt = x.dtype
     seed = _seed_int(seed)
-    xa = mm(x, A.to(dt), torch.empty((M, r), dtype=torch.float32, device=x.device),
-            seed=seed, p=p, drop_in=drop, drop_ld=K)
+    xa = skinny(x, A.to(dt), seed=seed, p=p, drop_in=p > 0, drop_ld=K)
     s = (xa * (S.float() * scale)).to(dt)
     y = torch.empty((M, weight.shape[0]), dtype=dt, device=x.device)
     mm(x, weight, y, x2=s, w2=B.to(dt), bias=None if bias is None else bias.to(dt))
     return y, xa
 
 
-def linear_bwd(dy, x, weight, A, S, B, xa, scale: float, p: float, seed, need_dx: bool):
-    """Backward: ``g = dY·B`` once; dX = dY·W_r + drop(gs·A) in one GEMM; dA, dBᵀ split over M."""
+def linear_bwd(dy, x, weight, A, S, B, xa, scale: float, p: float, seed, need_dx: bool,
+               need_dA: bool = True, need_dB: bool = True):
+    """Backward: ``g = dY·B`` once; dX = dY·W_r + drop(gs·A) in one GEMM; dA, dBᵀ split over M.
+
+    A gradient that is not needed (frozen adapter, ``needs_input_grad``) is not computed:
+    it comes back as ``None`` (dS is a by-product of g and always returned).
+    """
     M, K = x.shape
-    dt, r = x.dtype, A.shape[0]
-    drop = p > 0
+    dt = x.dtype
     seed = _seed_int(seed)
     Sf = S.float() * scale
-    g = mm(dy, B.to(dt).t(), torch.empty((M, r), dtype=torch.float32, device=x.device))
+    g = skinny(dy, B.to(dt).t())
     dS = (g * xa).sum(0) * scale
     gs = (g * Sf).to(dt)
-    dx = None
+    dx = dA = dB = None
     if need_dx:
         dx = mm(dy, weight.t(), torch.empty_like(x, memory_format=torch.contiguous_format),
-                x2=gs, w2=A.to(dt).t(), seed=seed, p=p, drop_out=drop, drop_ld=K)
-    dA = tn(gs, x, seed=seed, p=p, drop_q=drop, drop_ld=K)
-    dBt = tn((xa * Sf).to(dt), dy)
-    return dx, dA.to(A.dtype), dS.to(S.dtype), dBt.t().to(B.dtype).contiguous()
+                x2=gs, w2=A.to(dt).t(), seed=seed, p=p, drop_out=p > 0, drop_ld=K)
+    if need_dA:
+        dA = tn(gs, x, seed=seed, p=p, drop_q=p > 0, drop_ld=K).to(A.dtype)
+    if need_dB:
+        dB = tn((xa * Sf).to(dt), dy).t().to(B.dtype).contiguous()
+    return dx, dA, dS.to(S.dtype), dB

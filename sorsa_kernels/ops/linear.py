@@ -103,21 +103,23 @@ def _torch_fwd(x2, weight, A, S, B, bias, scale: float, p: float, seed):
     return y, xa.float()
 
 
-def _torch_bwd(dy, x2, weight, A, S, B, xa, scale: float, p: float, seed, need_dx: bool):
-    """Unfused backward: ``(dx, dA, dS, dB)`` from the formulas in the module docstring."""
+def _torch_bwd(dy, x2, weight, A, S, B, xa, scale: float, p: float, seed, need_dx: bool,
+               need_dA: bool = True, need_dB: bool = True):
+    """Unfused backward: ``(dx, dA, dS, dB)`` from the formulas in the module docstring;
+    gradients that are not needed come back as ``None`` (not computed)."""
     dt = dy.dtype
     Sf = S.float() * scale
     g = (dy @ B.to(dt)).float()
     dS = (g * xa).sum(0) * scale
     gs = (g * Sf).to(dt)
-    dB = dy.t() @ (xa * Sf).to(dt)
-    keep = _torch_keep(x2, p, seed).to(dt) / (1.0 - p) if p > 0 else None
-    dA = gs.t() @ (x2 if keep is None else x2 * keep)
+    dB = (dy.t() @ (xa * Sf).to(dt)).to(B.dtype) if need_dB else None
+    keep = _torch_keep(x2, p, seed).to(dt) / (1.0 - p) if p > 0 and (need_dA or need_dx) else None
+    dA = (gs.t() @ (x2 if keep is None else x2 * keep)).to(A.dtype) if need_dA else None
     dx = None
     if need_dx:
         up = gs @ A.to(dt)
         dx = dy @ weight + (up if keep is None else up * keep)
-    return dx, dA.to(A.dtype), dS.to(S.dtype), dB.to(B.dtype)
+    return dx, dA, dS.to(S.dtype), dB
 
 
 # backend name -> (forward, backward); the Triton pair is added when Triton imports.
@@ -145,16 +147,20 @@ def _(x, weight, A, S, B, bias, scale, p, seed, backend):
 @torch.library.custom_op("sorsa_kernels::linear_bwd", mutates_args=())
 def _linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, S: torch.Tensor,
                    B: torch.Tensor, xa: torch.Tensor, scale: float, p: float, seed: torch.Tensor, backend: str,
-                   need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # custom ops cannot return None: an unneeded dx comes back as an empty tensor
-    dx, dA, dS, dB = _KERNELS[backend][1](dy, x, weight, A, S, B, xa, scale, p, seed, need_dx)
-    return (x.new_empty(0) if dx is None else dx), dA, dS, dB
+                   need_dx: bool, need_dA: bool = True,
+                   need_dB: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # custom ops cannot return None: an unneeded gradient comes back as an empty tensor
+    dx, dA, dS, dB = _KERNELS[backend][1](dy, x, weight, A, S, B, xa, scale, p, seed, need_dx,
+                                          need_dA=need_dA, need_dB=need_dB)
+    return (x.new_empty(0) if dx is None else dx), (A.new_empty(0) if dA is None else dA), dS, \
+        (B.new_empty(0) if dB is None else dB)
 
 
 @_linear_bwd_op.register_fake
-def _(dy, x, weight, A, S, B, xa, scale, p, seed, backend, need_dx):
+def _(dy, x, weight, A, S, B, xa, scale, p, seed, backend, need_dx, need_dA=True, need_dB=True):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
-    return dx, torch.empty_like(A), torch.empty_like(S), torch.empty_like(B)
+    return (dx, torch.empty_like(A) if need_dA else A.new_empty(0), torch.empty_like(S),
+            torch.empty_like(B) if need_dB else B.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -167,11 +173,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dxa):
     x, weight, A, S, B, xa, seed = ctx.saved_tensors
     dy = dy.contiguous()
+    need = ctx.needs_input_grad
     dx, dA, dS, dB = _linear_bwd_op(dy, x, weight, A, S, B, xa, ctx.scale, ctx.p, seed, ctx.backend,
-                                    ctx.needs_input_grad[0])
-    dW = dy.t() @ x if ctx.needs_input_grad[1] else None  # only if the caller unfroze W_r
-    db = dy.sum(0).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[5] else None
-    return (dx if ctx.needs_input_grad[0] else None), dW, dA, dS, dB, db, None, None, None, None
+                                    need[0], need[2], need[4])
+    dW = dy.t() @ x if need[1] else None  # only if the caller unfroze W_r
+    db = dy.sum(0).to(ctx.bias_dtype) if ctx.has_bias and need[5] else None
+    return (dx if need[0] else None), dW, (dA if need[2] else None), (dS if need[3] else None), \
+        (dB if need[4] else None), db, None, None, None, None
 
 
 _linear_fwd_op.register_autograd(_backward, setup_context=_setup_context)
