@@ -222,6 +222,7 @@ def rsvd(
     seed: Optional[int] = None,
     backend: str = "auto",
     iter_dtype: Optional[torch.dtype] = None,
+    info: Optional[dict] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of ``W`` (``(..., m, n)``, batched over leading dims).
 
@@ -231,7 +232,9 @@ def rsvd(
         niter: power (subspace) iterations (default 8; with ``tol``: the cap, default 40).
         tol: if given, iterate until the estimated relative error of the top-``rank`` singular
             values is ≤ tol (checked once per iteration: this mode syncs with the host), or warn
-            when the cap is reached.
+            when the cap is reached. The estimate extrapolates the geometric convergence of
+            the Ritz values; tol mode returns the last iterate's Ritz values (no two-iterate
+            Rayleigh–Ritz), which are what the estimate describes.
         seed: sketch seed; the result is deterministic for a given seed and backend
             (default: drawn from torch's global generator).
         backend: "auto" | "ext" (C++/CUDA extension) | "torch" for the sketch and the small
@@ -241,6 +244,8 @@ def rsvd(
             without ``tol``, where tensor cores make them ~10× faster; else the working precision). Rounding there only perturbs
             the subspace, and the σ error is second order in that perturbation; the sketch's first
             product and the final ``Qᵀ·W`` always run in the working precision.
+        info: if a dict is given, it receives ``iterations`` and, in tol mode,
+            ``error_estimate`` (the estimated max relative error of the returned σ).
 
     Scale-equivariant: each matrix is divided by a power of 2 near its max-abs entry before any
     fp32 work and σ is scaled back, so ``rsvd(c·W)`` is ``c·rsvd(W)`` to rounding for any finite c.
@@ -252,10 +257,10 @@ def rsvd(
     """
     oversample = _check_args(W, rank, oversample, niter, tol, seed, backend)
     with no_tf32():
-        return _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype)
+        return _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype, info)
 
 
-def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype):
+def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype, info=None):
     if backend == "auto":  # measured: LAPACK's small steps beat the extension's on the CPU
         backend = "ext" if W.device.type == "cuda" and _backend.ext_status()[1] else "torch"
     run = _Run(_backend.resolve(OP, backend, W.device),
@@ -286,30 +291,38 @@ def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype):
     Omega = run.gaussian((Wb.shape[0], n, k), work, W.device)
     Q, _ = run.orth(Wb @ Omega, passes=2)  # work dtype
     iters = (MAX_TOL_ITERS if niter is None else niter) if tol is not None else (DEFAULT_NITER if niter is None else niter)
-    prev, Q_prev, est = None, None, None
+    prev = d_prev = Q_prev = None
+    est = float("nan")
     converged = tol is None
+    done = 0
     for _ in range(iters):
+        done += 1
         Q_prev = Q
         Z, Rz = run.orth(iter_mm(Wi.mT, Q), passes=2)
         if tol is not None:
-            # σ(R_z) = σ(Wᵀ·Q): the current Ritz values, which increase towards σ(W); their
-            # relative change d_t shrinks geometrically (ratio ρ = d_t/d_{t-1}), so the remaining
-            # error is ≈ d_t·ρ/(1−ρ) (geometric tail), bounded below by d_t
+            # σ(R_z) = σ(Wᵀ·Q) are the Ritz values of this Q (what is returned if we stop here);
+            # they converge geometrically, so with d_t their relative change in one iteration
+            # and ρ = d_t/d_{t−1}, the remaining error is ≈ d_t·ρ/(1−ρ) (the geometric tail; at
+            # least d_t). Measured within 0.75–1.4× of the true error on the synthetic families.
             cur = run.svdvals_small(Rz)[:, :rank]
             if prev is not None:
                 d = ((cur - prev) / cur.clamp_min(1e-300)).abs()
-                if est is not None:
+                if d_prev is not None:
                     rho = (d / d_prev.clamp_min(1e-300)).clamp(max=0.95)
-                    e_now = torch.maximum(d, d * rho / (1 - rho)).max().item()
-                    if e_now <= tol:
+                    est = torch.maximum(d, d * rho / (1 - rho)).max().item()  # tol mode: one sync per iteration
+                    if est <= tol:
                         converged = True
                         break
-                d_prev, est = d, True
+                d_prev = d
             prev = cur
         Q, _ = run.orth(iter_mm(Wi, Z), passes=2)
     if not converged:
         warnings.warn(f"rsvd: tol={tol} not reached within {iters} iterations; returning the last iterate",
                       RuntimeWarning, stacklevel=3)
+    if info is not None:
+        info.update(iterations=done, error_estimate=est)
+    if tol is not None:
+        Q_prev = None  # tol mode returns the Ritz values the estimate is about (last iterate)
     if TWO_ITERATE_RR and Q_prev is not None and min(m, n) >= 2 * k:
         # Rayleigh–Ritz on the last two iterates together (a depth-2 block Krylov space): for the
         # same GEMM work this is far more accurate than the last iterate alone (see module doc)

@@ -336,3 +336,19 @@ def test_default_accuracy_r128_synthetic(family_name, iter_dtype):
     _, S, _ = sk.rsvd(W, 128, seed=0, iter_dtype=iter_dtype)
     err = ((S.double() - exact_sigmas(W, 128)).abs() / exact_sigmas(W, 128)).max().item()
     assert err <= 0.01, err
+
+
+@pytest.mark.parametrize("family_name", ["llm", "flat"])
+@pytest.mark.parametrize("tol", [1e-2, 3e-3])
+def test_tol_estimate_within_2x_of_true_error(family_name, tol):
+    """tol mode's error estimate (geometric extrapolation of the Ritz values' convergence) is
+    within 2× of the true max relative σ error of what it returns, and that error meets ~tol."""
+    from sorsa_kernels.synthetic import exact_sigmas, synthetic_weights
+    W = synthetic_weights(1, 1376, 512, seed=2, family=family_name)
+    info = {}
+    _, S, _ = sk.rsvd(W, 32, tol=tol, seed=0, info=info)
+    ex = exact_sigmas(W, 32)
+    true = ((S.double() - ex).abs() / ex).max().item()
+    assert info["iterations"] >= 3 and info["error_estimate"] <= tol
+    assert 0.5 <= info["error_estimate"] / true <= 2.0, (info, true)
+    assert true <= 2 * tol
