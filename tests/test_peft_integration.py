@@ -332,3 +332,29 @@ def test_sorsa_ortho_on_peft_params():
     for M, _ in mats:
         torch.testing.assert_close(M.grad, 2.0 * g[id(M)], rtol=1e-4, atol=1e-6)
     assert skp.ortho_loss(Tiny()) is None
+
+
+@pytest.mark.parametrize("init", ["kasa", "pissa", "lora"])
+def test_export_plain_lora_on_original_base(init, tmp_path):
+    """KaSA / PiSSA / LoRA adapters exported as a plain LoRA that the real peft loads onto the
+    original, unmodified base and that reproduces the fine-tuned outputs."""
+    torch.manual_seed(0)
+    base = Tiny()
+    original = copy.deepcopy(base)
+    kw = dict(kasa_config=KasaConfig()) if init == "kasa" else dict(init_lora_weights="pissa") if init == "pissa" else {}
+    pm = make(init if init == "kasa" else "lora", **({} if init == "kasa" else kw))
+    if init != "kasa":
+        pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=6, target_modules=["q", "v"], **kw))
+        with torch.no_grad():
+            for n, t in pm.named_parameters():
+                if "lora_B" in n:
+                    t.add_(torch.randn_like(t))
+    skp.accelerate(pm)
+    ranks = skp.export_lora(pm, tmp_path, original)
+    assert set(ranks.values()) == ({4} if init == "lora" else {8})
+    loaded = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path)
+    x = torch.randn(6, 24)
+    y = pm(x)
+    torch.testing.assert_close(loaded(x), y, rtol=0, atol=2e-5 * y.abs().max().item())
+    with pytest.raises(ValueError, match="original"):
+        skp.export_lora(pm, tmp_path, {})
