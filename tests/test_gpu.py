@@ -86,10 +86,40 @@ def test_gpu_rsvd_ext_matches_cpu_build_and_is_accurate():
     V0 = torch.linalg.qr(torch.randn(8, 768, 768, generator=g, dtype=torch.float64))[0]
     s = torch.arange(1, 769, dtype=torch.float64) ** -0.8
     W = ((U0 * s) @ V0.mT + 0.02 * torch.randn(8, 1024, 768, generator=g, dtype=torch.float64) / 32).float()
+    # like with like: the CUDA default iterates in bf16, so the equality check forces fp32 iterations
     Uc, Sc, Vc = sk.rsvd(W, 64, seed=3, backend="ext")
-    Ug, Sg, Vg = sk.rsvd(W.cuda(), 64, seed=3, backend="ext")
+    Ug, Sg, Vg = sk.rsvd(W.cuda(), 64, seed=3, backend="ext", iter_dtype=torch.float32)
     torch.testing.assert_close(Sg.cpu(), Sc, rtol=1e-4, atol=1e-6)  # same Philox sketch on both
     S64 = torch.linalg.svdvals(W.double())[:, :64]
-    assert ((Sg.cpu().double() - S64).abs() / S64).max() < 0.01
+    Ud, Sd, Vd = sk.rsvd(W.cuda(), 64, seed=3)  # the default (bf16 iterations) keeps the accuracy
+    assert ((Sd.cpu().double() - S64).abs() / S64).max() < 0.01
     eye = torch.eye(64, device="cuda")
-    assert (Ug.mT @ Ug - eye).abs().max() < 1e-4 and (Vg @ Vg.mT - eye).abs().max() < 1e-4
+    for U_, V_ in ((Ug, Vg), (Ud, Vd)):
+        assert (U_.mT @ U_ - eye).abs().max() < 1e-4 and (V_ @ V_.mT - eye).abs().max() < 1e-4
+    # issue 9 (4): extreme scales on the CUDA path
+    _, Sx, _ = sk.rsvd(W.cuda() * 2.0 ** 100, 64, seed=3, iter_dtype=torch.float32)
+    torch.testing.assert_close(Sx / 2.0 ** 100, Sg, rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llm", "flat"])
+def test_gpu_rsvd_defaults_r128_and_tf32_guard(family):
+    """Issue 11 accuracy at r = 128 with the GPU's defaults, and issue 9 (5): with TF32 on (HF's
+    tf32=True) init still reproduces fp32 weights exactly and restores the setting."""
+    from sorsa_kernels.synthetic import exact_sigmas, synthetic_weights
+    W = synthetic_weights(4, 4096, 4096, device="cuda", family=family)
+    _, S, _ = sk.rsvd(W, 128, seed=0)
+    ex = exact_sigmas(W, 128)
+    assert ((S.double() - ex).abs() / ex).max().item() <= 0.01
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        lin = torch.nn.Linear(1024, 1024, device="cuda")
+        layer = sk.SORSALinear.from_linear(lin, r=64, init="rsvd_always")
+        assert torch.backends.cuda.matmul.allow_tf32 is True  # the user's setting is back
+        torch.backends.cuda.matmul.allow_tf32 = False  # check in full fp32
+        rec = layer.weight + layer.scale * (layer.sorsa_B * layer.sorsa_S) @ layer.sorsa_A
+        torch.testing.assert_close(rec, lin.weight, atol=2e-6, rtol=1e-5)
+        assert (layer.sorsa_A @ layer.sorsa_A.T - torch.eye(64, device="cuda")).abs().max() < 1e-5
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
