@@ -1,151 +1,418 @@
-"""Compile every Triton kernel at every shipped config for the GPUs we ship for (sm_80,
-sm_90) on a machine without a GPU, and check shared memory and register spills.
+"""Compile the Triton programs that actually run, for sm_80 and sm_90, on a machine without a GPU.
 
-The interpreter accepts programs the GPU compiler rejects (and the reverse); this is the
-CPU-side proof that the kernels build. Run: ``TRITON_INTERPRET=0 python -m
-sorsa_kernels.kernels.aot_check`` (exit status 1 on any failure).
+At run time Triton specialises every launch on its arguments (integers divisible by 16 or equal
+to 1, 16-byte aligned pointers, host tensor descriptors); a kernel compiled with plain ``i32``
+arguments is a different program (the main bf16 tile: 254 registers / 32 KB / no cp.async plain,
+126 registers / 96 KB / 48 cp.async specialised). So this check drives the REAL launchers
+(``linear_launch.linear_fwd/linear_bwd``, ``ortho_launch.ortho_triton_``) on META-device tensors
+of representative shapes, intercepts every Triton launch (``Autotuner.run`` / ``JITFunction.run``)
+instead of running it, and for each launch × shipped config × arch computes the signature and
+specialisation with the installed Triton's own binder (``create_function_from_signature`` +
+``JITFunction._pack_args``, as ``JITFunction.run`` does) and calls ``triton.compile`` for
+``GPUTarget("cuda", arch, 32)``. SM count and compute capability are patched per arch.
+
+Gates (exit status 1): a compile/ptxas error, register spills, shared memory over the arch's
+limit, an sm_90 fp16/bf16 tensor-core dot with a ≥ 64-row tile and no wgmma, and an sm_90
+launch given host tensor descriptors whose PTX has no TMA (``cp.async.bulk.tensor``).
+TMA presence is otherwise reported, not gated.
+
+Run: ``TRITON_INTERPRET=0 python -m sorsa_kernels.kernels.aot_check [--json PATH] [--markdown PATH]``.
 """
 from __future__ import annotations
 
 import argparse
-import glob
+import contextlib
+import copy
+import io
+import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-# Shared memory per block available to a kernel (bytes, opt-in maximum).
+# Shared memory per block a kernel may opt into (bytes): A100 163 KB, H100/H200 227 KB.
 SMEM_LIMIT = {80: 166912, 90: 232448}
-PTR_T = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+# What the launchers see for each arch (SM count, capability): A100, H100/H200 SXM.
+ARCH_DEVICE = {80: (108, (8, 0)), 90: (132, (9, 0))}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
+# ----------------------------------------------------------------------------- cases
 @dataclass
-class Job:
+class Case:
+    """One representative call of a launcher on meta tensors."""
+    name: str
+    op: str  # "linear" or "ortho"
+    dtype: str
+    run: Callable[[], None]
+
+
+def _linear_case(name: str, dt: str, M: int, K: int, N: int, r: int, p: float, bias: bool = True,
+                 x_row_stride: Optional[int] = None) -> Case:
+    def run():
+        import torch
+        from . import linear_launch as L
+        t = getattr(torch, DTYPES[dt])
+        mk = lambda *s: torch.empty(*s, dtype=t, device="meta")  # noqa: E731
+        x = mk(M, K) if x_row_stride is None else torch.empty_strided((M, K), (x_row_stride, 1), dtype=t,
+                                                                          device="meta")
+        w, A, S, B = mk(N, K), mk(r, K), mk(r), mk(N, r)
+        b = mk(N) if bias else None
+        seed = torch.zeros(1, dtype=torch.int64, device="meta")
+        y, xa = L.linear_fwd(x, w, A, S, B, b, 0.5, p, seed)
+        L.linear_bwd(torch.empty_like(y), x, w, A, S, B, xa, 0.5, p, seed, True)
+    return Case(name, "linear", dt, run)
+
+
+def _linear_cases(dtypes) -> List[Case]:
+    cases = []
+    for dt in dtypes:
+        for r in (16, 128):
+            for p in (0.0, 0.05):
+                cases.append(_linear_case(f"linear {dt} 8192x4096x4096 r{r} p{p}", dt, 8192, 4096, 4096, r, p))
+    d0 = dtypes[0]
+    # ragged: nothing divisible by 16, odd r
+    cases.append(_linear_case(f"linear {d0} ragged 1000x4000x4097 r33 p0.05", d0, 1000, 4000, 4097, 33, 0.05))
+    # x rows 2²⁰ elements apart: row·stride passes 2³¹, the launcher must pick 64-bit offsets
+    cases.append(_linear_case(f"linear {d0} int64-offsets 4096x4096x4096 r16 p0.05", d0, 4096, 4096, 4096, 16,
+                              0.05, x_row_stride=1 << 20))
+    return cases
+
+
+def _ortho_cases(dtypes) -> List[Case]:
+    from . import ortho_launch as O
+    cases = []
+    if hasattr(O, "aot_cases"):  # H3's launcher supplies Llama-7B-like adapter lists at r = 128
+        for mats, is_b in O.aot_cases("meta"):
+            dt = {v: k for k, v in DTYPES.items()}[str(mats[0].dtype).split(".")[-1]]
+            if dt in dtypes:
+                cases.append(Case(f"ortho {dt} llama7b r128", "ortho", dt,
+                                  (lambda m=mats, b=is_b: O.ortho_triton_(m, b, False, 1.0))))
+        return cases
+    import torch
+    for dt in dtypes:
+        t = getattr(torch, DTYPES[dt])
+        mk = lambda *s: torch.empty(*s, dtype=t, device="meta", requires_grad=True)  # noqa: E731
+        mats = [mk(128, 4096), mk(4096, 128), mk(128, 11008), mk(11008, 128)]
+        cases.append(Case(f"ortho {dt} llama7b r128", "ortho", dt,
+                          (lambda m=mats: O.ortho_triton_(m, [False, True, False, True], False, 1.0))))
+    return cases
+
+
+# ----------------------------------------------------------------------------- capture
+@dataclass
+class Launch:
+    jit: Any  # the JITFunction
+    args: tuple
+    kwargs: Dict[str, Any]
+    configs: List[Any]  # triton.Config, or [None] for a direct launch
+
+
+def _unwrap(fn):
+    from triton.runtime.jit import JITFunction
+    while not isinstance(fn, JITFunction):
+        fn = fn.fn
+    return fn
+
+
+@contextlib.contextmanager
+def _intercept(arch: int, sink: List[Launch]):
+    """Record Triton launches instead of running them; the launchers see ``arch``'s device."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+    from . import linear_launch
+    sms, cap = ARCH_DEVICE[arch]
+
+    def at_run(self, *args, **kwargs):
+        kw = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        sink.append(Launch(_unwrap(self.fn), args, kw, list(self.configs)))
+
+    def jit_run(self, *args, grid, warmup, **kwargs):
+        sink.append(Launch(self, args, dict(kwargs), [None]))
+
+    patches = [(Autotuner, "run", at_run), (JITFunction, "run", jit_run)]
+    # H1's contract: SM count only via num_sms(device), arch only via device_capability(device)
+    for name, val in (("num_sms", lambda *a, **k: sms), ("_num_sms", lambda *a, **k: sms),
+                      ("device_capability", lambda *a, **k: cap)):
+        if hasattr(linear_launch, name):
+            patches.append((linear_launch, name, val))
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    try:
+        for obj, name, val in patches:
+            setattr(obj, name, val)
+        yield
+    finally:
+        for obj, name, val in saved:
+            setattr(obj, name, val)
+
+
+# ----------------------------------------------------------------------------- specialisation
+@dataclass
+class Unit:
+    """One distinct program: a kernel compiled with one specialisation, config and arch."""
+    key: str
     kernel: str
     arch: int
-    dtype: str
-    config: Dict
+    config: Dict[str, Any]
     num_warps: int
     num_stages: int
-    flags: Dict
+    has_desc: bool
+    spec: Tuple[Any, Any, Any, Any]  # (signature, constexprs, attrs, options dict)
+    jit: Any = None
+    cases: List[str] = field(default_factory=list)
+    dtypes: List[str] = field(default_factory=list)
 
 
-def _jobs(archs, dtypes) -> List[Job]:
-    from .linear_launch import CONFIGS, ROLE_FLAGS
-    from .ortho_launch import configs as ortho_configs
-    import torch
-    TORCH_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    jobs = []
-    for arch in archs:
-        for dt in dtypes:
-            for (role, f32), cfgs in CONFIGS.items():
-                if f32 != (dt == "fp32"):
-                    continue
-                for c in cfgs:
-                    flags = dict(ROLE_FLAGS[role])
-                    # int64 Philox offsets (M·in >= 2³¹) only change index math: one dtype suffices
-                    bigs = (False, True) if ("DROP_Q" in flags or flags.get("DROP_IN") or flags.get("DROP_OUT")) and dt == dtypes[0] else (False,)
-                    for big in bigs:
-                        jobs.append(Job("tn" if role == "tn" else "mm", arch, dt, dict(c.kwargs), c.num_warps,
-                                        c.num_stages, dict(flags, BIG=big)))
-            # the regularizer's three grouped kernels, with the config ortho_launch ships for dt
-            (gram, gw, gs), (fin, fw, fs), (grad, dw, ds) = ortho_configs(TORCH_DT[dt])
-            jobs.append(Job("ortho_gram", arch, dt, gram, gw, gs, dict(UPCAST=False, PREC="ieee" if dt == "fp32" else "tf32")))
-            jobs.append(Job("ortho_finalize", arch, dt, fin, fw, fs, {}))
-            jobs.append(Job("ortho_grad", arch, dt, grad, dw, ds, dict(PREC="ieee" if dt == "fp32" else "tf32")))
-    return jobs
-
-
-def _signature(fn, ptr_types: Dict[str, str], constexprs: Dict) -> Dict[str, str]:
-    """Pointers as given in ``ptr_types``, constexprs as such, floats fp32, the rest i32."""
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ptr_types:
-            sig[name] = ptr_types[name]
-        elif name in ("p", "inv_keep", "coef"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
-def _ptxas() -> str:
-    import triton
-    d = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    for name in ("ptxas-blackwell", "ptxas"):
-        if os.path.exists(os.path.join(d, name)):
-            return os.path.join(d, name)
-    raise RuntimeError("no ptxas in triton/backends/nvidia/bin")
-
-
-def compile_one(job: Job) -> Tuple[str, bool, str]:
-    import triton
+def _specialise(launch: Launch, cfg, arch: int):
+    """The (signature, constexprs, attrs, options) ``JITFunction.run`` would compile, via Triton's own binder."""
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from . import linear_kernels, ortho_kernels
-    fn = {"mm": linear_kernels.sorsa_mm_kernel, "tn": linear_kernels.sorsa_tn_kernel,
-          "ortho_gram": ortho_kernels.ortho_gram_kernel, "ortho_finalize": ortho_kernels.ortho_finalize_kernel,
-          "ortho_grad": ortho_kernels.ortho_grad_kernel}[job.kernel]
-    tag = (f"{job.kernel} sm_{job.arch} {job.dtype} {job.config} w{job.num_warps} s{job.num_stages}"
-           f"{' int64-offsets' if job.flags.get('BIG') else ''}")
-    const = dict(job.flags, **job.config)
-    if job.kernel in ("mm", "tn"):
-        const.update(UPCAST=False, PREC="ieee" if job.dtype == "fp32" else "tf32")
-    t = PTR_T[job.dtype]
-    tables = dict(META="*i64", WORK="*i64", WS="*fp32", E="*fp32", NSQ="*fp32", COEF="*fp32")
-    ptrs = {"mm": dict(X1=t, W1=t, X2=t, W2=t, BIAS=t, C=t, SEED_PTR="*i64"),
-            "tn": dict(P=t, Q=t, C="*fp32", SEED_PTR="*i64")}.get(job.kernel, tables)
-    if job.kernel in ("ortho_gram", "ortho_grad"):
-        import triton.language as tl
-        const["DT"] = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[job.dtype]
-    sig = _signature(fn, ptrs, const)
-    try:
-        k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),
-                           target=GPUTarget("cuda", job.arch, 32),
-                           options={"num_warps": job.num_warps, "num_stages": job.num_stages})
-    except Exception as exc:  # a compile error is the finding
-        return tag, False, f"compile error: {str(exc).splitlines()[0][:300]}"
-    shared = k.metadata.shared
-    if shared > SMEM_LIMIT[job.arch]:
-        return tag, False, f"shared memory {shared} B > {SMEM_LIMIT[job.arch]} B"
-    if job.arch == 90 and job.dtype != "fp32" and job.kernel == "mm" and "wgmma" not in k.asm["ptx"]:
-        return tag, False, "no wgmma in the sm_90 PTX: the tile would not use Hopper tensor cores"
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    jit = launch.jit
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    args = tuple(copy.copy(a) if isinstance(a, TensorDescriptor) else a for a in launch.args)
+    kwargs = {k: (copy.copy(v) if isinstance(v, TensorDescriptor) else v) for k, v in launch.kwargs.items()}
+    if cfg is not None:
+        kwargs.update(cfg.all_kwargs())
+        if cfg.pre_hook is not None:  # e.g. sets the descriptors' block shapes for this config
+            cfg.pre_hook({**dict(zip(jit.arg_names, args)), **kwargs})
+    kwargs["debug"] = kwargs.get("debug", jit.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
+    has_desc = any(isinstance(v, TensorDescriptor) for v in bound.values())
+    return (signature, constexprs, attrs, options.__dict__), has_desc
+
+
+def _units(cases: List[Case], archs: List[int]) -> Tuple[List[Unit], List[dict]]:
+    units: Dict[str, Unit] = {}
+    errors = []
+    for arch in archs:
+        for case in cases:
+            sink: List[Launch] = []
+            try:
+                with _intercept(arch, sink):
+                    case.run()
+                if not sink:
+                    raise RuntimeError("the launcher made no Triton launch")
+                for launch in sink:
+                    for cfg in launch.configs:
+                        spec, has_desc = _specialise(launch, cfg, arch)
+                        key = repr((launch.jit.cache_key, arch, spec))
+                        u = units.get(key)
+                        if u is None:
+                            opts = spec[3]
+                            conf = dict(cfg.kwargs) if cfg is not None else {
+                                k: v for k, v in launch.kwargs.items() if k.startswith(("BLOCK", "GROUP", "SPLIT"))}
+                            u = units[key] = Unit(key, launch.jit.fn.__name__, arch, conf, opts["num_warps"],
+                                                  opts["num_stages"], has_desc, spec, launch.jit)
+                        if case.name not in u.cases:
+                            u.cases.append(case.name)
+                        if case.dtype not in u.dtypes:
+                            u.dtypes.append(case.dtype)
+            except Exception as exc:  # a launcher that cannot be driven is a finding
+                errors.append(dict(kernel=case.op + " launcher", arch=arch, cases=[case.name], ok=False,
+                                   problems=[f"capture failed: {type(exc).__name__}: {str(exc)[:300]}"]))
+    return list(units.values()), errors
+
+
+# ----------------------------------------------------------------------------- compile + inspect
+_UNITS: List[Unit] = []  # set before the pool forks: workers read their unit by index
+
+
+def _bin(name: str) -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _sass_counts(cubin: bytes) -> Dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True)
+    ops = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", out.stdout, re.M)
+    return dict(Counter(ops).most_common())
+
+
+def _ptxas_stats(log: str) -> Tuple[Optional[int], int]:
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    return (int(regs.group(1)) if regs else None), max(spill or [0])
+
+
+def _rerun_ptxas(ptx: str, arch: int) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
     with tempfile.TemporaryDirectory() as d:
-        ptx = os.path.join(d, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(k.asm["ptx"])
-        arch = f"sm_{job.arch}a" if job.arch == 90 else f"sm_{job.arch}"
-        out = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", ptx, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True)
-    if out.returncode != 0:
-        return tag, False, f"ptxas failed: {out.stderr.strip()[:300]}"
-    regs = re.search(r"Used (\d+) registers", out.stderr)
-    spill = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", out.stderr)]
-    info = f"shared {shared} B, {regs.group(1) if regs else '?'} regs, spill {max(spill or [0])} B"
-    return tag, not any(spill), info
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", src,
+                              "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    return out.stderr
+
+
+_TC_DOT = re.compile(r"tt\.dot(?:_scaled)? .*?:\s*tensor<(\d+)x\d+x(bf16|f16)")
+
+
+def compile_unit(i: int) -> dict:
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    u = _UNITS[i]
+    signature, constexprs, attrs, options = u.spec
+    rec = dict(kernel=u.kernel, arch=u.arch, config=u.config, num_warps=u.num_warps, num_stages=u.num_stages,
+               cases=u.cases, dtypes=u.dtypes, triton=triton.__version__, tensor_descriptors=u.has_desc,
+               specialised={k: v for k, v in signature.items() if v != "constexpr"},
+               # runtime arguments that the binder turned into constants (== 1: unit strides)
+               constant_args=sorted(k for k, v in signature.items() if v == "constexpr" and k not in u.config
+                                    and k in u.jit.arg_names and not u.jit.params[u.jit.arg_names.index(k)].is_constexpr),
+               divisible_16=sorted(_attr_names(u.jit.arg_names, attrs, "tt.divisibility")),
+               problems=[])
+    knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
+    knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    t0 = time.time()
+    try:
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(ASTSource(u.jit, signature, constexprs, attrs), target=GPUTarget("cuda", u.arch, 32),
+                               options=options)
+    except Exception as exc:
+        rec.update(ok=False, problems=[f"compile error: {str(exc).strip().splitlines()[0][:300]}"])
+        return rec
+    rec["compile_s"] = round(time.time() - t0, 2)
+    ptx = k.asm["ptx"]
+    ptxlog = log.getvalue()
+    if "Used" not in ptxlog:
+        ptxlog = _rerun_ptxas(ptx, u.arch)
+    regs, spill = _ptxas_stats(ptxlog)
+    sass = _sass_counts(k.asm["cubin"])
+    dots = _TC_DOT.findall(k.asm.get("ttir", ""))
+    rec.update(registers=regs, spill_bytes=spill, shared=k.metadata.shared, smem_limit=SMEM_LIMIT[u.arch],
+               wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx,
+               cp_async=len(re.findall(r"cp\.async\.c[ag]\.", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+               tc_dots=len(dots), sass_total=sum(sass.values()), sass=sass)
+    p = rec["problems"]
+    if spill:
+        p.append(f"register spills: {spill} B")
+    if k.metadata.shared > SMEM_LIMIT[u.arch]:
+        p.append(f"shared memory {k.metadata.shared} B > {SMEM_LIMIT[u.arch]} B")
+    # wgmma needs ≥ 64 rows per warpgroup: a 16/32-row tile legitimately falls back to mma.sync
+    if u.arch == 90 and any(int(m) >= 64 for m, _ in dots) and not rec["wgmma"]:
+        p.append("fp16/bf16 dot with a >= 64-row tile but no wgmma in the sm_90 PTX")
+    if u.arch == 90 and u.has_desc and not rec["tma"]:
+        p.append("launched with tensor descriptors but no TMA (cp.async.bulk.tensor) in the sm_90 PTX")
+    rec["ok"] = not p
+    return rec
+
+
+def _attr_names(params, attrs, attr: str) -> List[str]:
+    out = []
+    for path, vals in attrs.items():
+        if any(v[0] == attr for v in vals):
+            out.append(params[path[0]] + "".join(f"[{j}]" for j in path[1:]))
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt_cfg(rec: dict) -> str:
+    c = rec["config"]
+    order = ("BLOCK_A", "BLOCK_B", "BLOCK_M") if "BLOCK_A" in c else ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    keys = [k for k in order + ("BLOCK_R", "BLOCK_L") if k in c]
+    tile = "×".join(str(c[k]) for k in keys) if keys else "fixed"
+    return f"{tile} w{rec['num_warps']} s{rec['num_stages']}"
+
+
+def markdown(records: List[dict]) -> str:
+    """Compact table: one row per kernel × config × arch × dtype (worst case over the shapes)."""
+    import triton
+    rows: Dict[tuple, dict] = {}
+    for r in records:
+        if "registers" not in r:
+            continue
+        for dt in r["dtypes"]:
+            key = (r["kernel"], _fmt_cfg(r), r["arch"], dt)
+            a = rows.setdefault(key, dict(regs=0, spill=0, smem=0, wgmma=True, tma=False, cpa=0, sass=0, n=0, ok=True))
+            a["regs"] = max(a["regs"], r["registers"] or 0)
+            a["spill"] = max(a["spill"], r["spill_bytes"])
+            a["smem"] = max(a["smem"], r["shared"])
+            a["wgmma"] &= r["wgmma"] or r["arch"] != 90 or not r["tc_dots"]
+            a["tma"] |= r["tma"]
+            a["cpa"] = max(a["cpa"], r["cp_async"])
+            a["sass"] = max(a["sass"], r["sass_total"])
+            a["n"] += 1
+            a["ok"] &= r["ok"]
+    out = [f"Triton {triton.__version__}: {len(records)} programs "
+           f"({sum(not r['ok'] for r in records)} failing). Max over the shapes that hit each row.", "",
+           "| kernel | config | arch | dtype | regs | spill B | smem KB | wgmma | TMA | cp.async | SASS instr | progs | ok |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (kern, cfg, arch, dt), a in sorted(rows.items()):
+        out.append(f"| {kern} | {cfg} | sm_{arch} | {dt} | {a['regs']} | {a['spill']} | {a['smem'] / 1024:.0f} | "
+                   f"{'yes' if a['wgmma'] else 'NO'} | {'yes' if a['tma'] else 'no'} | {a['cpa']} | {a['sass']} | "
+                   f"{a['n']} | {'ok' if a['ok'] else 'FAIL'} |")
+    return "\n".join(out) + "\n"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--archs", nargs="+", type=int, default=[80, 90])
-    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"])
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", nargs="+", type=int, default=[80, 90], choices=sorted(SMEM_LIMIT))
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--ops", nargs="+", default=["linear", "ortho"], choices=["linear", "ortho"])
+    ap.add_argument("--quick", action="store_true", help="only the first linear case and first ortho case per dtype")
+    ap.add_argument("--jobs", type=int, default=2, help="compile workers (default 2: CI has 2 shared cores)")
+    ap.add_argument("--json", dest="json_path", help="write one record per program here")
+    ap.add_argument("--markdown", dest="md_path", help="write a compact table here")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot_check: unset TRITON_INTERPRET (the interpreter replaces @triton.jit functions)")
         return 2
-    jobs = _jobs(a.archs, a.dtypes)
-    bad = 0
-    with ProcessPoolExecutor(a.jobs) as ex:
-        for tag, ok, info in ex.map(compile_one, jobs):
-            bad += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {tag}: {info}", flush=True)
-    print(f"aot_check: {len(jobs) - bad}/{len(jobs)} kernels compiled within limits")
+    import triton
+    t0 = time.time()
+    cases = (_linear_cases(a.dtypes) if "linear" in a.ops else []) + (_ortho_cases(a.dtypes) if "ortho" in a.ops else [])
+    if a.quick:
+        seen, keep = set(), []
+        for c in cases:
+            if (c.op, c.dtype) not in seen:
+                seen.add((c.op, c.dtype))
+                keep.append(c)
+        cases = keep
+    units, records = _units(cases, a.archs)
+    global _UNITS
+    _UNITS = units  # forked workers inherit them (JITFunctions and meta tensors need no pickling)
+    print(f"aot_check: triton {triton.__version__}, {len(cases)} cases -> {len(units)} distinct programs "
+          f"(captured in {time.time() - t0:.1f} s)", flush=True)
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max(1, a.jobs), mp_context=ctx) as ex:
+        for rec in ex.map(compile_unit, range(len(units))):
+            records.append(rec)
+            info = (f"{rec.get('registers')} regs, spill {rec.get('spill_bytes')} B, smem {rec.get('shared')} B, "
+                    f"wgmma {rec.get('wgmma')}, tma {rec.get('tma')}, cp.async {rec.get('cp_async')}")
+            print(f"{'ok  ' if rec['ok'] else 'FAIL'} {rec['kernel']} sm_{rec['arch']} {_fmt_cfg(rec)} "
+                  f"[{len(rec['cases'])} cases]: {info}"
+                  + ("" if rec["ok"] else " -- " + "; ".join(rec["problems"])), flush=True)
+    for rec in records:
+        if "registers" not in rec and "config" not in rec:
+            print(f"FAIL {rec['kernel']} sm_{rec['arch']} {rec['cases']}: {'; '.join(rec['problems'])}")
+    bad = sum(not r["ok"] for r in records)
+    if a.json_path:
+        with open(a.json_path, "w") as f:
+            json.dump(dict(triton=triton.__version__, archs=a.archs, cases=[c.name for c in cases],
+                           elapsed_s=round(time.time() - t0, 1), records=records), f, indent=1, default=str)
+    if a.md_path:
+        with open(a.md_path, "w") as f:
+            f.write(markdown([r for r in records if "registers" in r]))
+    print(f"aot_check: {len(records) - bad}/{len(records)} programs compiled within limits "
+          f"in {time.time() - t0:.0f} s")
     return 1 if bad else 0
 
 
