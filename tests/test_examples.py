@@ -30,3 +30,22 @@ def test_tiny_llama_sorsa_and_kasa(tmp_path):
     assert os.path.isfile(tmp_path / "sorsa" / "adapter" / "sorsa_config.json")
     assert os.path.isfile(tmp_path / "kasa" / "adapter" / "adapter_config.json")
     assert results[1]["accelerated"] == 14  # 7 projections × 2 layers on the fused op
+
+
+def test_readme_peft_section_runs(tmp_path, monkeypatch):
+    import re
+
+    import torch
+
+    text = open(os.path.join(os.path.dirname(EXAMPLE), "..", "README.md")).read()
+    section = text[text.index("### Using with PEFT"):]
+    block = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    exec(compile(block, "README.md#using-with-peft", "exec"), ns)
+    assert len(ns["report"].accelerated) == 2 and not ns["report"].skipped
+    model, again, x = ns["model"], ns["again"], ns["x"]
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+        assert (again(x) - y).abs().max() < 1e-5 * max(1.0, y.abs().max().item())
