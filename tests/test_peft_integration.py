@@ -65,6 +65,18 @@ def inputs(dtype, shape=(3, 5), k=24, seed=1):
     return torch.randn(*shape, k, generator=g).to(dtype), torch.randn(*shape, k, generator=g)
 
 
+def assert_fused(model, x):
+    """The fused path really ran: PEFT's own lora.Linear.forward is never entered."""
+    calls = []
+    orig = LoraLinear.forward
+    LoraLinear.forward = lambda self, *a, **k: calls.append(1) or orig(self, *a, **k)
+    try:
+        model(x)
+    finally:
+        LoraLinear.forward = orig
+    assert not calls
+
+
 def compare(out, low, ref):
     (y, dx, g), (yl, dxl, gl), (yr, dxr, gr) = out, low, ref
     assert_tolerance(y, yl, yr, "y")
@@ -96,15 +108,7 @@ def test_matches_peft_layer(kind, dtype):
     out = run(fast, x, dy)
     assert out[0].dtype == dtype
     compare(out, run(low, x, dy), run(ref64, x.double(), dy.double()))
-    # the fused path really ran: PEFT's own forward is never entered
-    calls = []
-    orig = LoraLinear.forward
-    LoraLinear.forward = lambda self, *a, **k: calls.append(1) or orig(self, *a, **k)
-    try:
-        fast(x)
-    finally:
-        LoraLinear.forward = orig
-    assert not calls
+    assert_fused(fast, x)
 
 
 @pytest.mark.parametrize("kind", ["lora", "kasa"])
@@ -164,6 +168,7 @@ def test_forced_triton(kind):
     skp.accelerate(fast, backend="triton")
     x, dy = inputs(torch.float32, shape=(7,))
     compare(run(fast, x, dy), run(pm, x, dy), run(copy.deepcopy(pm).double(), x.double(), dy.double()))
+    assert_fused(fast, x)
 
 
 # ---------------------------------------------------------------- PEFT machinery intact
@@ -358,3 +363,23 @@ def test_export_plain_lora_on_original_base(init, tmp_path):
     torch.testing.assert_close(loaded(x), y, rtol=0, atol=2e-5 * y.abs().max().item())
     with pytest.raises(ValueError, match="original"):
         skp.export_lora(pm, tmp_path, {})
+
+
+def test_gpt2_conv1d_fan_in_fan_out():
+    """GPT-2's Conv1D (weight in × out, PEFT's fan_in_fan_out=True) runs on the fused op through a
+    transposed view of the weight; forward and gradients match PEFT's layer."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = nn.Sequential(Conv1D(20, 24), nn.Tanh(), Conv1D(24, 20))
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for n, t in pm.named_parameters():
+            if "lora_B" in n:
+                t.normal_()
+    fast = copy.deepcopy(pm)
+    rep = skp.accelerate(fast, backend="torch")
+    assert len(rep.accelerated) == 2 and not rep.skipped
+    x, dy = inputs(torch.float32, k=24)
+    compare(run(fast, x, dy), run(pm, x, dy), run(copy.deepcopy(pm).double(), x.double(), dy.double()))
+    assert_fused(fast, x)

@@ -57,12 +57,12 @@ def servable_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     if type(layer) not in (LoraLinear, AcceleratedLoraLinear):
         return f"{type(layer).__module__}.{type(layer).__name__} is not a plain lora.Linear"
     base = layer.base_layer
-    if type(base) is not nn.Linear:  # quantised (bnb, hqq, ...), nested tuners, custom forwards
-        return f"base layer is {type(base).__name__}, not torch.nn.Linear"
+    fifo = bool(getattr(layer, "fan_in_fan_out", False))
+    if type(base) is not (_conv1d_cls() if fifo else nn.Linear):  # quantised (bnb, hqq, ...), nested, custom
+        want = "transformers Conv1D (fan_in_fan_out=True)" if fifo else "torch.nn.Linear"
+        return f"base layer is {type(base).__name__}, not {want}"
     if base._forward_hooks or base._forward_pre_hooks:  # e.g. accelerate's device-map hooks
         return "the base layer has forward hooks"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out (Conv1D base)"
     variant = layer.lora_variant.get(adapter)
     if variant is not None and not isinstance(variant, KasaLinearVariant):
         return f"LoRA variant {type(variant).__name__}"
@@ -71,6 +71,15 @@ def servable_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     if type(layer.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
         return f"dropout module {type(layer.lora_dropout[adapter]).__name__}"
     return None
+
+
+def _conv1d_cls():
+    """transformers' GPT-2 ``Conv1D`` (weight stored in × out), or None without transformers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except ImportError:  # pragma: no cover
+        return None
 
 
 _ONES: Dict[Tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
@@ -116,7 +125,8 @@ class AcceleratedLoraLinear(LoraLinear):
             return None
         drop = self.lora_dropout[a]
         p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-        return base.weight, A, S, B, self.scaling[a], base.bias, p, drop.training
+        W = base.weight.t() if self.fan_in_fan_out else base.weight  # Conv1D stores in × out: a view
+        return W, A, S, B, self.scaling[a], base.bias, p, drop.training
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ops = self._sk_operands(x, args, kwargs)
@@ -144,7 +154,8 @@ class AccelerateReport:
 def accelerate(model: nn.Module, *, backend: str = "auto", warn: bool = True) -> AccelerateReport:
     """Run the adapter branch of a PEFT model's ``lora.Linear`` layers through the fused op.
 
-    Served: plain LoRA (any init: default, gaussian, PiSSA, OLoRA, ...), rsLoRA, KaSA; with or
+    Served: plain LoRA (any init: default, gaussian, PiSSA, OLoRA, ...), rsLoRA, KaSA, on
+    ``nn.Linear`` or (``fan_in_fan_out``) transformers ``Conv1D`` bases; with or
     without ``lora_dropout`` (one mask per module call on the adapter branch's input, as PEFT);
     one active adapter per call. Left on PEFT's path (listed in the returned report and, when
     ``warn``, in one warning): other layer types (Embedding, Conv, quantised or hooked base
