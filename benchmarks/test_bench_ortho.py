@@ -1,14 +1,13 @@
-"""Regularizer step over a whole model's adapters (Llama-2-7B-shaped on GPU): ours vs the
+"""Regularizer step over a whole model's adapters (Llama-2-7B-shaped on a GPU): ours vs the
 reference's loop + autograd vs the bandwidth floor measured in the same run."""
 import pytest
 
-from sorsa_kernels import bench
+from conftest import ROLES, cases_of, ids
 
-from conftest import DEV, DT, QUICK
-
-IMPLS = list(bench.ortho_callables(DEV, DT, quick=True))
+CASES = cases_of("ortho_step")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_ortho_step(measure, impl):
-    measure(bench.ortho_callables(DEV, DT, QUICK)[impl])
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
+def test_ortho_step(measure, case, role):
+    measure(case, role)

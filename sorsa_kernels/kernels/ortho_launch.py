@@ -282,13 +282,18 @@ def ortho_triton_(mats: Sequence[torch.Tensor], is_b: Sequence[bool], squared: b
 
 
 def aot_cases(device: str = "meta") -> List[Tuple[List[torch.Tensor], List[bool]]]:
-    """Representative adapter lists (Llama-2-7B shapes at r = 128, one per dtype, plus a ragged
-    column-major one) for compiling every (dtype, layout) program ahead of time: call
-    ``ortho_triton_(mats, is_b, False, 1.0)`` on each with launches intercepted."""
+    """Representative adapter lists for compiling every (dtype, layout, offset width) program
+    ahead of time: Llama-2-7B shapes at r = 128 (A row-major → LAYOUT 0, B row-major → Bᵀ
+    LAYOUT 1), a ragged general-strided one (LAYOUT 2) and rows past element 2³¹ (I64), per
+    dtype. Call ``ortho_triton_(mats, is_b, False, 1.0)`` on each with the launches intercepted
+    (it reads no tensor data: works on the meta device)."""
     cases = []
     for dt in (torch.bfloat16, torch.float16, torch.float32):
-        mk = lambda *s: torch.empty(*s, dtype=dt, device=device, requires_grad=True)  # noqa: E731
-        mats = [mk(128, 4096), mk(4096, 128), mk(128, 11008), mk(11008, 128),
-                mk(1000, 77).t(), mk(333, 17)]  # last two: general layouts / ragged r
-        cases.append((mats, [False, True, False, True, False, True]))
+        def mk(shape, stride=None):
+            stride = stride or (shape[1], 1)
+            return torch.empty_strided(shape, stride, dtype=dt, device=device, requires_grad=True)
+        mats = [mk((128, 4096)), mk((4096, 128)), mk((128, 11008)), mk((11008, 128)),
+                mk((77, 333), (68, 2)),          # general strides, ragged r
+                mk((3, 64), (2 ** 30 + 64, 1))]  # an offset past 2³¹: 64-bit program
+        cases.append((mats, [False, True, False, True, False, False]))
     return cases
