@@ -9,14 +9,16 @@ branches on the backend name.
 * ``"ext"``: the compiled C++/CUDA extension ``sorsa_kernels._C`` (CPU build always, CUDA
   implementations when it was built with nvcc).
 * ``"auto"``: the op's accelerated backend when it can run on the tensors' device (Triton
-  only for CUDA tensors: the interpreter is a test vehicle), else ``"torch"``.
+  only for CUDA tensors: the interpreter is a test vehicle), else ``"torch"``. Ops that pass
+  a shape signature to :func:`choose` get, on CUDA, a timed per-shape choice between the
+  fused path and the torch path (:mod:`sorsa_kernels._dispatch`).
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
-from typing import Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -64,8 +66,22 @@ _EXT_STATUS = _probe_ext()
 
 
 def triton_status() -> tuple[bool, str]:
-    """(usable, reason): the reason says what is missing."""
+    """(importable, reason): the reason says what is missing. Whether kernels can also *run*
+    here (a CUDA GPU, or the interpreter) is :func:`triton_runtime_status`."""
     return _TRITON_STATUS
+
+
+def triton_runtime_status() -> tuple[bool, str]:
+    """(Triton kernels can run in this process, reason)."""
+    ok, why = triton_status()
+    if not ok:
+        return False, why
+    if triton_interpret():
+        return True, "interpreter on (TRITON_INTERPRET=1): kernels run on CPU tensors, slowly"
+    if torch.cuda.is_available():
+        return True, f"CUDA GPU: {torch.cuda.get_device_name()}"
+    return False, ("triton is installed but no CUDA GPU is visible: its kernels cannot run here "
+                   "(the torch path runs; TRITON_INTERPRET=1 runs them in the interpreter for tests)")
 
 
 def ext_status() -> tuple[bool, bool, str]:
@@ -123,3 +139,50 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     if not ok:
         raise RuntimeError(f"backend='{backend}' is not available for {op}: {why}")
     return backend
+
+
+def choose(op: str, backend: str, device: torch.device,
+           case: Optional[Callable[[], Optional[Tuple[Dict[str, Any], Callable[[str], Callable[[], Any]]]]]] = None
+           ) -> str:
+    """:func:`resolve`, plus the timed fused-vs-torch choice for ``backend="auto"`` on CUDA.
+
+    ``case()`` (called only when a choice is to be made) returns ``(fields, bench)``: the op's
+    shape signature (bucketed dims, dtype, dropout on/off, bias) and ``bench(name)``, which
+    builds a fwd+bwd thunk of candidate ``name`` on random inputs of those shapes; it returns
+    None when the shapes are symbolic. A forced backend is never second-guessed.
+    """
+    impl = resolve(op, backend, device)
+    if backend != "auto" or impl == "torch" or device.type != "cuda" or case is None:
+        return impl
+    from . import _dispatch
+    if not _dispatch.autotune_enabled():
+        return impl
+    got = case()
+    if got is None:
+        return impl
+    fields, bench = got
+    return _dispatch.decide(op, impl, _dispatch.make_key(op, fields, device), fields, bench)
+
+
+def describe() -> Dict[str, Dict[str, str]]:
+    """Per op, what ``backend="auto"`` runs on ``cpu`` and on ``cuda`` in this process (with why),
+    for ``sorsa-kernels info``."""
+    t_ok, t_why = triton_runtime_status()
+    out: Dict[str, Dict[str, str]] = {}
+    for op in sorted(_IMPLEMENTED):
+        row = {"cpu": resolve(op, "auto", torch.device("cpu"))}
+        if torch.cuda.is_available():
+            cuda = resolve(op, "auto", torch.device("cuda"))
+            timed = op in _TIMED and cuda != "torch"
+            row["cuda"] = cuda + (" or torch, timed per shape (SORSA_KERNELS_AUTOTUNE=0: always fused)"
+                                  if timed else "")
+        else:
+            row["cuda"] = "no CUDA device visible"
+        if "triton" in _IMPLEMENTED[op] and not t_ok:
+            row["triton"] = t_why
+        out[op] = row
+    return out
+
+
+# ops whose "auto" goes through the timed dispatcher on CUDA (they call choose() with a signature)
+_TIMED = {"sorsa_linear"}

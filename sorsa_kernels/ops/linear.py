@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
+from .. import _backend, _dispatch
 from .._validate import check_device, check_dropout_p, check_float, check_scale, check_shape
 
 OP = "sorsa_linear"
@@ -221,8 +221,9 @@ def sorsa_linear(
     scale = check_scale(scale)
     p = check_dropout_p(dropout_p)  # validated even in eval, where it is not applied
     p = p if training else 0.0
-    impl = _backend.resolve(OP, backend, x.device)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    # auto on CUDA: fused or torch, timed once per shape bucket (see _dispatch)
+    impl = _backend.choose(OP, backend, x.device, lambda: _dispatch.linear_case(x2, weight, A, bias, p))
     # The seed lives on the CPU, drawn from torch's CPU generator (torch.manual_seed governs
     # it): kernels and the torch path read it as a host int without a device sync, and every
     # call (layer, step) gets a fresh one, so masks are independent across layers and steps.
