@@ -5,7 +5,6 @@ partial Gram, all-reduced; ``A`` (r × in, sharded along r) is all-gathered (see
 sorsa_kernels/regularizer.py). Gradients are checked against the single-process result.
 """
 import os
-import sys
 
 import pytest
 import torch

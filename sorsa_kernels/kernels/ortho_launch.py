@@ -19,7 +19,6 @@ emulation) on the GPU; bf16/fp16 products are exact in fp32 accumulators.
 """
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 

@@ -43,15 +43,6 @@ def grad_coefs(norms: torch.Tensor, squared: bool, scale: Union[float, torch.Ten
     return torch.where(norms > 0, (2.0 * scale) / safe, torch.zeros_like(norms))
 
 
-def accumulate_grad_(p: torch.Tensor, g: torch.Tensor) -> None:
-    """``p.grad += g`` (cast to p's dtype), creating ``.grad`` where it is None."""
-    g = g.to(p.dtype)
-    if p.grad is None:
-        p.grad = g.contiguous() if g.shape == p.shape else g.reshape(p.shape)
-    else:
-        p.grad.add_(g)
-
-
 class _TorchGroup:
     def __init__(self, idx: List[int], b: bool, r: int, dtype: torch.dtype, device: torch.device, reduce_key):
         self.idx, self.b, self.dtype, self.reduce_key = idx, b, dtype, reduce_key
