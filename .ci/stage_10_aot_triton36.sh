@@ -32,3 +32,6 @@ if ! "$VENV/bin/python" -c "import triton, torch, numpy; assert triton.__version
   echo "== triton 3.6 venv built in $(( $(date +%s) - t0 )) s"
 fi
 run_check "$VENV/bin/python" "triton3.6.0"
+# one table, both versions side by side (BENCHMARKS.md "AOT evidence" is made from it)
+"$PY" -m sorsa_kernels.kernels.aot_check --table "$OUT"/aot-triton*.json > "$OUT/aot.md"
+echo "== AOT table: $OUT/aot.md"

@@ -326,40 +326,54 @@ def _attr_names(params, attrs, attr: str) -> List[str]:
 
 # ----------------------------------------------------------------------------- report
 def _fmt_cfg(rec: dict) -> str:
+    """``M128 N128 K64 G8 w8 s3``: the config's block sizes (``BLOCK_`` dropped), warps, stages."""
     c = rec["config"]
-    order = ("BLOCK_A", "BLOCK_B", "BLOCK_M") if "BLOCK_A" in c else ("BLOCK_M", "BLOCK_N", "BLOCK_K")
-    keys = [k for k in order + ("BLOCK_R", "BLOCK_L") if k in c]
-    tile = "×".join(str(c[k]) for k in keys) if keys else "fixed"
-    return f"{tile} w{rec['num_warps']} s{rec['num_stages']}"
+    tile = " ".join(k.replace("BLOCK_", "").replace("GROUP_", "G")[:3] + str(v) for k, v in c.items()
+                    if isinstance(v, int) and not isinstance(v, bool))
+    return f"{tile} w{rec['num_warps']} s{rec['num_stages']}".strip()
 
 
-def markdown(records: List[dict]) -> str:
-    """Compact table: one row per kernel × config × arch × dtype (worst case over the shapes)."""
-    import triton
-    rows: Dict[tuple, dict] = {}
-    for r in records:
-        if "registers" not in r:
-            continue
-        for dt in r["dtypes"]:
-            key = (r["kernel"], _fmt_cfg(r), r["arch"], dt)
-            a = rows.setdefault(key, dict(regs=0, spill=0, smem=0, wgmma=True, tma=False, cpa=0, sass=0, n=0, ok=True))
+def _kb(a: dict) -> str:
+    return f"{a['smem'] / 1024:.0f}"
+
+
+def markdown(runs: Dict[str, List[dict]]) -> str:
+    """Compact table from one or more runs (Triton version -> records): one row per kernel ×
+    config × arch, max over the dtypes and shapes that hit it; ``a / b`` cells give each run."""
+    rows: Dict[tuple, Dict[str, dict]] = {}
+    for ver, records in runs.items():
+        for r in records:
+            if "registers" not in r:
+                continue
+            a = rows.setdefault((r["kernel"], _fmt_cfg(r), r["arch"]), {}).setdefault(
+                ver, dict(regs=0, spill=0, smem=0, wgmma=False, tc=False, tma=False, cpa=0, sass=0, n=0, ok=True,
+                          dt=set()))
             a["regs"] = max(a["regs"], r["registers"] or 0)
             a["spill"] = max(a["spill"], r["spill_bytes"])
             a["smem"] = max(a["smem"], r["shared"])
-            a["wgmma"] &= r["wgmma"] or r["arch"] != 90 or not r["tc_dots"]
+            a["wgmma"] |= r["wgmma"]
+            a["tc"] |= bool(r["tc_dots"])
             a["tma"] |= r["tma"]
             a["cpa"] = max(a["cpa"], r["cp_async"])
             a["sass"] = max(a["sass"], r["sass_total"])
             a["n"] += 1
             a["ok"] &= r["ok"]
-    out = [f"Triton {triton.__version__}: {len(records)} programs "
-           f"({sum(not r['ok'] for r in records)} failing). Max over the shapes that hit each row.", "",
-           "| kernel | config | arch | dtype | regs | spill B | smem KB | wgmma | TMA | cp.async | SASS instr | progs | ok |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (kern, cfg, arch, dt), a in sorted(rows.items()):
-        out.append(f"| {kern} | {cfg} | sm_{arch} | {dt} | {a['regs']} | {a['spill']} | {a['smem'] / 1024:.0f} | "
-                   f"{'yes' if a['wgmma'] else 'NO'} | {'yes' if a['tma'] else 'no'} | {a['cpa']} | {a['sass']} | "
-                   f"{a['n']} | {'ok' if a['ok'] else 'FAIL'} |")
+            a["dt"].update(r["dtypes"])
+    vers = list(runs)
+    cell = lambda d, f: " / ".join(f(d[v]) if v in d else "–" for v in vers)  # noqa: E731
+    yn = lambda b: "yes" if b else "no"  # noqa: E731
+    fails = {v: sum(not r["ok"] for r in runs[v]) for v in vers}
+    out = [f"Triton {' / '.join(vers)}: " + ", ".join(f"{len(runs[v])} programs ({fails[v]} failing)" for v in vers)
+           + ". Max over the dtypes and shapes that hit each row; a / b = each Triton version.", "",
+           "| kernel | config | arch | dtypes | regs | spill B | smem KB | wgmma | TMA | cp.async | SASS instr | ok |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (kern, cfg, arch), d in sorted(rows.items()):
+        dts = ",".join(sorted(set().union(*(x["dt"] for x in d.values()))))
+        wg = cell(d, lambda a: yn(a["wgmma"])) if arch == 90 else "–"
+        out.append(f"| {kern} | {cfg} | sm_{arch} | {dts} | {cell(d, lambda a: str(a['regs']))} | "
+                   f"{cell(d, lambda a: str(a['spill']))} | {cell(d, lambda a: _kb(a))} | "
+                   f"{wg} | {cell(d, lambda a: yn(a['tma']))} | {cell(d, lambda a: str(a['cpa']))} | "
+                   f"{cell(d, lambda a: str(a['sass']))} | {cell(d, lambda a: 'ok' if a['ok'] else 'FAIL')} |")
     return "\n".join(out) + "\n"
 
 
@@ -372,7 +386,17 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="compile workers (default 2: CI has 2 shared cores)")
     ap.add_argument("--json", dest="json_path", help="write one record per program here")
     ap.add_argument("--markdown", dest="md_path", help="write a compact table here")
+    ap.add_argument("--table", nargs="+", metavar="JSON",
+                    help="only print the combined markdown table of these --json reports (no compile)")
     a = ap.parse_args(argv)
+    if a.table:
+        runs = {}
+        for path in a.table:
+            with open(path) as f:
+                rep = json.load(f)
+            runs[rep["triton"]] = rep["records"]
+        print(markdown(runs), end="")
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot_check: unset TRITON_INTERPRET (the interpreter replaces @triton.jit functions)")
         return 2
@@ -410,7 +434,7 @@ def main(argv=None) -> int:
                            elapsed_s=round(time.time() - t0, 1), records=records), f, indent=1, default=str)
     if a.md_path:
         with open(a.md_path, "w") as f:
-            f.write(markdown([r for r in records if "registers" in r]))
+            f.write(markdown({triton.__version__: records}))
     print(f"aot_check: {len(records) - bad}/{len(records)} programs compiled within limits "
           f"in {time.time() - t0:.0f} s")
     return 1 if bad else 0
