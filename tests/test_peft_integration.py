@@ -383,3 +383,41 @@ def test_gpt2_conv1d_fan_in_fan_out():
     x, dy = inputs(torch.float32, k=24)
     compare(run(fast, x, dy), run(pm, x, dy), run(copy.deepcopy(pm).double(), x.double(), dy.double()))
     assert_fused(fast, x)
+
+
+@pytest.mark.parametrize("kind", ["lora", "kasa"])
+def test_torch_compile_fullgraph(kind):
+    """The accelerated layers trace without graph breaks (per-call checks are plain Python on
+    module state); in eval the compiled model equals the eager one, in training (dropout on) it
+    compiles with fullgraph too."""
+    pm = make(kind, p=0.1)
+    skp.accelerate(pm, backend="torch")
+    pm.eval()
+    x, dy = inputs(torch.float32)
+    compiled = torch.compile(pm, backend="aot_eager", fullgraph=True)
+    y_eager, dx_eager, g_eager = run(pm, x, dy)
+    y, dx, g = run(compiled, x, dy)
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(dx, dx_eager)
+    for n in g_eager:
+        torch.testing.assert_close(g["_orig_mod." + n], g_eager[n])
+    pm.train()
+    y_train = torch.compile(pm, backend="aot_eager", fullgraph=True)(x)
+    assert torch.isfinite(y_train).all() and (y_train - y_eager).abs().max() > 1e-4  # a mask was applied
+
+
+def test_bad_inputs_name_the_argument(tmp_path):
+    from peft.tuners.lora.variants import KasaLinearVariant
+
+    truncate = KasaLinearVariant.__dict__["_truncate_base_weight"]
+    with pytest.raises(RuntimeError, match="boom"), skp.fast_svd_init():
+        raise RuntimeError("boom")
+    assert KasaLinearVariant.__dict__["_truncate_base_weight"] is truncate  # restored on error
+    with pytest.raises(TypeError, match="PeftModel"):
+        skp.kasa_loss(Tiny())
+    pm = make()
+    pm.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        skp.export_lora(pm, tmp_path, Tiny().state_dict())
+    with pytest.raises(ValueError, match="no lora.Linear layer holds adapter 'nope'"):
+        skp.export_lora(make(), tmp_path, Tiny(), adapter_name="nope")
