@@ -147,7 +147,8 @@ def decide(op: str, fused: str, key: str, fields: Dict[str, Any],
     entry = dict(op=op, choice=choice, ms=times, errors=errors, **fields)
     with _lock:
         _load()[key] = entry
-        _save()
+        if ok:  # nothing ran (e.g. out of memory): remember for this process only, retry next time
+            _save()
     return choice
 
 
@@ -185,19 +186,26 @@ def linear_case(x2: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, bias: O
                   adapter_dtype=str(adt).replace("torch.", ""), dropout=p > 0, bias=bias is not None)
 
     def bench(name: str) -> Callable[[], Any]:
-        from .ops.linear import sorsa_linear
-        g = torch.Generator(device=dev).manual_seed(0)
-        rnd = lambda *s, dtype=dt: torch.randn(*s, generator=g, device=dev, dtype=dtype)  # noqa: E731
-        x = rnd(M, K).requires_grad_()
-        w = rnd(N, K) / K ** 0.5
-        a, s, b = rnd(r, K, dtype=adt).requires_grad_(), rnd(r, dtype=adt).requires_grad_(), \
-            rnd(N, r, dtype=adt).requires_grad_()
-        bb = rnd(N) if bias is not None else None
-        dy = rnd(M, N)
-
-        def step():  # fwd + bwd, as a training step runs it
-            sorsa_linear(x, w, a, s, b, 0.5, bb, dropout_p=p, training=True, backend=name).backward(dy)
-            x.grad = a.grad = s.grad = b.grad = None
-        return step
+        with torch.inference_mode(False):  # normal tensors even if the call came under inference_mode
+            return _linear_bench(name, M, K, N, r, dt, adt, dev, bias is not None, p)
 
     return fields, bench
+
+
+def _linear_bench(name, M, K, N, r, dt, adt, dev, has_bias, p) -> Callable[[], Any]:
+    """fwd+bwd thunk of candidate ``name`` on random (never zero) inputs of the real shapes."""
+    from .ops.linear import sorsa_linear
+    g = torch.Generator(device=dev).manual_seed(0)
+    rnd = lambda *s, dtype=dt: torch.randn(*s, generator=g, device=dev, dtype=dtype)  # noqa: E731
+    x = rnd(M, K).requires_grad_()
+    w = rnd(N, K) / K ** 0.5
+    a, s, b = (rnd(r, K, dtype=adt).requires_grad_(), rnd(r, dtype=adt).requires_grad_(),
+               rnd(N, r, dtype=adt).requires_grad_())
+    bb = rnd(N) if has_bias else None
+    dy = rnd(M, N)
+
+    def step():  # as a training step runs it, also when the user's call came under no_grad/inference_mode
+        with torch.inference_mode(False), torch.enable_grad():
+            sorsa_linear(x, w, a, s, b, 0.5, bb, dropout_p=p, training=True, backend=name).backward(dy)
+        x.grad = a.grad = s.grad = b.grad = None
+    return step

@@ -129,6 +129,18 @@ def test_failing_candidate_falls_back_to_torch():
     assert entry["errors"] == {"triton": "RuntimeError: fused launch failed"} and entry["ms"] == {"torch": 2.0}
 
 
+@pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
+def test_timing_works_when_the_call_comes_without_grad(ctx):
+    """An inference call must not make the fwd+bwd timing fail (and cache a wrong choice)."""
+    _needs_triton()
+    fields, bench = _case(M=40, K=24, N=16, r=3)()
+    _dispatch.set_timer(FakeTimer({"triton": 1.0, "torch": 2.0}, run=True))
+    runs = lambda name: bench("torch")  # noqa: E731  (the fused thunk cannot run on CPU tensors)
+    with ctx():
+        assert _backend.choose(OP, "auto", CUDA, lambda: (fields, runs)) == "triton"
+    assert _dispatch.report()[0]["errors"] == {}
+
+
 def test_nan_timing_is_never_chosen_and_ties_fuse():
     _needs_triton()
     _dispatch.set_timer(FakeTimer({"triton": math.nan, "torch": 2.0}))
