@@ -253,11 +253,14 @@ def test_report_skips_unservable_and_unaccelerate():
 
 # ---------------------------------------------------------------- batched SVD init
 
-def test_fast_pissa_matches_peft_and_batches(monkeypatch):
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4"])
+def test_fast_pissa_matches_peft_and_batches(monkeypatch, init):
+    """Both PiSSA spellings are served by the batched rsvd; compared with PEFT's exact "pissa"."""
     torch.manual_seed(3)
     base = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 48))
-    conf = LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1", "2"], init_lora_weights="pissa")
-    ref = get_peft_model(copy.deepcopy(base), copy.deepcopy(conf))
+    conf = LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1", "2"], init_lora_weights=init)
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1", "2"],
+                                                         init_lora_weights="pissa"))
     calls = []
     real = sk_init.rsvd
     monkeypatch.setattr(sk_init, "rsvd", lambda W, r, **kw: calls.append(tuple(W.shape)) or real(W, r, **kw))
@@ -339,14 +342,14 @@ def test_sorsa_ortho_on_peft_params():
     assert skp.ortho_loss(Tiny()) is None
 
 
-@pytest.mark.parametrize("init", ["kasa", "pissa", "lora"])
+@pytest.mark.parametrize("init", ["kasa", "pissa", "olora", "lora"])
 def test_export_plain_lora_on_original_base(init, tmp_path):
     """KaSA / PiSSA / LoRA adapters exported as a plain LoRA that the real peft loads onto the
     original, unmodified base and that reproduces the fine-tuned outputs."""
     torch.manual_seed(0)
     base = Tiny()
     original = copy.deepcopy(base)
-    kw = dict(kasa_config=KasaConfig()) if init == "kasa" else dict(init_lora_weights="pissa") if init == "pissa" else {}
+    kw = {"kasa": dict(kasa_config=KasaConfig()), "lora": {}}.get(init, dict(init_lora_weights=init))
     pm = make(init if init == "kasa" else "lora", **({} if init == "kasa" else kw))
     if init != "kasa":
         pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=6, target_modules=["q", "v"], **kw))
@@ -372,6 +375,7 @@ def test_gpt2_conv1d_fan_in_fan_out():
 
     torch.manual_seed(0)
     base = nn.Sequential(Conv1D(20, 24), nn.Tanh(), Conv1D(24, 20))
+    pristine = copy.deepcopy(base)  # get_peft_model wraps base's layers in place
     pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], fan_in_fan_out=True))
     with torch.no_grad():
         for n, t in pm.named_parameters():
@@ -383,6 +387,16 @@ def test_gpt2_conv1d_fan_in_fan_out():
     x, dy = inputs(torch.float32, k=24)
     compare(run(fast, x, dy), run(pm, x, dy), run(copy.deepcopy(pm).double(), x.double(), dy.double()))
     assert_fused(fast, x)
+    # PiSSA on Conv1D (weight transposed for the SVD) through the batched init
+    conf = LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], fan_in_fan_out=True, init_lora_weights="pissa")
+    ref = get_peft_model(copy.deepcopy(pristine), copy.deepcopy(conf))
+    with skp.fast_svd_init(method="svd"):
+        ours = get_peft_model(copy.deepcopy(pristine), copy.deepcopy(conf))
+    for i in ("0", "2"):
+        lo, lr_ = ours.base_model.model[int(i)], ref.base_model.model[int(i)]
+        assert type(lo.base_layer) is Conv1D
+        torch.testing.assert_close(lo.base_layer.weight, lr_.base_layer.weight, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["lora", "kasa"])
