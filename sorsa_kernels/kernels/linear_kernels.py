@@ -15,8 +15,8 @@ Two kernels cover every GEMM of the op:
   ``dB`` and ``dA``, whose outputs are too small to fill the GPU otherwise.
 
 Dropout masks are never stored. Element (m, k) of x belongs to Philox counter
-``m·cdiv(in_features, 4) + k // 4`` and takes one of that call's four 32-bit outputs
-(``tl.randint4x``: one Philox per 4 elements); it is kept iff its top 24 bits are
+``m·cdiv(in_features, 4) + k // 4`` and takes word ``k % 4`` of that call's four 32-bit
+outputs (``tl.randint4x``: one Philox per 4 elements); it is kept iff its top 24 bits are
 ``>= round(p·2^24)``. The mask is regenerated identically wherever it is needed (forward
 shrink, dX epilogue, dA); ``seed`` is a host integer drawn per call from torch's CPU
 generator (no device sync; independent masks across layers and steps).
@@ -33,12 +33,12 @@ def _keep4(seed, rows, c0, ld4, thr, BN: tl.constexpr):
     """Keep-mask of the (rows × [c0, c0+BN)) tile of x; ``c0`` and ``BN`` are multiples of 4.
 
     rows: (BM, 1) row indices (int64 when offsets are big). One ``randint4x`` call per group
-    of 4 columns; the four outputs are interleaved back to columns with join/reshape.
+    of 4 columns; output word ``j`` goes to column ``4·group + j`` (join/reshape interleave).
     """
     g = c0 // 4 + tl.arange(0, BN // 4)
     off = rows * ld4 + g[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, off)
-    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (rows.shape[0], BN))
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (rows.shape[0], BN))
     return (r >> 8).to(tl.int32) >= thr
 
 
@@ -91,16 +91,20 @@ def sorsa_mm_kernel(
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for step in range(0, k_steps + r_steps):
-            # scalar switch to the [X2 | W2] segment for the last r_steps steps
-            main = step < k_steps
-            k0 = tl.where(main, k_lo + step * BLOCK_K, (step - k_steps) * BLOCK_K)
-            k_end = tl.where(main, k_hi, R)
-            xa_ = tl.where(main, X1, X2)
-            wa_ = tl.where(main, W1, W2)
-            sxm = tl.where(main, s_x1m, s_x2m)
-            sxk = tl.where(main, s_x1k, s_x2r)
-            swn = tl.where(main, s_w1n, s_w2n)
-            swk = tl.where(main, s_w1k, s_w2r)
+            if FUSED:  # scalar switch to the [X2 | W2] segment for the last r_steps steps
+                main = step < k_steps
+                k0 = tl.where(main, k_lo + step * BLOCK_K, (step - k_steps) * BLOCK_K)
+                k_end = tl.where(main, k_hi, R)
+                xa_ = tl.where(main, X1, X2)
+                wa_ = tl.where(main, W1, W2)
+                sxm = tl.where(main, s_x1m, s_x2m)
+                sxk = tl.where(main, s_x1k, s_x2r)
+                swn = tl.where(main, s_w1n, s_w2n)
+                swk = tl.where(main, s_w1k, s_w2r)
+            else:
+                k0 = k_lo + step * BLOCK_K
+                k_end = k_hi
+                xa_, wa_, sxm, sxk, swn, swk = X1, W1, s_x1m, s_x1k, s_w1n, s_w1k
             kk = k0 + rk
             if BIG:
                 kk = kk.to(tl.int64)
@@ -171,3 +175,68 @@ def sorsa_tn_kernel(
         acc = tl.dot(pt, q, acc, input_precision=PREC)
     c = C + split.to(tl.int64) * s_cs + ra[:, None] * s_ca + rb[None, :] * s_cb
     tl.store(c, acc, mask=(ra[:, None] < DA) & (rb[None, :] < DB))
+
+
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def sorsa_mm_tma_kernel(
+    x_desc, w_desc, s_desc, b_desc, BIAS, c_desc,
+    M, N, K, R, M_BUCKET,
+    HAS_BIAS: tl.constexpr, W_T: tl.constexpr, B_T: tl.constexpr, UPCAST: tl.constexpr,
+    EPI_SUB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Hopper main GEMM ``C = [X | S]·[W | B]ᵀ + bias`` through host tensor descriptors (TMA).
+
+    Same schedule as ``sorsa_mm_kernel`` without masks (TMA zero-fills out-of-bounds boxes and
+    clips stores): persistent grouped tiles; the rank-r segment runs as ``cdiv(R, BLOCK_K)``
+    extra steps right after the multi-buffered K loop (see the comment there for why not
+    inside it), its ``[S | B]`` boxes read from a row stride padded once to 16 bytes. ``W_T``/``B_T``:
+    the right operand is stored (K, N) (``dX = dY·W_r``) instead of (N, K). ``EPI_SUB`` stores
+    the tile as two (BLOCK_M, BLOCK_N/2) halves (smaller epilogue staging buffer).
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_m * num_n
+    k_steps = tl.cdiv(K, BLOCK_K)
+    r_steps = tl.cdiv(R, BLOCK_K)
+    for tile in tl.range(pid, num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(0, k_steps):  # pipelined (TMA multi-buffered) main loop
+            k = step * BLOCK_K
+            a = x_desc.load([off_m, k])
+            if W_T:
+                b = w_desc.load([k, off_n])
+            else:
+                b = w_desc.load([off_n, k]).T
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        # Rank-r tail (1 step for r <= BLOCK_K). A descriptor switch inside the loop above
+        # compiles to an scf.if around the TMA loads and the pipeliner then single-buffers
+        # the whole loop (checked: 80 KB instead of 176 KB smem at 128×256×64/3 stages).
+        for step in range(0, r_steps):
+            k = step * BLOCK_K
+            a = s_desc.load([off_m, k])
+            if B_T:
+                b = b_desc.load([k, off_n])
+            else:
+                b = b_desc.load([off_n, k]).T
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        if HAS_BIAS:
+            rn = off_n + tl.arange(0, BLOCK_N)
+            acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        c = acc.to(c_desc.dtype)
+        if EPI_SUB:
+            c0, c1 = tl.split(tl.permute(tl.reshape(c, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            c_desc.store([off_m, off_n], c0)
+            c_desc.store([off_m, off_n + BLOCK_N // 2], c1)
+        else:
+            c_desc.store([off_m, off_n], c)

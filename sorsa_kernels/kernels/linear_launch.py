@@ -33,7 +33,12 @@ import torch
 import triton
 
 from .._backend import triton_interpret
-from .linear_kernels import sorsa_mm_kernel, sorsa_tn_kernel
+from .linear_kernels import sorsa_mm_kernel, sorsa_mm_tma_kernel, sorsa_tn_kernel
+
+try:  # host-side tensor descriptors: triton >= 3.4 (3.6 on the H200 image, 3.8 here)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the pointer path everywhere
+    TensorDescriptor = None
 
 
 def _cfg(bm, bn, bk, w, s, **kw):
@@ -48,7 +53,7 @@ CONFIGS = {
     ("main", True): [_cfg(64, 64, 16, 4, 3), _cfg(32, 64, 32, 4, 3)],
     ("main_drop", False): [_cfg(64, 128, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
     ("main_drop", True): [_cfg(32, 64, 32, 4, 3)],
-    ("skinny", False): [_cfg(64, 32, 32, 4, 3), _cfg(64, 64, 32, 4, 3), _cfg(64, 128, 32, 8, 3)],
+    ("skinny", False): [_cfg(64, 32, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 8, 4)],
     ("skinny", True): [_cfg(32, 32, 32, 4, 3), _cfg(32, 64, 32, 4, 3)],
     ("tn", False): [_cfg(32, 128, 32, 4, 3, tn=True), _cfg(128, 128, 32, 8, 3, tn=True)],
     ("tn", True): [_cfg(32, 64, 16, 4, 3, tn=True)],
@@ -68,8 +73,20 @@ _TUNED = {key: triton.autotune(cfgs, key=_MM_KEY)(sorsa_mm_kernel)
 # config is pinned, never a timing-dependent autotune pick (which could change BLOCK_M and
 # with it the summation order from one process to the next).
 PINNED = {"tn": {False: CONFIGS[("tn", False)][0], True: CONFIGS[("tn", True)][0]}}
+# sm_90 TMA main GEMM (fp16/bf16, unmasked fused [x|s]·[W|B]ᵀ): one config per M bucket by
+# a fixed rule (no autotune: no descriptor re-blocking hook, and the AOT check compiles
+# exactly these). 128×256×64 / 8 warps / 3 stages is the persistent-matmul tutorial's
+# Hopper bf16 tile (TMA boxes 16 + 32 KB per stage, 144 KB smem, epilogue halves).
+TMA_CONFIGS = {
+    "large": _cfg(128, 256, 64, 8, 3),   # M >= 1024
+    "medium": _cfg(128, 128, 64, 8, 4),  # 128 <= M < 1024
+    "small": _cfg(64, 128, 64, 4, 4),    # M < 128 (decode)
+}
+# Tests force the TMA kernel under the interpreter (it runs host descriptors there too).
+FORCE_TMA = False
 # The interpreter runs numpy: one small config keeps the tests fast and hits ragged edges.
 INTERP_MM = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+INTERP_TMA = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)  # BN 32: epilogue halves run too
 INTERP_TN = dict(BLOCK_A=16, BLOCK_B=16, BLOCK_M=16)
 SPLIT_M_GRAIN = 64  # every split of M is a multiple of every TN config's BLOCK_M
 
@@ -146,6 +163,72 @@ def _k_splits(M: int, N: int, K: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * num_sms(device), tiles), K // depth))
 
 
+def padded_rows(M: int, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An (M, r) view whose row stride is r rounded up to 16 bytes (a TMA-legal stride);
+    the padding columns are never read (descriptors use the logical shape)."""
+    step = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    return torch.empty((M, triton.cdiv(max(r, 1), step) * step), dtype=dtype, device=device)[:, :r]
+
+
+def _tma_operand(t: torch.Tensor) -> Optional[bool]:
+    """None if ``t`` (2-D) cannot back a descriptor, else True when its *rows* are contiguous
+    (stride (ld, 1)), False when its columns are (stride (1, ld))."""
+    es = t.element_size()
+    if t.data_ptr() % 16 or t.dim() != 2:
+        return None
+    if t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0:
+        return True
+    if t.stride(0) == 1 and (t.stride(1) * es) % 16 == 0:
+        return False
+    return None
+
+
+def _use_tma(x1, w1, x2, w2, out, drop_out: bool) -> bool:
+    if TensorDescriptor is None or x2 is None or drop_out or x1.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if triton_interpret():
+        if not FORCE_TMA:
+            return False
+    elif device_capability(x1.device)[0] < 9:
+        return False
+    return (_tma_operand(x1) is True and _tma_operand(x2) is True and _tma_operand(out) is True
+            and _tma_operand(w1) is not None and _tma_operand(w2) is not None)
+
+
+def _tma_config(M: int) -> dict:
+    cfg = TMA_CONFIGS["large" if M >= 1024 else "medium" if M >= 128 else "small"]
+    return cfg.all_kwargs()
+
+
+def _mm_tma(x1, w1, x2, w2, bias, out) -> torch.Tensor:
+    """Launch ``sorsa_mm_tma_kernel``: ``out = [x1 | x2]·[w1 | w2]ᵀ + bias`` (see ``mm``)."""
+    M, K = x1.shape
+    N, R = w1.shape[0], x2.shape[1]
+    cfg = INTERP_TMA if triton_interpret() else _tma_config(M)
+    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    epi_sub = BN >= 32
+    w_t = not _tma_operand(w1)   # w1 (N, K) with contiguous columns: a (K, N) row-major tensor
+    b_t = not _tma_operand(w2)
+
+    def desc(t, block, transposed=False):
+        t = t.t() if transposed else t
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+
+    meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+    launch = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    descs = (desc(x1, [BM, BK]),
+             desc(w1, [BK, BN], True) if w_t else desc(w1, [BN, BK]),
+             desc(x2, [BM, BK]),
+             desc(w2, [BK, BN], True) if b_t else desc(w2, [BN, BK]),
+             bias if bias is not None else out,
+             desc(out, [BM, BN // 2 if epi_sub else BN]))
+    grid = (min(num_sms(x1.device), triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
+    with device_guard(x1.device):
+        sorsa_mm_tma_kernel[grid](*descs, M, N, K, R, _m_bucket(M), HAS_BIAS=bias is not None, W_T=w_t, B_T=b_t,
+                                  UPCAST=_upcast(x1.dtype), EPI_SUB=epi_sub, **meta, **launch)
+    return out
+
+
 def mm(
     x1: torch.Tensor, w1: torch.Tensor, out: torch.Tensor, *,
     x2: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
@@ -165,6 +248,8 @@ def mm(
     x2_, w2_ = (x2, w2) if has2 else (x1, w1)
     if M == 0 or N == 0:
         return out
+    if k_splits == 1 and _use_tma(x1, w1, x2, w2, out, drop_out) and not drop_in:
+        return _mm_tma(x1, w1, x2, w2, bias, out)
     out3 = out if out.dim() == 3 else out.unsqueeze(0)
     k_per = triton.cdiv(triton.cdiv(K, k_splits), 64) * 64  # a multiple of every BLOCK_K
     splits = triton.cdiv(K, k_per)
@@ -245,9 +330,14 @@ def linear_fwd(x, weight, A, S, B, bias, scale: float, p: float, seed) -> Tuple[
     dt = x.dtype
     seed = _seed_int(seed)
     xa = skinny(x, A.to(dt), seed=seed, p=p, drop_in=p > 0, drop_ld=K)
-    s = (xa * (S.float() * scale)).to(dt)
+    r = A.shape[0]
+    # [s | B] padded once to a 16-byte row stride so the TMA path can read them
+    s = padded_rows(M, r, dt, x.device)
+    s.copy_(xa * (S.float() * scale))
+    Bp = padded_rows(B.shape[0], r, dt, x.device)
+    Bp.copy_(B)
     y = torch.empty((M, weight.shape[0]), dtype=dt, device=x.device)
-    mm(x, weight, y, x2=s, w2=B.to(dt), bias=None if bias is None else bias.to(dt))
+    mm(x, weight, y, x2=s, w2=Bp, bias=None if bias is None else bias.to(dt))
     return y, xa
 
 
@@ -264,7 +354,8 @@ def linear_bwd(dy, x, weight, A, S, B, xa, scale: float, p: float, seed, need_dx
     Sf = S.float() * scale
     g = skinny(dy, B.to(dt).t())
     dS = (g * xa).sum(0) * scale
-    gs = (g * Sf).to(dt)
+    gs = padded_rows(M, g.shape[1], dt, x.device)
+    gs.copy_(g * Sf)
     dx = dA = dB = None
     if need_dx:
         dx = mm(dy, weight.t(), torch.empty_like(x, memory_format=torch.contiguous_format),

@@ -1,0 +1,148 @@
+"""Issue 10 kernels under the interpreter vs float64: the persistent schedule (more tiles than
+programs), the rank-r segment in the K loop, split-K shrink, the TMA kernel (host tensor
+descriptors run under the interpreter), the documented Philox mask replayed exactly in
+numpy, and frozen adapters' gradients not computed."""
+import numpy as np
+import pytest
+import torch
+
+from sorsa_kernels.kernels import linear_launch as L
+from sorsa_kernels.ops import sorsa_linear, sorsa_linear_naive
+
+from conftest import KERNEL_DEVICE, assert_tolerance, needs_triton
+
+pytestmark = [needs_triton, pytest.mark.skipif(not L.triton_interpret(), reason="interpreter schedule")]
+NAMES = ["y", "dx", "dA", "dS", "dB", "dbias"]
+
+
+# --- an independent numpy Philox4x32-10 (Salmon et al. 2011, Triton's constants) ----------
+def philox4x32(seed: int, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
+    M32 = np.uint64(0xFFFFFFFF)
+    c = [c0.astype(np.uint64), c1.astype(np.uint64), np.zeros_like(c0, np.uint64), np.zeros_like(c0, np.uint64)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    A, B = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        pa, pb = A * c[0], B * c[2]
+        c = [((pb >> np.uint64(32)) ^ c[1] ^ k0) & M32, pb & M32, ((pa >> np.uint64(32)) ^ c[3] ^ k1) & M32, pa & M32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & M32, (k1 + np.uint64(0xBB67AE85)) & M32
+    return np.stack(c, -1)  # (..., 4) words
+
+
+def replay_mask(seed: int, M: int, K: int, p: float) -> torch.Tensor:
+    """The documented mask: (m, k) uses counter m·cdiv(K,4) + k//4, word k % 4, kept iff
+    word >> 8 >= round(p·2^24)."""
+    m, k = np.meshgrid(np.arange(M), np.arange(K), indexing="ij")
+    ctr = (m * ((K + 3) // 4) + k // 4).astype(np.uint64)
+    words = philox4x32(seed, ctr & np.uint64(0xFFFFFFFF), ctr >> np.uint64(32))
+    w = np.take_along_axis(words, (k % 4)[..., None], -1)[..., 0]
+    return torch.from_numpy((w >> np.uint64(8)) >= np.uint64(round(p * 2 ** 24)))
+
+
+def operands(M_shape, k, n, r, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return dict(x=rn(*M_shape, k), W=rn(n, k) / k ** 0.5, A=rn(r, k) / k ** 0.5, S=rn(r).abs() + 0.5,
+                B=rn(n, r) / n ** 0.5, b=rn(n) if bias else None, dy=rn(*M_shape, n))
+
+
+def run(fn, o, dt, device="cpu", x_view=None):
+    x = o["x"].to(device, dt, copy=True)
+    if x_view is not None:
+        x = x_view(x)
+    x.requires_grad_()
+    A, S, B = (o[k].to(device, dt, copy=True).requires_grad_() for k in "ASB")
+    b = None if o["b"] is None else o["b"].to(device, dt, copy=True).requires_grad_()
+    y = fn(x, o["W"].to(device, dt), A, S, B, b)
+    y.backward(o["dy"].to(device, dt))
+    ts = [x, A, S, B] + ([b] if b is not None else [])
+    return [y.detach().cpu()] + [t.grad.cpu() for t in ts]
+
+
+def check(o, dt, p=0.0, mask=None, seed=11, x_view=None):
+    def fused(x, W, A, S, B, b):
+        torch.manual_seed(seed)
+        return sorsa_linear(x, W, A, S, B, 0.5, b, dropout_p=p, backend="triton")
+
+    naive = lambda x, W, A, S, B, b: sorsa_linear_naive(  # noqa: E731
+        x, W, A, S, B, 0.5, b, mask=None if mask is None else mask.reshape(x.shape), dropout_p=p)
+    out = run(fused, o, dt, KERNEL_DEVICE, x_view)
+    ref, low = run(naive, o, torch.float64), run(naive, o, dt)
+    for name, a, lo, r64 in zip(NAMES, out, low, ref):
+        assert_tolerance(a, lo, r64, name)
+
+
+def seed_of(s: int) -> int:
+    torch.manual_seed(s)
+    return int(torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64))
+
+
+def test_numpy_philox_matches_the_reference_vector():
+    # Random123's known-answer test for philox4x32-10, key = 0, counter = 0
+    assert philox4x32(0, np.zeros(1, np.uint64), np.zeros(1, np.uint64))[0].tolist() == \
+        [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+@pytest.mark.parametrize("M,K", [(9, 23), (3, 40)])
+def test_dropout_mask_is_the_documented_philox_stream(M, K):
+    """With A = B = I, S = 1, W = 0 the output is drop(x)·1: compare with the numpy replay."""
+    p = 0.3
+    I = torch.eye(K)
+    torch.manual_seed(5)
+    y = sorsa_linear(torch.ones(M, K), torch.zeros(K, K), I, torch.ones(K), I, 1.0, dropout_p=p, backend="triton")
+    assert torch.equal(y > 0, replay_mask(seed_of(5), M, K, p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", [1, 16, 33, 128])
+def test_dropout_grads_vs_float64_mask_replay(dtype, r):
+    """Forward and every gradient (the mask regenerated in the dX epilogue and in dA) against
+    float64 with the exact mask; M=70 rows over N=40 give 15 tiles for 4 persistent programs."""
+    M, K, N, p = (70, 36, 40, 0.25) if r < 100 else (10, 20, 24, 0.25)
+    o = operands((M,), K, N, r)
+    check(o, dtype, p=p, mask=replay_mask(seed_of(11), M, K, p).double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_persistent_split_k_ragged_noncontiguous(dtype, monkeypatch):
+    """Column-major x, ragged sizes, split-K shrink (K=150: 2 partials) and more tiles than
+    persistent programs; the K-split really happens."""
+    splits = []
+    real = L._k_splits
+    monkeypatch.setattr(L, "_k_splits", lambda *a: splits.append(real(*a)) or splits[-1])
+    o = operands((70,), 150, 45, 16)
+    check(o, dtype, x_view=lambda x: x.t().contiguous().t())
+    assert max(splits) >= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M_shape,k,n,r", [((1,), 16, 24, 1), ((37,), 40, 48, 33), ((3, 7), 24, 56, 16)])
+def test_tma_kernel_vs_float64(dtype, M_shape, k, n, r, monkeypatch):
+    """The sm_90 TMA kernel (host descriptors, epilogue halves, [s|B] tail) runs under the
+    interpreter too: y and dX go through it, padding columns of s/gs are never read (the
+    launcher's buffers start as NaN)."""
+    calls = []
+    real_tma, real_empty = L._mm_tma, torch.empty
+    monkeypatch.setattr(L, "FORCE_TMA", True)
+    monkeypatch.setattr(L, "_mm_tma", lambda *a: calls.append(1) or real_tma(*a))
+    monkeypatch.setattr(L.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    check(operands(M_shape, k, n, r), dtype)
+    assert len(calls) == 2  # forward y and backward dX
+
+
+def test_frozen_adapters_skip_their_gradient_kernels(monkeypatch):
+    launches = []
+    real = L.tn
+    monkeypatch.setattr(L, "tn", lambda *a, **kw: launches.append(kw.get("drop_q", False)) or real(*a, **kw))
+    o = operands((12,), 20, 16, 4, bias=False)
+    x, W = o["x"].float(), o["W"].float()
+    A, S, B = (o[k].float() for k in "ASB")
+    B.requires_grad_()
+    sorsa_linear(x, W, A, S, B, 1.0, dropout_p=0.1, backend="triton").sum().backward()
+    assert launches == [False]  # dBᵀ only; dA (the dropout-masked TN over x) skipped
+    assert A.grad is None and B.grad is not None
+    launches.clear()
+    A.requires_grad_()
+    B.requires_grad_(False)
+    B.grad = None
+    sorsa_linear(x, W, A, S, B, 1.0, backend="triton").sum().backward()
+    assert launches == [False] and B.grad is None and A.grad is not None
