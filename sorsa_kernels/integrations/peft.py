@@ -267,7 +267,7 @@ class _PendingSVD:
                 lB.data = B.contiguous().to(lB.dtype)
                 base.data = res.contiguous().to(base.dtype)
         # KaSA (KasaLinearVariant._truncate_base_weight): keep the top k − r components
-        for (_, keep, _), items in self._groups(kasa, lambda it: min(_weight_of(it[0]).shape) - it[1]):
+        for (_, keep, _), items in self._groups(kasa, lambda it: min(it[0].get_base_layer().weight.shape) - it[1]):
             W = torch.stack([_weight_of(layer) for layer, _ in items])
             U, S, Vh = svd_factors(W, keep, self.method, **self.svd_kwargs)
             with no_tf32():
@@ -296,11 +296,14 @@ def fast_svd_init(method: str = "rsvd", **svd_kwargs) -> Iterator[None]:
     ``method``: ``"rsvd"`` (default: randomized where the cost model says it is cheaper, exact
     otherwise — KaSA keeps almost the full rank, so its truncation is always the exact SVD,
     batched), ``"rsvd_always"`` or ``"svd"`` (exact). ``svd_kwargs`` go to
-    :func:`sorsa_kernels.rsvd` (``oversample``, ``niter``, ``tol``, ``seed``, ``backend``).
+    :func:`sorsa_kernels.rsvd` (``oversample``, ``niter``, ``tol``, ``seed`` — 0 unless given —,
+    ``backend``).
     ``pissa_niter_K``'s K is ignored: our defaults are far more accurate (README).
     """
     if method not in INIT_METHODS:
         raise ValueError(f"method must be one of {INIT_METHODS}, got {method!r}")
+    if method != "svd":
+        svd_kwargs.setdefault("seed", 0)  # deterministic, never the global RNG (as apply_sorsa)
     pend = _PendingSVD(method, svd_kwargs)
     orig_pissa = LoraLayer.pissa_init
     orig_trunc = KasaLinearVariant.__dict__["_truncate_base_weight"]
