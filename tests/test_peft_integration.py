@@ -10,7 +10,10 @@ import torch.nn as nn
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from peft.tuners.lora import KasaConfig  # noqa: E402
+try:  # KaSA arrived in peft 0.21 (CI installs 0.21.2); the GPU machine's peft may be older
+    from peft.tuners.lora import KasaConfig
+except ImportError:  # pragma: no cover
+    KasaConfig = None
 from peft.tuners.lora import Linear as LoraLinear  # noqa: E402
 
 import sorsa_kernels as sk  # noqa: E402
@@ -20,6 +23,10 @@ from sorsa_kernels.ops.linear import _torch_keep, sorsa_linear_naive  # noqa: E4
 from sorsa_kernels.synthetic import exact_sigmas, max_rel_sigma_err, synthetic_weights  # noqa: E402
 
 from conftest import HAS_TRITON, assert_tolerance  # noqa: E402
+
+
+needs_kasa = pytest.mark.skipif(KasaConfig is None, reason="this peft has no KaSA (peft >= 0.21)")
+KINDS = ["lora", pytest.param("kasa", marks=needs_kasa)]
 
 
 class Tiny(nn.Module):
@@ -88,7 +95,7 @@ def compare(out, low, ref):
 
 # ---------------------------------------------------------------- forward / gradients vs PEFT
 
-@pytest.mark.parametrize("kind", ["lora", "kasa"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "bf16+fp32"])
 def test_matches_peft_layer(kind, dtype):
     pm = make(kind, use_rslora=(dtype == torch.float32))
@@ -111,7 +118,7 @@ def test_matches_peft_layer(kind, dtype):
     assert_fused(fast, x)
 
 
-@pytest.mark.parametrize("kind", ["lora", "kasa"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_dropout_replays_our_mask(kind):
     """With p > 0 masks cannot be shared with PEFT's nn.Dropout: our layer is compared with a
     float64 replay of the mask our op drew (same RNG state), and with PEFT itself in eval."""
@@ -160,7 +167,7 @@ def test_dropout_replays_our_mask(kind):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-@pytest.mark.parametrize("kind", ["lora", "kasa"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_forced_triton(kind):
     """backend='triton' (the Triton interpreter on CPU under the test suite) serves PEFT's layers."""
     pm = make(kind)
@@ -173,7 +180,7 @@ def test_forced_triton(kind):
 
 # ---------------------------------------------------------------- PEFT machinery intact
 
-@pytest.mark.parametrize("kind", ["lora", "kasa"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_train_save_load_through_peft(kind, tmp_path):
     pm = make(kind, p=0.1)
     plain_keys = set(pm.state_dict())
@@ -279,6 +286,7 @@ def test_fast_pissa_matches_peft_and_batches(monkeypatch, init):
     assert peft.tuners.lora.LoraLayer.pissa_init.__qualname__.startswith("LoraLayer")
 
 
+@needs_kasa
 def test_fast_kasa_truncation_matches_peft():
     torch.manual_seed(4)
     base = Tiny()
@@ -309,6 +317,7 @@ def test_fast_pissa_more_accurate_than_pissa_niter():
 
 # ---------------------------------------------------------------- regularizers
 
+@needs_kasa
 def test_kasa_loss_equals_peft():
     pm = make("kasa")
     ours = skp.kasa_loss(pm)
@@ -342,7 +351,7 @@ def test_sorsa_ortho_on_peft_params():
     assert skp.ortho_loss(Tiny()) is None
 
 
-@pytest.mark.parametrize("init", ["kasa", "pissa", "olora", "lora"])
+@pytest.mark.parametrize("init", [KINDS[1], "pissa", "olora", "lora"])
 def test_export_plain_lora_on_original_base(init, tmp_path):
     """KaSA / PiSSA / LoRA adapters exported as a plain LoRA that the real peft loads onto the
     original, unmodified base and that reproduces the fine-tuned outputs."""
@@ -399,7 +408,7 @@ def test_gpt2_conv1d_fan_in_fan_out():
     torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["lora", "kasa"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_torch_compile_fullgraph(kind):
     """The accelerated layers trace without graph breaks (per-call checks are plain Python on
     module state); in eval the compiled model equals the eager one, in training (dropout on) it
@@ -421,12 +430,11 @@ def test_torch_compile_fullgraph(kind):
 
 
 def test_bad_inputs_name_the_argument(tmp_path):
-    from peft.tuners.lora.variants import KasaLinearVariant
-
-    truncate = KasaLinearVariant.__dict__["_truncate_base_weight"]
+    KasaLinearVariant = skp.KasaLinearVariant
+    truncate = KasaLinearVariant.__dict__.get("_truncate_base_weight")
     with pytest.raises(RuntimeError, match="boom"), skp.fast_svd_init():
         raise RuntimeError("boom")
-    assert KasaLinearVariant.__dict__["_truncate_base_weight"] is truncate  # restored on error
+    assert KasaLinearVariant.__dict__.get("_truncate_base_weight") is truncate  # restored on error
     with pytest.raises(TypeError, match="PeftModel"):
         skp.kasa_loss(Tiny())
     pm = make()
@@ -435,3 +443,43 @@ def test_bad_inputs_name_the_argument(tmp_path):
         skp.export_lora(pm, tmp_path, Tiny().state_dict())
     with pytest.raises(ValueError, match="no lora.Linear layer holds adapter 'nope'"):
         skp.export_lora(make(), tmp_path, Tiny(), adapter_name="nope")
+
+
+class Wide(nn.Module):
+    def __init__(self, k=1030, h=770):
+        super().__init__()
+        self.q = nn.Linear(k, h)
+        self.v = nn.Linear(h, k, bias=False)
+
+    def forward(self, x):
+        return self.v(torch.tanh(self.q(x)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("adapters", ["bf16", "fp32"])
+def test_gpu_peft_bf16(kind, adapters):
+    """On CUDA, accelerate's default backend is the Triton kernels: a bf16 PEFT model (bf16 or
+    PEFT's default fp32 adapters) against PEFT in bf16 and float64, forward and every gradient."""
+    torch.manual_seed(0)
+    conf = LoraConfig(r=16, lora_alpha=32, target_modules=["q", "v"],
+                      kasa_config=KasaConfig() if kind == "kasa" else None)
+    pm = get_peft_model(Wide(), conf).cuda()
+    with torch.no_grad():
+        for n, t in pm.named_parameters():
+            if "lora_B" in n or "lora_diag" in n:
+                t.normal_(std=0.05)
+    ref64 = copy.deepcopy(pm).double()
+    low = copy.deepcopy(pm).to(torch.bfloat16)
+    if adapters == "fp32":
+        for n, t in low.named_parameters():
+            if "lora_" in n:
+                t.data = t.data.float()
+    fast = copy.deepcopy(low)
+    skp.accelerate(fast)
+    assert sk._backend.resolve("sorsa_linear", "auto", torch.device("cuda")) == "triton"
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(4, 333, 1030, device="cuda", generator=g)
+    dy = torch.randn(4, 333, 1030, device="cuda", generator=g)
+    compare(run(fast, x.bfloat16(), dy), run(low, x.bfloat16(), dy), run(ref64, x.double(), dy.double()))
+    assert_fused(fast, x.bfloat16())

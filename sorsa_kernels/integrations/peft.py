@@ -34,9 +34,14 @@ import torch.nn as nn
 try:
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.lora.variants import KasaLinearVariant
 except ImportError as exc:  # pragma: no cover - exercised only without peft
     raise ImportError("sorsa_kernels.integrations.peft needs the 'peft' package (pip install peft)") from exc
+try:
+    from peft.tuners.lora.variants import KasaLinearVariant
+except ImportError:  # pragma: no cover - peft < 0.21 has no KaSA: LoRA / PiSSA still served
+
+    class KasaLinearVariant:  # type: ignore[no-redef]
+        """Placeholder: nothing is an instance of it."""
 
 from .. import _backend
 from ..init import INIT_METHODS, svd_factors
@@ -306,7 +311,7 @@ def fast_svd_init(method: str = "rsvd", **svd_kwargs) -> Iterator[None]:
         svd_kwargs.setdefault("seed", 0)  # deterministic, never the global RNG (as apply_sorsa)
     pend = _PendingSVD(method, svd_kwargs)
     orig_pissa = LoraLayer.pissa_init
-    orig_trunc = KasaLinearVariant.__dict__["_truncate_base_weight"]
+    orig_trunc = KasaLinearVariant.__dict__.get("_truncate_base_weight")
 
     def pissa_init(self, adapter_name, init_lora_weights):
         if init_lora_weights != "pissa" and len(str(init_lora_weights).split("_niter_")) != 2:
@@ -325,13 +330,15 @@ def fast_svd_init(method: str = "rsvd", **svd_kwargs) -> Iterator[None]:
         pend.add_kasa(module, r)
 
     LoraLayer.pissa_init = pissa_init
-    KasaLinearVariant._truncate_base_weight = staticmethod(truncate)
+    if orig_trunc is not None:
+        KasaLinearVariant._truncate_base_weight = staticmethod(truncate)
     try:
         yield
         pend.flush()
     finally:
         LoraLayer.pissa_init = orig_pissa
-        KasaLinearVariant._truncate_base_weight = orig_trunc
+        if orig_trunc is not None:
+            KasaLinearVariant._truncate_base_weight = orig_trunc
 
 
 # ---------------------------------------------------------------- regularizers
