@@ -253,7 +253,12 @@ def test_report_skips_unservable_and_unaccelerate():
     assert type(pm.base_model.model.q) is LoraLinear
     torch.testing.assert_close(pm(x), y)
     with pytest.raises(ValueError, match="backend"):
-        skp.accelerate(pm, backend="cuda")
+        skp.accelerate(pm, backend="ext")  # the linear op has no extension backend
+    meta = make()
+    meta.to("meta")
+    with pytest.raises(RuntimeError, match="triton"):  # forced, cannot run on meta: fails at the call
+        skp.accelerate(meta, backend="triton", warn=False)
+    assert type(meta.base_model.model.q) is LoraLinear  # nothing changed
     with pytest.raises(TypeError, match="model"):
         skp.accelerate("not a model")
 

@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - peft < 0.21 has no KaSA: LoRA / PiSSA 
 
 from .. import _backend
 from ..init import INIT_METHODS, svd_factors
+from ..ops.linear import OP as LINEAR_OP
 from ..ops.linear import sorsa_linear
 from ..rsvd import no_tf32
 
@@ -63,7 +64,7 @@ def servable_reason(layer: nn.Module, adapter: str) -> Optional[str]:
         return f"{type(layer).__module__}.{type(layer).__name__} is not a plain lora.Linear"
     base = layer.base_layer
     fifo = bool(getattr(layer, "fan_in_fan_out", False))
-    if type(base) is not (_conv1d_cls() if fifo else nn.Linear):  # quantised (bnb, hqq, ...), nested, custom
+    if type(base) is not (_CONV1D if fifo else nn.Linear):  # quantised (bnb, hqq, ...), nested, custom
         want = "transformers Conv1D (fan_in_fan_out=True)" if fifo else "torch.nn.Linear"
         return f"base layer is {type(base).__name__}, not {want}"
     if base._forward_hooks or base._forward_pre_hooks:  # e.g. accelerate's device-map hooks
@@ -87,6 +88,7 @@ def _conv1d_cls():
         return None
 
 
+_CONV1D = _conv1d_cls()  # peft imports transformers anyway; resolved once, not per forward
 _ONES: Dict[Tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -164,7 +166,7 @@ def accelerate(model: nn.Module, *, backend: str = "auto", warn: bool = True) ->
     without ``lora_dropout`` (one mask per module call on the adapter branch's input, as PEFT);
     one active adapter per call. Left on PEFT's path (listed in the returned report and, when
     ``warn``, in one warning): other layer types (Embedding, Conv, quantised or hooked base
-    layers), DoRA and other variants, ``lora_bias``, ``fan_in_fan_out``; layers with several
+    layers), DoRA and other variants, ``lora_bias``; layers with several
     active adapters are listed too and fall back per call. Idempotent; undo with
     :func:`unaccelerate`.
 
@@ -176,20 +178,19 @@ def accelerate(model: nn.Module, *, backend: str = "auto", warn: bool = True) ->
     Returns:
         An :class:`AccelerateReport`.
     """
-    if backend not in _backend.BACKENDS:
-        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module (a PeftModel), got {type(model).__name__}")
     report = AccelerateReport()
+    serve = []
     for name, mod in model.named_modules():
         if not isinstance(mod, LoraLayer):
             continue
         adapters = list(mod.lora_A.keys()) or list(getattr(mod, "lora_embedding_A", {}).keys())
         reasons = {a: servable_reason(mod, a) for a in adapters}
-        ok = [a for a, why in reasons.items() if why is None]
-        if ok:
-            mod.__class__ = AcceleratedLoraLinear
-            mod._sk_backend = backend
+        if any(why is None for why in reasons.values()):
+            serve.append(mod)
             report.accelerated.append(name)
         bad = [f"{a}: {why}" for a, why in reasons.items() if why is not None]
         n_active = sum(a in mod.lora_A for a in mod.active_adapters)
@@ -197,6 +198,12 @@ def accelerate(model: nn.Module, *, backend: str = "auto", warn: bool = True) ->
             bad.append(f"{n_active} active adapters (served only while one is active)")
         if bad or not adapters:
             report.skipped[name] = "; ".join(bad) or "no adapters"
+    # a forced backend that cannot run on the layers' devices fails now (nothing changed yet)
+    for dev in {m.base_layer.weight.device for m in serve}:
+        _backend.resolve(LINEAR_OP, backend, dev)
+    for mod in serve:
+        mod.__class__ = AcceleratedLoraLinear
+        mod._sk_backend = backend
     if warn and report.skipped:
         warnings.warn(f"sorsa_kernels.integrations.peft.accelerate: {report}", UserWarning, stacklevel=2)
     return report
