@@ -2,7 +2,6 @@
 layers (float64 rule, every gradient), dropout replays our mask, PEFT's save/load, adapter
 switching and merge keep working, batched PiSSA/KaSA init matches PEFT's, regularizers match."""
 import copy
-import warnings
 
 import pytest
 import torch
