@@ -64,5 +64,8 @@ def test_aot_compiles_the_runtime_specialisation(report):
     sm90 = [r for r in big if r["arch"] == 90]
     assert sm90 and all(r["wgmma"] for r in sm90 if max(r["config"].get("BLOCK_M", 64), 64) >= 64)
     assert any(r["constant_args"] for r in big), "unit strides must become constants, as at run time"
+    # host tensor descriptors reach the compile as tensordesc<...> and give TMA on sm_90
+    desc = [r for r in sm90 if r["tensor_descriptors"]]
+    assert all(r["tma"] and any(v.startswith("tensordesc<") for v in r["specialised"].values()) for r in desc)
     # the pipelined loads exist only in the specialised program
     assert any(r["cp_async"] > 0 or r["tma"] for r in sm90)
