@@ -1,11 +1,17 @@
-"""``sorsa-kernels`` command line: ``info`` and ``bench``."""
+"""sorsa-kernels command line.
+
+  sorsa-kernels info               what will run on this machine (versions, GPU, backends)
+  sorsa-kernels bench              the main job: ours vs sorsa 1.0.1 vs the floor, every op
+  sorsa-kernels bench --quick      a short smoke run (CI)
+  sorsa-kernels bench --full       a wider sweep
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
+import time
 from typing import List, Optional
 
 import torch
@@ -13,60 +19,137 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def info() -> str:
-    from . import __version__, _backend
+def _what_runs() -> List[str]:
+    """Per op: what backend="auto" runs on this machine's device, and what else could."""
+    from . import _backend
     from .ops.linear import OP as LIN
     from .ops.ortho import OP as ORTHO
     from .rsvd import OP as RSVD
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    describe = getattr(_backend, "describe", None)
+    if describe is not None:  # the backend module's own account (auto on cpu / cuda, and why)
+        out = []
+        for op, row in describe().items():
+            out.append(f"  {op:<16} auto runs: {row.get('cpu', '?')} on cpu; on cuda: {row.get('cuda', '?')}")
+            out += [f"  {'':<16} {k}: {v}" for k, v in row.items() if k not in ("cpu", "cuda")]
+    else:
+        out = []
+        for op in (LIN, ORTHO, RSVD):
+            out.append(f"  {op:<16} auto runs: {_backend.resolve(op, 'auto', dev)} on {dev.type}")
+    try:
+        from . import _dispatch  # cached auto-tuning decisions, when that module exists
+        rep = _dispatch.report()
+        out.append(f"cached auto decisions (fused vs torch, timed once per shape): {len(rep)}")
+        for d in rep:
+            ms = d.get("ms", d.get("times", ""))
+            out.append(f"  {d.get('op', '?')} {d.get('fields', '')} -> {d.get('choice', '?')} {ms}")
+    except Exception:
+        pass
+    return out
+
+
+def info() -> str:
+    """What will actually run on this machine."""
+    from . import __version__, _backend
     ok, why = _backend.triton_status()
     e_ok, e_cuda, e_why = _backend.ext_status()
-    ext_line = (f"C++ extension: loaded, CUDA kernels {'built' if e_cuda else 'not built (CPU build only)'}"
-                if e_ok else f"C++ extension: not available ({e_why})")
+    gpu = torch.cuda.is_available()
     tv = "not installed"
     if ok:
         import triton
         tv = triton.__version__
-    lines = [
+    if not ok:
+        triton_line = f"Triton kernels: will not run ({why})"
+    elif gpu:
+        triton_line = f"Triton kernels: run on the GPU (triton {tv})"
+    elif _backend.triton_interpret():
+        triton_line = (f"Triton kernels: no GPU; triton {tv} is installed and TRITON_INTERPRET=1, so they run only "
+                       "when forced (backend='triton') under the slow interpreter (a test vehicle)")
+    else:
+        triton_line = f"Triton kernels: will not run (no CUDA GPU; triton {tv} is installed but needs one)"
+    ext_line = (f"C++ extension: loaded; CUDA kernels {'built' if e_cuda else 'not built (CPU build only)'}"
+                if e_ok else f"C++ extension: not available ({e_why})")
+    return "\n".join([
         f"sorsa-kernels {__version__}",
-        f"python {platform.python_version()}  torch {torch.__version__}  triton {tv}",
+        f"python {platform.python_version()}  torch {torch.__version__} ({torch.get_num_threads()} threads)  triton {tv}",
         f"torch CUDA build: {torch.version.cuda or 'none (CPU build)'}",
-        f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
-        f"triton usable: {ok}{'' if ok else ' (' + why + ')'}; interpreter on: {_backend.triton_interpret()}",
-        f"backends: {LIN}: {_backend.available_backends(LIN)}; {ORTHO}: {_backend.available_backends(ORTHO)}; "
-        f"{RSVD}: {_backend.available_backends(RSVD)}",
+        f"GPU: {torch.cuda.get_device_name(0) if gpu else 'none visible'}",
+        triton_line,
         ext_line,
-    ]
-    return "\n".join(lines)
+        "what runs (backend='auto'):",
+        *_what_runs(),
+    ])
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .bench import MODELS, OPS
+    p = argparse.ArgumentParser(prog="sorsa-kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"sorsa-kernels {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{info,bench}")
+    sub.add_parser("info", help="what will run on this machine: versions, GPU, backends, extension")
+    b = sub.add_parser("bench", help="benchmark ours vs sorsa 1.0.1 vs the floor on this machine",
+                       description="Times every op (ours, sorsa 1.0.1, the floor) interleaved in rounds and "
+                                   "prints a verdict table, then the details. Default: about 2 minutes on a "
+                                   "2-core CPU, 3 on one H200.")
+    size = b.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small shapes, few rounds (CI smoke run)")
+    size.add_argument("--full", action="store_true", help="a wider sweep: more shapes, ranks, dropout")
+    b.add_argument("--ops", nargs="+", default=None, metavar="OP", help=f"subset of: {' '.join(OPS)}")
+    b.add_argument("--model", choices=sorted(MODELS), default=None,
+                   help="init case: a whole model's matrices instead of weight stacks (llama2-7b: 224 matrices, r=128, needs a GPU; tiny: its layout scaled down)")
+    b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on a GPU, fp32 on a CPU")
+    b.add_argument("--json", default=None, metavar="PATH",
+                   help="write results as JSON (updated as each case completes) and a PNG plot next to it")
+    b.add_argument("--plot", default=None, metavar="PATH", help="PNG plot path (default: the JSON path with .png)")
+    b.add_argument("--max-seconds", type=float, default=None, metavar="S",
+                   help="skip (and record) the cases left after S seconds")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar (rows still print as they complete)")
+    return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="sorsa-kernels", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="versions, backends, GPU, extension")
-    b = sub.add_parser("bench", help="benchmark ours vs sorsa 1.0.1 vs the dense floor on this hardware")
-    b.add_argument("--quick", action="store_true", help="small shapes, < 1 min on a CPU")
-    b.add_argument("--ops", nargs="+", default=None, help="subset of: linear_fwd linear_fwdbwd ortho_step init")
-    b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
-    b.add_argument("--json", default=None, metavar="PATH", help="write results as JSON (and a PNG plot next to it)")
-    b.add_argument("--plot", default=None, metavar="PATH", help="PNG plot path (default: the JSON path with .png)")
+    p = _parser()
     a = p.parse_args(argv)
     if a.cmd == "info":
         print(info())
         return 0
     from . import bench
-    print(info(), "\n", flush=True)
-    results = bench.run(a.ops, DTYPES.get(a.dtype), a.quick)
-    print(bench.format_table(results))
+    if a.ops:
+        bad = [o for o in a.ops if o not in bench.OPS]
+        if bad:
+            p.error(f"unknown op(s) {' '.join(bad)}; choose from: {' '.join(bench.OPS)}")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if a.model == "llama2-7b" and dev.type != "cuda":
+        p.error("--model llama2-7b needs a CUDA GPU (its 224 matrices take ~26 GB in fp32); "
+                "try --model tiny on a CPU")
+    ops = a.ops
+    mode = "quick" if a.quick else "full" if a.full else "default"
+    head = bench.header(dev, mode)
+    print(bench.header_text(head), flush=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    results = bench.run(ops, mode, bench_dtype(a.dtype), dev, a.model, a.json, a.max_seconds,
+                        progress=not a.no_progress)
     print()
-    print(bench.summary_table(results))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"info": info(), "results": bench.to_json(results)}, f, indent=1)
+    print("Verdict (per op; our default path in each case: geometric mean over its cases, range in brackets)")
+    print(bench.verdict_table(results))
+    print()
+    print("Details")
+    print(bench.details_table(results))
+    print(f"finished in {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU time "
+          f"(this process, all threads)")
     png = a.plot or (os.path.splitext(a.json)[0] + ".png" if a.json else None)
     if png:
         made = bench.plot(results, png)
-        print(f"plot: {made}" if made else "plot: skipped (pip install 'sorsa-kernels[plot]' for matplotlib)")
-    return 0
+        print(f"plot: {made}" if made else
+              f"plot: skipped, matplotlib is missing (install it with: {sys.executable} -m pip install matplotlib)")
+    failed = [r for r in results if r.error and not r.error.startswith("skipped")]
+    return 1 if failed else 0
+
+
+def bench_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    return DTYPES.get(name) if name else None
 
 
 if __name__ == "__main__":

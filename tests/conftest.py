@@ -1,4 +1,3 @@
-import importlib.util
 import os
 
 # Kernels run under the Triton interpreter on CPU tensors; must be set before triton is
@@ -20,17 +19,33 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
 
 
-def load_reference_layer():
-    """sorsa 1.0.1's layer.py, loaded by file path: its package __init__ imports transformers
-    internals that transformers 5 no longer has."""
-    spec = importlib.util.find_spec("sorsa")
-    if spec is None or spec.origin is None:
-        return None
-    path = os.path.join(os.path.dirname(spec.origin), "layer.py")
-    mspec = importlib.util.spec_from_file_location("sorsa_reference_layer", path)
-    mod = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(mod)
-    return mod
+from sorsa_kernels.bench.runners import load_reference_layer  # noqa: E402  (one loader, by path)
+
+REQUIRE_GPU = os.environ.get("SORSA_KERNELS_REQUIRE_GPU", "0") not in ("", "0")
+
+
+def _gpu_missing() -> str:
+    """Why `gpu`-marked tests cannot run here ('' when they can)."""
+    if _backend.triton_interpret():
+        return "the Triton interpreter is on (TRITON_INTERPRET=1): gpu tests never run under it"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    if not HAS_TRITON:
+        return "triton is not importable: " + _backend.triton_status()[1]
+    return ""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """`gpu` tests: skipped without a usable GPU, FAILED instead when SORSA_KERNELS_REQUIRE_GPU=1
+    (benchmarks/gpu_check.sh), so a GPU run can never pass by skipping."""
+    if item.get_closest_marker("gpu") is None:
+        return
+    why = _gpu_missing()
+    if why and REQUIRE_GPU:
+        pytest.fail(f"SORSA_KERNELS_REQUIRE_GPU=1 but {why}", pytrace=False)
+    if why:
+        pytest.skip(f"gpu test: {why} (benchmarks/gpu_check.sh runs it on a GPU)")
 
 
 @pytest.fixture(scope="session")

@@ -1,70 +1,196 @@
+"""`sorsa-kernels` CLI and the bench package (issue 15): info, version, usage errors, the verdict
+and details tables, flags for noise and impossible results, JSON written per case, errors
+recorded while the other ops still run, the plot, and gpu_check.sh's dry run / no-GPU failure."""
 import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
 
 import sorsa_kernels as sk
 from sorsa_kernels import bench, cli
+from sorsa_kernels.bench import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
 
 
-def test_info_lists_backends(capsys):
+def _tiny_cases(device, mode="default", dtype=None, ops=bench.OPS, model=None):
+    dt = dtype or torch.float32
+    out = []
+    for op in ("linear_fwd", "linear_bwd", "linear_fwdbwd"):
+        out += [bench.Case(op, dt, dict(M=32, K=24, N=20, r=4, p=p)) for p in (0.0, 0.05)]
+    out.append(bench.Case("ortho_step", dt, dict(layers=1, d=24, h=36, r=4)))
+    out.append(bench.Case("init", dt, dict(count=2, m=40, n=30, r=5)))
+    if model:
+        out.append(bench.Case("init", dt, dict(model=model)))
+    return [c for c in out if c.op in ops]
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setattr(bench, "cases", _tiny_cases)
+    monkeypatch.setattr(bench, "plan", lambda device, mode: {"rounds": 3, "min_sample_ms": 1.0})
+
+
+def test_info_says_what_runs_here(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "sorsa-kernels" in out and "torch" in out and "backends:" in out
+    assert "sorsa-kernels" in out and "threads" in out and "what runs" in out
+    if not torch.cuda.is_available():  # never claim Triton runs without a GPU
+        assert "triton usable: True" not in out
+        assert "Triton kernels: will not run" in out or "only when forced" in out
+        assert "auto runs: torch" in out
 
 
-def test_bench_quick_json(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "linear_cases", lambda device, quick: [(64, 48, 40, 8)])
+def test_version_help_and_unknown_op(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and sk.__version__ in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and "--full" in out and "--quick" in out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--ops", "foo"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "foo" in err and all(op in err for op in bench.OPS)
+    assert "Traceback" not in err
+
+
+def test_bench_tables_json_plot(tiny, tmp_path, capsys):
     path = tmp_path / "r.json"
-    assert cli.main(["bench", "--quick", "--ops", "linear_fwd", "linear_fwdbwd", "--json", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "sorsa-1.0.1" in out and "ours[torch]" in out
-    data = json.loads(path.read_text())
-    impls = {r["impl"] for r in data["results"]}
-    assert {"ours[torch]", "sorsa-1.0.1", "dense F.linear"} <= impls
-    assert all(r["ms"] > 0 for r in data["results"])
-
-
-def test_bench_all_ops_table_json_and_plot(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "linear_cases", lambda device, quick: [(32, 24, 20, 4)])
-    monkeypatch.setattr(bench, "adapter_shapes", lambda device, quick: (1, [(24, 20), (20, 36)], 4))
-    monkeypatch.setattr(bench, "init_cases", lambda device, quick: [(2, 40, 30, 5)])
-    path = tmp_path / "all.json"
-    assert cli.main(["bench", "--quick", "--json", str(path)]) == 0
-    out = capsys.readouterr().out
+    assert cli.main(["bench", "--no-progress", "--model", "tiny", "--json", str(path)]) == 0
+    cap = capsys.readouterr()
+    out = cap.out
+    # header: versions, threads, the CPU notice and the legend; verdict before details
+    assert f"torch {torch.__version__}" in out and "threads" in out and "triton" in out
+    assert "These are CPU numbers" in out and "need an NVIDIA GPU" in out and "Legend" in out
+    assert out.index("Verdict") < out.index("Details")
+    verdict = out[out.index("Verdict"):out.index("Details")]
+    for text in ("linear forward", "linear backward", "linear fwd+bwd", "regularizer step", "SVD init"):
+        assert text in verdict
+    assert "× faster than sorsa 1.0.1" in verdict and "× floor speed" in verdict and "IQR" in verdict
+    # rows named for what they are; the installed reference layer is used when present
+    ref_name = bench.REF_LAYER if bench.load_reference_layer() is not None else bench.REF_FORMULA
+    assert ref_name in out and "floor: dense F.linear" in out and "floor: copy of the same bytes" in out
+    assert "max σ err" in out and "auto→torch" in out
+    # rows streamed (stderr) as they complete, before the final tables
+    assert "linear_fwd" in cap.err and "ours[auto:torch]" in cap.err
     data = json.loads(path.read_text())
     ops = {r["op"] for r in data["results"]}
-    assert ops == {"linear_fwd", "linear_fwdbwd", "ortho_step", "init"}
-    assert "bandwidth floor" in out and "svd_lowrank" in out and "/floor" in out
+    assert ops == set(bench.OPS)
+    assert data["header"]["threads"] == torch.get_num_threads()
+    ours = [r for r in data["results"] if r["role"] == "ours"]
+    assert all(r["ms"] > 0 and r["error"] is None for r in ours), ours
+    assert all(r["vs_ref"] and r["vs_ref"][0] > 0 for r in ours)
+    model = [r for r in ours if "tiny" in r["case"]]
+    assert model and model[0]["extra"]["sigma_err"] < 0.01 and model[0]["extra"]["matrices"] == 14
     try:
         import matplotlib  # noqa: F401
-        assert (tmp_path / "all.png").stat().st_size > 1000
+        assert (tmp_path / "r.png").stat().st_size > 1000
     except ImportError:
-        assert "plot: skipped" in out
-    import pytest
-    with pytest.raises(ValueError, match="ops must be among"):
-        bench.run(["nope"])
+        assert "pip install matplotlib" in out
 
 
-def test_reference_forward_matches_layer():
-    import torch
+def test_error_in_one_op_is_recorded_and_the_rest_run(tiny, tmp_path, monkeypatch, capsys):
+    from sorsa_kernels.bench import runners
+
+    def boom(case, device):
+        raise RuntimeError("simulated failure")
+    monkeypatch.setattr(runners, "build_ortho", boom)
+    path = tmp_path / "e.json"
+    seen = []
+    real = report.write_json
+
+    def spy(p, head, results):  # the JSON is rewritten after every case
+        seen.append(len(results))
+        real(p, head, results)
+    monkeypatch.setattr(bench, "write_json", spy)
+    assert cli.main(["bench", "--no-progress", "--ops", "linear_fwd", "ortho_step", "init", "--json", str(path)]) == 1
+    rows = json.loads(path.read_text())["results"]
+    assert any(r["op"] == "ortho_step" and "simulated failure" in r["error"] for r in rows)
+    assert {r["op"] for r in rows if r["error"] is None} == {"linear_fwd", "init"}
+    assert rows[-1]["op"] == "init"  # init runs last
+    assert len(seen) >= 4 and seen == sorted(seen)
+    assert "simulated failure" in capsys.readouterr().out
+
+
+def test_time_budget_skips_and_records(tiny):
+    rs = bench.run(["linear_fwd"], device=CPU, progress=False, max_seconds=0.0, stream=open(os.devnull, "w"))
+    assert rs and all("time budget" in r.error for r in rs)
+
+
+def test_flags_noise_and_impossible_results():
+    roles = {"ours": "ours", "ref": "ref", "floor": "floor"}
+    s = {"ours": [1.0, 1.0, 1.0], "ref": [3.0, 3.1, 2.9], "floor": [2.0, 2.0, 2.0]}  # ours "faster than the floor"
+    rows = report.results_for_case("linear_fwd", "c", roles, s, {}, {})
+    ours = rows[0]
+    assert ours.vs_ref[0] == pytest.approx(3.0) and ours.vs_floor[0] == pytest.approx(2.0)
+    assert any("faster than the floor" in f for f in ours.flags)
+    noisy = report.results_for_case("linear_fwd", "c", roles, {"ours": [1.0, 2.0, 4.0], "ref": [3.0, 3.0, 3.0],
+                                                               "floor": [0.5, 0.5, 0.5]}, {}, {})[0]
+    assert any(f.startswith("~") for f in noisy.flags)
+    fwd = report.Result("linear_fwd", "c", "ours", "ours", 5.0, 4.9, 5.1)
+    fb = report.Result("linear_fwdbwd", "c", "ours", "ours", 3.0, 2.9, 3.1)
+    report.cross_check([fwd, fb])
+    assert any("slower than fwd+bwd" in f for f in fwd.flags) and fwd.flags == fb.flags
+    assert "!" in report.format_row(fwd)
+
+
+def test_reference_rows_match_the_layer():
     m = sk.SORSALinear(12, 10, r=3, alpha=6.0)
     m.sorsa_init()
     x = torch.randn(5, 12)
     torch.testing.assert_close(bench.reference_forward(x, m.weight, m.sorsa_A, m.sorsa_S, m.sorsa_B, m.scale), m(x),
                                atol=1e-5, rtol=1e-5)
+    b = bench.build(bench.Case("linear_fwd", torch.float32, dict(M=8, K=12, N=10, r=3, p=0.0)), CPU)
+    outs = {n: f() for n, f in b.impls.items() if not n.startswith("floor")}
+    ref = next(v for n, v in outs.items() if n.startswith("sorsa"))
+    torch.testing.assert_close(outs["ours[auto:torch]"], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cases_one_source_and_modes():
+    for mode in bench.MODES:
+        cs = bench.cases(CPU, mode)
+        assert {c.op for c in cs} == set(bench.OPS) and cs[-1].op == "init"
+    gpu = bench.cases(torch.device("cuda"), "default")
+    assert any(c.params.get("tag") == "LoRAFusion" for c in gpu)
+    assert {c.params["p"] for c in gpu if c.op.startswith("linear")} == {0.0, 0.05}
+    assert any(c.params.get("compile") for c in gpu)
+    assert {c.dtype for c in gpu if c.op == "ortho_step"} == {torch.bfloat16, torch.float32}
+    m = bench.cases(torch.device("cuda"), "default", ops=["init"], model="llama2-7b")
+    assert [c.params for c in m] == [{"model": "llama2-7b"}]
+    with pytest.raises(ValueError, match="ops must be among"):
+        bench.cases(CPU, ops=["nope"])
+
+
+def test_llama_model_layout():
+    from sorsa_kernels.bench.runners import model_layers
+    layers, samples, groups = model_layers("tiny", CPU, torch.float32)
+    d, h, nl, r = bench.MODELS["llama2-7b"]
+    assert 7 * nl == 224 and sum(c for c, _, _ in groups) == 7 * bench.MODELS["tiny"][2] == len(layers)
+
+
+def _gpu_check(*args, env=None):
+    return subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), *args],
+                          env=dict(os.environ, PYTHON=sys.executable, **(env or {})),
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_gpu_check_script_dry_run():
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(["bash", os.path.join(root, "benchmarks", "gpu_check.sh"), "--dry-run"],
-                         env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=300)
+    out = _gpu_check("--dry-run")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "dry run OK" in out.stdout
 
 
-def test_summary_table_ratios():
-    rs = [bench.Result("linear_fwd", "c", "ours[torch]", 2.0), bench.Result("linear_fwd", "c", "sorsa-1.0.1", 5.0),
-          bench.Result("linear_fwd", "c", "dense F.linear", 1.0)]
-    line = bench.summary_table(rs).splitlines()[-1]
-    assert "2.50x" in line and "2.00x" in line
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU failure")
+def test_gpu_check_without_gpu_fails_fast_and_says_why(tmp_path):
+    t0 = time.time()
+    out = _gpu_check(env={"OUT": str(tmp_path / "out")})
+    assert out.returncode != 0
+    assert time.time() - t0 < 60
+    assert "no visible CUDA GPU" in out.stdout + out.stderr

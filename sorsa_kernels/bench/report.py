@@ -1,0 +1,231 @@
+"""Results, ratios, the verdict and details tables, JSON and the PNG plot.
+
+Every ratio reads one way, higher is better:
+
+* ``× faster than sorsa 1.0.1`` = time(sorsa 1.0.1) / time(row), per round, median over rounds;
+* ``× floor speed`` = time(floor) / time(row): 1.0 means the row runs at the floor (the work it
+  cannot avoid), 0.5 means it takes twice the floor's time. A value above 1 is impossible and
+  flagged as noise.
+
+The spread is the interquartile range of the per-round ratios relative to their median; a row
+whose spread exceeds ``NOISY`` is marked ``~`` (too noisy to call).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .timing import quartiles
+
+NOISY = 0.25
+
+LEGEND = ("Legend: '× faster than sorsa 1.0.1' = its time ÷ this row's time (higher is better, > 1: faster "
+          "than sorsa 1.0.1); '× floor speed' = the floor's time ÷ this row's time (1.00 = at the floor, "
+          "> 1 is impossible); IQR = interquartile range of the per-round ratios ÷ their median; "
+          f"'~' = IQR > {NOISY:.0%} (too noisy to call); '!' = impossible result (noise, not a finding).")
+
+
+@dataclass
+class Result:
+    """One implementation of one case. ``vs_ref`` / ``vs_floor``: (median, q1, q3) of the
+    per-round ratios (see the module doc), None where the case has no such row."""
+    op: str
+    case: str
+    impl: str
+    role: str
+    ms: Optional[float]
+    ms_q1: Optional[float] = None
+    ms_q3: Optional[float] = None
+    rounds: int = 0
+    vs_ref: Optional[Tuple[float, float, float]] = None
+    vs_floor: Optional[Tuple[float, float, float]] = None
+    flags: List[str] = field(default_factory=list)
+    extra: Dict[str, object] = field(default_factory=dict)
+    error: Optional[str] = None
+
+    @property
+    def spread(self) -> float:
+        """Largest relative IQR of this row's ratios (0 when it has none)."""
+        out = 0.0
+        for t in (self.vs_ref, self.vs_floor):
+            if t and t[0] > 0:
+                out = max(out, (t[2] - t[1]) / t[0])
+        return out
+
+
+def _ratio(num: Sequence[float], den: Sequence[float]) -> Tuple[float, float, float]:
+    q1, med, q3 = quartiles([a / b for a, b in zip(num, den)])
+    return med, q1, q3
+
+
+def results_for_case(op: str, case: str, roles: Dict[str, str], samples: Dict[str, List[float]],
+                     extra: Dict[str, dict], errors: Dict[str, str]) -> List[Result]:
+    """Rows of one case from its per-round samples (see timing.time_interleaved)."""
+    samples = dict(samples)
+    extra = {n: dict(e) for n, e in extra.items()}
+    for name, ex in extra.items():  # a time computed by the runner (e.g. an extrapolation)
+        if "ms_override" in ex and name not in samples:
+            samples[name] = [ex.pop("ms_override")]
+    ref = next((n for n, r in roles.items() if r == "ref" and n in samples), None)
+    floor = next((n for n, r in roles.items() if r == "floor" and n in samples), None)
+    out = []
+    for name, role in roles.items():
+        ex = extra.get(name, {})
+        if name not in samples:
+            out.append(Result(op, case, name, role, None, error=errors.get(name, "not run"), extra=ex))
+            continue
+        s = samples[name]
+        q1, med, q3 = quartiles(s)
+        rr = Result(op, case, name, role, med, q1, q3, len(s), extra=ex)
+        if ref:
+            refs = samples[ref]
+            if len(refs) == len(s):
+                rr.vs_ref = _ratio(refs, s)
+            else:  # a single-shot row: ratio of medians
+                m = quartiles(refs)[1] / med
+                rr.vs_ref = (m, m, m)
+        if floor:
+            rr.vs_floor = _ratio(samples[floor], s)
+            if role != "floor" and rr.vs_floor[1] > 1.0:
+                rr.flags.append("! faster than the floor (noise)")
+        if rr.spread > NOISY:
+            rr.flags.append("~ noisy")
+        out.append(rr)
+    return out
+
+
+def cross_check(results: List[Result]) -> None:
+    """Flag impossible results across cases: a linear forward (or backward) slower than the
+    forward+backward of the same case and implementation."""
+    full = {(r.case, r.impl): r for r in results if r.op == "linear_fwdbwd" and r.ms}
+    for r in results:
+        if r.op in ("linear_fwd", "linear_bwd") and r.ms:
+            fb = full.get((r.case, r.impl))
+            if fb is not None and r.ms_q1 > fb.ms_q3:
+                msg = f"! {r.op.split('_')[1]} slower than fwd+bwd (noise)"
+                for x in (r, fb):
+                    if msg not in x.flags:
+                        x.flags.append(msg)
+
+
+def _fmt_ratio(t) -> str:
+    if not t:
+        return "-"
+    med, q1, q3 = t
+    iqr = (q3 - q1) / med if med > 0 else 0.0
+    return f"{med:.2f}× (IQR {100 * iqr:.0f}%)"
+
+
+DETAIL_HEAD = (f"{'op':<14} {'case':<40} {'implementation':<46} {'ms/call':>9} {'× faster than sorsa 1.0.1':>26} "
+               f"{'× floor speed':>18}  notes")
+
+
+def format_row(r: Result) -> str:
+    """One details row (fixed-width columns, headed by DETAIL_HEAD)."""
+    if r.ms is None:
+        return f"{r.op:<14} {r.case:<40} {r.impl:<46} {'error':>9}  {r.error}"
+    notes = list(r.flags)
+    for k, fmt in (("auto", "auto→{}"), ("sigma_err", "max σ err {:.2%}"), ("host_ms", "host {:.3f} ms"),
+                   ("matrices", "{} matrices")):
+        if k in r.extra:
+            notes.append(fmt.format(r.extra[k]))
+    return (f"{r.op:<14} {r.case:<40} {r.impl:<46} {r.ms:>9.3f} {_fmt_ratio(r.vs_ref):>26} "
+            f"{_fmt_ratio(r.vs_floor):>18}  {'; '.join(notes)}")
+
+
+def details_table(results: List[Result]) -> str:
+    lines = [DETAIL_HEAD, "-" * len(DETAIL_HEAD)]
+    return "\n".join(lines + [format_row(r) for r in results])
+
+
+OP_TEXT = {"linear_fwd": "linear forward", "linear_bwd": "linear backward", "linear_fwdbwd": "linear fwd+bwd",
+           "ortho_step": "regularizer step", "init": "SVD init"}
+
+
+def _geo(xs):
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def verdict_table(results: List[Result]) -> str:
+    """One line per op over its cases, using the primary ``ours`` row of each case: geometric
+    mean (and range) of the ratios, the largest spread, and what ``auto`` ran."""
+    head = (f"{'op':<18} {'cases':>5}  {'× faster than sorsa 1.0.1 (range)':<34} {'× floor speed (range)':<24} "
+            f"{'worst IQR':>9}  {'ours ran':<10} notes")
+    lines = [head, "-" * len(head)]
+    for op in OP_TEXT:
+        rows = [r for r in results if r.op == op and r.role == "ours"]
+        if not rows:
+            continue
+        ok = [r for r in rows if r.ms]
+        cols = []
+        for key in ("vs_ref", "vs_floor"):
+            v = [getattr(r, key)[0] for r in ok if getattr(r, key)]
+            cols.append(f"{_geo(v):.2f}× ({min(v):.2f}–{max(v):.2f})" if v else "-")
+        spread = max((r.spread for r in ok), default=0.0)
+        ran = sorted({str(r.extra.get("auto", r.impl.split("[")[-1].rstrip("]"))) for r in ok})
+        notes = []
+        if len(ok) < len(rows):
+            notes.append(f"{len(rows) - len(ok)} case(s) failed")
+        if any(f.startswith("!") for r in ok for f in r.flags):
+            notes.append("some rows flagged as noise (see details)")
+        if spread > NOISY:
+            notes.append("~ too noisy to call")
+        errs = [r.extra["sigma_err"] for r in ok if "sigma_err" in r.extra]
+        if errs:
+            notes.append(f"max σ err {max(errs):.2%}")
+        lines.append(f"{OP_TEXT[op]:<18} {len(rows):>5}  {cols[0]:<34} {cols[1]:<24} {100 * spread:>8.0f}%  "
+                     f"{','.join(ran)[:10]:<10} {'; '.join(notes)}")
+    return "\n".join(lines)
+
+
+def to_json(results: List[Result]) -> List[dict]:
+    return [asdict(r) for r in results]
+
+
+def from_json(rows: List[dict]) -> List[Result]:
+    return [Result(**{k: (tuple(v) if k in ("vs_ref", "vs_floor") and v else v) for k, v in d.items()})
+            for d in rows]
+
+
+def write_json(path: str, header: dict, results: List[Result]) -> None:
+    """Write (atomically: a temp file renamed) the header and every result so far."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"header": header, "results": to_json(results)}, f, indent=1)
+    os.replace(tmp, path)
+
+
+def plot(results: List[Result], path: str) -> Optional[str]:
+    """PNG: per op, our speed-up over sorsa 1.0.1 and our fraction of the floor's speed per case,
+    with interquartile error bars. Returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ops = [op for op in OP_TEXT if any(r.op == op and r.role == "ours" and r.ms for r in results)]
+    if not ops:
+        return None
+    fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 4.8), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        rows = [r for r in results if r.op == op and r.role == "ours" and r.ms]
+        xs = range(len(rows))
+        for off, key, color, lab in ((-0.2, "vs_ref", "tab:blue", "× faster than sorsa 1.0.1"),
+                                     (0.2, "vs_floor", "tab:gray", "× floor speed (1 = at the floor)")):
+            vals = [getattr(r, key) or (float("nan"),) * 3 for r in rows]
+            med = [v[0] for v in vals]
+            err = [[max(0.0, v[0] - v[1]) for v in vals], [max(0.0, v[2] - v[0]) for v in vals]]
+            ax.bar([x + off for x in xs], med, width=0.4, yerr=err, capsize=3, color=color, label=lab)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(list(xs), [r.case.replace(" ", "\n", 2) for r in rows], fontsize=6)
+        ax.set_title(OP_TEXT[op])
+        ax.set_ylabel("ratio (higher is better); bars: IQR")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
