@@ -23,7 +23,9 @@ products on the GPU). ``UPCAST`` feeds fp32 to ``tl.dot`` under the interpreter 
 import triton
 import triton.language as tl
 
-# META row (int64, 13 columns; see ortho_launch.META_FIELDS): 0 data ptr, 1 r, 2 L,
+# META row (int64, 13 columns; see ortho_launch.META_FIELDS): 0 data offset in elements from
+# the launch's BASE pointer (a real pointer argument: Triton knows its alignment, which a
+# pointer read from a table would not carry), 1 r, 2 L,
 # 3-4 data strides (r, L), 5 workspace offset, 6 E offset, 7 split length along L,
 # 8 number of splits, 9 grad ptr, 10-11 grad strides (r, L), 12 accumulate into grad?
 NF = 13
@@ -41,15 +43,32 @@ def _offsets(rows, cols, s_r, s_l, LAYOUT: tl.constexpr):
 
 
 @triton.jit
-def ortho_gram_kernel(META, WORK, WS, DT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, LAYOUT: tl.constexpr, I64: tl.constexpr):
+def _align(off, s_r, s_l, r, L, LAYOUT: tl.constexpr, VEC: tl.constexpr):
+    # VEC > 1: the launcher checked that the data offset from BASE, the non-unit stride and
+    # the contiguous extent are multiples of VEC (= 16 bytes of elements), so masks are
+    # constant over VEC elements and 16-bit loads can vectorise (cp.async needs ≥ 4 bytes).
+    if VEC > 1:
+        off = tl.multiple_of(off, VEC)
+        if LAYOUT == 0:
+            s_r = tl.multiple_of(s_r, VEC)
+            L = tl.multiple_of(L, VEC)
+        elif LAYOUT == 1:
+            s_l = tl.multiple_of(s_l, VEC)
+            r = tl.multiple_of(r, VEC)
+    return off, s_r, s_l, r, L
+
+
+@triton.jit
+def ortho_gram_kernel(BASE, META, WORK, WS, DT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, LAYOUT: tl.constexpr, I64: tl.constexpr,
+                      VEC: tl.constexpr = 1):
     pid = tl.program_id(0)
     mat = tl.load(WORK + pid * 4)
     ti = tl.load(WORK + pid * 4 + 1)
     tj = tl.load(WORK + pid * 4 + 2)
     split = tl.load(WORK + pid * 4 + 3)
     meta = META + mat * 13
-    mp = tl.load(meta + 0).to(tl.pointer_type(DT))
+    off = tl.load(meta + 0)
     r = tl.load(meta + 1)
     L = tl.load(meta + 2)
     s_r = tl.load(meta + 3)
@@ -70,17 +89,20 @@ def ortho_gram_kernel(META, WORK, WS, DT: tl.constexpr, UPCAST: tl.constexpr, PR
     rl = tl.arange(0, BLOCK_L)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, L)
+    off, s_r, s_l, r, hi = _align(off, s_r, s_l, r, hi, LAYOUT, VEC)
+    mp = BASE + off
     acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
     for l0 in range(lo, hi, BLOCK_L):
         ll = l0 + rl
         a = tl.load(mp + _offsets(ri[:, None], ll[None, :], s_r, s_l, LAYOUT),
                     mask=(ri[:, None] < r) & (ll[None, :] < hi), other=0.0)
-        b = tl.load(mp + _offsets(rj[None, :], ll[:, None], s_r, s_l, LAYOUT),
-                    mask=(rj[None, :] < r) & (ll[:, None] < hi), other=0.0)
+        # rows j loaded in a's orientation and transposed in registers (the Q·Kᵀ pattern)
+        b = tl.load(mp + _offsets(rj[:, None], ll[None, :], s_r, s_l, LAYOUT),
+                    mask=(rj[:, None] < r) & (ll[None, :] < hi), other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
     out = ws + split * r * r + ri[:, None] * r + rj[None, :]
     tl.store(out, acc, mask=(ri[:, None] < r) & (rj[None, :] < r))
 
@@ -114,15 +136,15 @@ def ortho_finalize_kernel(META, WORK, WS, E, NSQ, max_tiles, BLOCK_R: tl.constex
 
 
 @triton.jit
-def ortho_grad_kernel(META, WORK, E, COEF, DT: tl.constexpr, PREC: tl.constexpr,
+def ortho_grad_kernel(BASE, META, WORK, E, COEF, DT: tl.constexpr, PREC: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
-                      LAYOUT: tl.constexpr, I64: tl.constexpr):
+                      LAYOUT: tl.constexpr, I64: tl.constexpr, VEC: tl.constexpr = 1):
     pid = tl.program_id(0)
     mat = tl.load(WORK + pid * 3)
     ti = tl.load(WORK + pid * 3 + 1)
     lj = tl.load(WORK + pid * 3 + 2)
     meta = META + mat * 13
-    mp = tl.load(meta + 0).to(tl.pointer_type(DT))
+    off = tl.load(meta + 0)
     r = tl.load(meta + 1)
     L = tl.load(meta + 2)
     s_r = tl.load(meta + 3)
@@ -141,6 +163,8 @@ def ortho_grad_kernel(META, WORK, E, COEF, DT: tl.constexpr, PREC: tl.constexpr,
         g_l = g_l.to(tl.int32)
         ti = ti.to(tl.int32)
         lj = lj.to(tl.int32)
+    off, s_r, s_l, r, L = _align(off, s_r, s_l, r, L, LAYOUT, VEC)
+    mp = BASE + off
     coef = tl.load(COEF + mat)
     ri = ti * BLOCK_R + tl.arange(0, BLOCK_R)
     rl = lj * BLOCK_L + tl.arange(0, BLOCK_L)

@@ -11,9 +11,10 @@ Matrices are grouped by (dtype, layout, 64-bit offsets); one launch of each kern
 One fixed config per kernel rather than autotuning: the launch mixes many shapes, and the
 work is a stream over every adapter (bandwidth-bound at r ≤ 128), so a tile that keeps the
 loads wide and spill-free is what matters; the AOT check compiles these for sm_80/sm_90.
-  gram      64×64 Gram tile (upper triangle only), L step 64, 4 warps, 3 stages (fp32: L step 32)
+  gram      64×64 Gram tile (upper triangle only), L step 64, 4 warps, 3 stages
+            (fp32: L step 32, 8 warps)
   finalize  64×64 tile, 4 warps
-  grad      64 rows × 128 L-columns, K step 32, 8 warps, 3 stages (fp32 params: 64 columns)
+  grad      64 rows × 128 L-columns, K step 32, 8 warps, 3 stages (fp32: 64 columns, K step 16)
 fp32 adapters use ``tf32x3`` split products (≈ fp32 accuracy, see tests/test_ortho_fast.py's
 emulation) on the GPU; bf16/fp16 products are exact in fp32 accumulators.
 """
@@ -29,14 +30,14 @@ import triton.language as tl
 from .._backend import triton_interpret
 from .ortho_kernels import NF, ortho_finalize_kernel, ortho_grad_kernel, ortho_gram_kernel
 
-META_FIELDS = ("ptr", "r", "L", "s_r", "s_l", "ws_off", "e_off", "split_len", "nsplit",
+META_FIELDS = ("offset", "r", "L", "s_r", "s_l", "ws_off", "e_off", "split_len", "nsplit",
                "grad_ptr", "g_r", "g_l", "accum")
 assert len(META_FIELDS) == NF
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 INT32_LIMIT = 2 ** 31
 
 
-def configs(dtype: torch.dtype, layout: int = 0, i64: bool = False):
+def configs(dtype: torch.dtype, layout: int = 0, i64: bool = False, vec: int = 1):
     """(gram, finalize, grad) as (constexpr dict, num_warps, num_stages) for a param dtype.
 
     The constexpr dicts carry every compile-time flag the launch passes (precision, layout,
@@ -44,12 +45,14 @@ def configs(dtype: torch.dtype, layout: int = 0, i64: bool = False):
     interp = triton_interpret()
     f32 = dtype == torch.float32
     prec = "ieee" if interp else ("tf32x3" if f32 else "tf32")
-    flags = dict(LAYOUT=layout, I64=i64)
+    flags = dict(LAYOUT=layout, I64=i64, VEC=vec)
     if interp:
         return ((dict(BLOCK_R=16, BLOCK_L=16, PREC=prec, **flags), 1, 1), (dict(BLOCK_R=16), 1, 1),
                 (dict(BLOCK_R=16, BLOCK_L=16, BLOCK_K=16, PREC=prec, **flags), 1, 1))
-    return ((dict(BLOCK_R=64, BLOCK_L=32 if f32 else 64, PREC=prec, **flags), 4, 3), (dict(BLOCK_R=64), 4, 1),
-            (dict(BLOCK_R=64, BLOCK_L=64 if f32 else 128, BLOCK_K=32, PREC=prec, **flags), 8, 3))
+    # fp32 (tf32x3: three products per step) spilled on sm_80 at 4 warps / K step 32
+    return ((dict(BLOCK_R=64, BLOCK_L=32 if f32 else 64, PREC=prec, **flags), 8 if f32 else 4, 3),
+            (dict(BLOCK_R=64), 4, 1),
+            (dict(BLOCK_R=64, BLOCK_L=64 if f32 else 128, BLOCK_K=16 if f32 else 32, PREC=prec, **flags), 8, 3))
 
 
 # Aim for a few hundred thousand elements of L·r per gram program; at most 16 splits.
@@ -71,6 +74,15 @@ def _layout(s_r: int, s_l: int, r: int, L: int) -> int:
     return 2
 
 
+def _vec(m: torch.Tensor, layout: int, r: int, L: int, s_r: int, s_l: int) -> int:
+    """Elements per 16 bytes when the alignment hints hold (see ortho_kernels._align), else 1."""
+    v = 16 // m.element_size()
+    if layout == 2 or m.data_ptr() % 16:
+        return 1
+    stride, extent = (s_r, L) if layout == 0 else (s_l, r)
+    return v if (stride % v == 0 or stride == 1) and extent % v == 0 else 1
+
+
 def _max_offset(r: int, L: int, s_r: int, s_l: int) -> int:
     return (r - 1) * abs(s_r) + (L - 1) * abs(s_l)
 
@@ -85,15 +97,16 @@ def _upload(rows: List[Tuple[int, ...]], device: torch.device) -> torch.Tensor:
 class _Group:
     """One launch group: matrices of one dtype, layout and offset width."""
 
-    def __init__(self, idx: List[int], mats: Sequence[torch.Tensor], is_b: Sequence[bool], dtype, layout, i64,
+    def __init__(self, idx: List[int], mats: Sequence[torch.Tensor], is_b: Sequence[bool], dtype, layout, i64, vec,
                  device):
-        self.idx, self.dtype, self.layout, self.i64 = idx, dtype, layout, i64
-        (gram_c, _, _), (fin_c, _, _), (grad_c, _, _) = configs(dtype, layout, i64)
+        self.idx, self.dtype, self.layout, self.i64, self.vec = idx, dtype, layout, i64, vec
+        (gram_c, _, _), (fin_c, _, _), (grad_c, _, _) = configs(dtype, layout, i64, vec)
         br, bl_gram, bl_grad = gram_c["BLOCK_R"], gram_c["BLOCK_L"], grad_c["BLOCK_L"]
         w1, w2, w3, rows = [], [], [], []
         ws_off = e_off = 0
         self.max_tiles = 1
         self.needs = [bool(mats[i].requires_grad) for i in idx]
+        base_ptr = mats[idx[0]].data_ptr()
         for m, i in enumerate(idx):
             r, L, s_r, s_l = _rl(mats[i], is_b[i])
             nt = triton.cdiv(r, br)
@@ -107,7 +120,10 @@ class _Group:
                     w1.extend((m, ti, tj, s) for s in range(nsplit))
                 if self.needs[m]:
                     w3.extend((m, ti, lj) for lj in range(triton.cdiv(L, bl_grad)))
-            rows.append((mats[i].data_ptr(), r, L, s_r, s_l, ws_off, e_off, split_len, nsplit, 0, 0, 0, 0))
+            # element offset from the group's first matrix (its pointer is the launch's BASE);
+            # same-dtype tensors are element-aligned, so the byte difference divides exactly
+            rows.append(((mats[i].data_ptr() - base_ptr) // mats[i].element_size(), r, L, s_r, s_l, ws_off, e_off,
+                         split_len, nsplit, 0, 0, 0, 0))
             ws_off += nsplit * r * r
             e_off += r * r
         self.meta = _upload(rows, device)
@@ -139,8 +155,10 @@ class TritonPlan:
             r, L, s_r, s_l = _rl(m, is_b[i])
             # 64-bit offsets only when the data (or a grad with the same strides) can reach 2³¹
             i64 = _max_offset(r, L, s_r, s_l) >= INT32_LIMIT or r * L >= INT32_LIMIT
-            by.setdefault((m.dtype, _layout(s_r, s_l, r, L), i64), []).append(i)
-        self.groups = [_Group(idx, mats, is_b, dt, lay, i64, self.device) for (dt, lay, i64), idx in by.items()]
+            lay = _layout(s_r, s_l, r, L)
+            by.setdefault((m.dtype, lay, i64, _vec(m, lay, r, L, s_r, s_l)), []).append(i)
+        self.groups = [_Group(idx, mats, is_b, dt, lay, i64, vec, self.device)
+                       for (dt, lay, i64, vec), idx in by.items()]
 
     def matches(self, mats, is_b) -> bool:
         return len(mats) == len(self.refs) and all(r() is m for r, m in zip(self.refs, mats)) \
@@ -208,11 +226,11 @@ def ortho_triton_forward(mats: Sequence[torch.Tensor], is_b: Sequence[bool]):
     Es = []
     interp = triton_interpret()
     for g in plan.groups:
-        (gram_c, gw, gs), (fin_c, fw, fs), _ = configs(g.dtype, g.layout, g.i64)
+        (gram_c, gw, gs), (fin_c, fw, fs), _ = configs(g.dtype, g.layout, g.i64, g.vec)
         ws = torch.empty(g.ws_size, dtype=torch.float32, device=plan.device)
         E = torch.empty(g.e_size, dtype=torch.float32, device=plan.device)
         nsq = torch.zeros((len(g.idx), g.max_tiles), dtype=torch.float32, device=plan.device)
-        ortho_gram_kernel[(g.w1.shape[0],)](g.meta, g.w1, ws, DT=TL_DTYPE[g.dtype],
+        ortho_gram_kernel[(g.w1.shape[0],)](mats[g.idx[0]], g.meta, g.w1, ws, DT=TL_DTYPE[g.dtype],
                                             UPCAST=interp and g.dtype == torch.bfloat16,
                                             num_warps=gw, num_stages=gs, **gram_c)
         ortho_finalize_kernel[(g.w2.shape[0],)](g.meta, g.w2, ws, E, nsq, g.max_tiles,
@@ -232,7 +250,7 @@ def ortho_triton_backward(mats: Sequence[torch.Tensor], state, coef: torch.Tenso
     for g, E in zip(plan.groups, Es):
         if g.w3 is None:
             continue
-        _, _, (grad_c, dw, ds) = configs(g.dtype, g.layout, g.i64)
+        _, _, (grad_c, dw, ds) = configs(g.dtype, g.layout, g.i64, g.vec)
         need = [i for i, nd in zip(g.idx, g.needs) if nd]
         have = {i: mats[i].grad for i in need} if inplace else {}
         # new grads, and temporaries for existing grads whose unit stride is not where the
@@ -259,7 +277,7 @@ def ortho_triton_backward(mats: Sequence[torch.Tensor], state, coef: torch.Tenso
         if key != g.grad_key:  # grads moved: re-upload the four grad columns (no sync)
             g.meta[:, 9:13].copy_(_upload(rows, plan.device))
             g.grad_key = key
-        ortho_grad_kernel[(g.w3.shape[0],)](g.meta, g.w3, E, coef[g.vidx].contiguous(), DT=TL_DTYPE[g.dtype],
+        ortho_grad_kernel[(g.w3.shape[0],)](mats[g.idx[0]], g.meta, g.w3, E, coef[g.vidx].contiguous(), DT=TL_DTYPE[g.dtype],
                                             num_warps=dw, num_stages=ds, **grad_c)
     for gr, tmp in fixups:
         gr.add_(tmp)
