@@ -7,21 +7,39 @@ META tensors and captures every Triton launch instead of running it):
   * the SM count comes only from :func:`num_sms`, the architecture only from
     :func:`device_capability` (the check monkeypatches both);
   * :func:`device_guard` is a no-op for non-CUDA devices;
-  * ``CONFIGS`` lists every config a kernel may launch with (autotuned roles) and
-    ``PINNED`` the fixed configs of the deterministic reductions: compile them all.
+  * ``CONFIGS`` lists every config a kernel may launch with (autotuned roles), ``PINNED``
+    the fixed configs of the deterministic reductions and ``TMA_CONFIGS`` the sm_90 TMA
+    kernel's (chosen by M bucket, host ``TensorDescriptor`` arguments): compile them all.
 
-Configs are per role and dtype family; the AOT check (kernels/aot_check.py) compiles every
-one for sm_80 and sm_90 with the role's flags and fails on spills or shared memory overflow.
-  main  (y = [x|s]·[W_r|B]ᵀ + bias, dX = dY·W_r + gs·A): 128×128×64 / 8 warps / 3 stages
-        is the standard Hopper+Ampere bf16 tile; 64×128×32 / 4 warps / 4 stages for small M
-        and for Ampere's lower register budget per SM.
-  main_drop (dX with the dropout mask regenerated in the epilogue): the per-element Philox
-        spills a 128×128 tile, so 64-row tiles.
-  skinny (x·Aᵀ with in-loop dropout, dY·B; N = r): BLOCK_N 32/64/128 so r is not padded to a
-        big tile; BLOCK_K 32 because the in-loop Philox costs registers per element.
-  tn    (dA, dBᵀ; A = r): BLOCK_A 32 or 128 × 128, BLOCK_M 32 (the in-loop Philox of dA
-        spills at 64), split over M.
-  fp32 inputs compute true-fp32 (non tensor-core) products: smaller tiles of each role.
+Kernels and when they run:
+  * sm_90, fp16/bf16, unmasked main GEMM (forward y, backward dX without dropout), operands
+    TMA-legal (16-byte aligned, one unit stride): ``sorsa_mm_tma_kernel``, persistent,
+    config by M bucket (``TMA_CONFIGS``). Host ``TensorDescriptor`` and descriptor
+    ``.load``/``.store`` exist in both Triton 3.6 (the H200 image) and 3.8; warp
+    specialisation is not used (its API differs between the two and could not be timed).
+  * everything else (sm_80, fp32, masked dX, the skinny GEMMs, the interpreter):
+    ``sorsa_mm_kernel`` (cp.async pointer loads, persistent, rank-r segment inside the K loop).
+  * dA, dBᵀ: ``sorsa_tn_kernel`` with a pinned config.
+
+Shrink cost argument (``skinny``; H200 estimate, not a measurement): ``xa = drop(x)·Aᵀ`` for
+x = 8192×4096 bf16 must read x once (64 MiB; A, 128 KiB, stays in L2) and is otherwise free
+(2·M·K·r = 1.1 GFLOP at r = 16). At the ~4.3 TB/s device-copy ceiling that is ~16 µs, so the
+kernel is shaped for bandwidth, not FLOPs: BLOCK_M 64 × BLOCK_K 64 row panels, r padded only to
+BLOCK_N 32–128, and split-K (``_k_splits``) until (M/64)·splits covers two waves of SMs
+(128 m-tiles → 3 splits on 132 SMs); fp32 partials cost splits·M·r·4 B (1.5 MiB at r = 16,
+12 MiB at r = 128) written and summed once: ≈ 17–21 µs in all, at the 20 µs target for
+p = 0. With dropout the mask costs 26.5 SASS instructions per element (counted for
+``_keep4``); 33.5 M elements ≈ 0.9 G lane-instructions ≈ 27 µs of integer issue on 132 SMs,
+so the p > 0 shrink is ALU-bound above the target (8-bit thresholds or a 1-bit mask saved for
+the backward are the next steps; not done). A row-stationary fusion of the shrink into the
+main kernel was not chosen: each persistent program would own whole m-rows, giving up the
+grouped (L2-sharing) tile order of the compute-bound GEMM to save a 64 MiB read.
+
+One pass over dY for g and dBᵀ was costed and not built: dBᵀ partials per program cost
+programs·r·N·4 B (132 programs × r = 128 × 4096 × 4 B = 264 MiB) — more than the 64 MiB
+second read of dY it saves, unless few programs run (then HBM is not saturated).
+
+Config notes (every shipped config compiles without spills for sm_80 and sm_90, AOT check):
 """
 from __future__ import annotations
 
@@ -53,8 +71,8 @@ CONFIGS = {
     ("main", True): [_cfg(64, 64, 16, 4, 3), _cfg(32, 64, 32, 4, 3)],
     ("main_drop", False): [_cfg(64, 128, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
     ("main_drop", True): [_cfg(32, 64, 32, 4, 3)],
-    ("skinny", False): [_cfg(64, 32, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 8, 4)],
-    ("skinny", True): [_cfg(32, 32, 32, 4, 3), _cfg(32, 64, 32, 4, 3)],
+    ("skinny", False): [_cfg(64, 32, 64, 4, 3), _cfg(64, 64, 64, 4, 3), _cfg(64, 128, 64, 8, 3)],
+    ("skinny", True): [_cfg(32, 32, 32, 4, 2)],
     ("tn", False): [_cfg(32, 128, 32, 4, 3, tn=True), _cfg(128, 128, 32, 8, 3, tn=True)],
     ("tn", True): [_cfg(32, 64, 16, 4, 3, tn=True)],
 }
