@@ -67,7 +67,9 @@ def measure_case(case: Case, device: torch.device, rounds: int, min_sample_ms: f
     errors = {}
     single = b.single_shot
     try:
-        samples = time_interleaved(b.impls, device, rounds=1 if "model" in case.params else rounds,
+        # single-shot cases (init: seconds per call) get at most 3 rounds after their warm-up call
+        n = 1 if "model" in case.params else min(rounds, 3) if single else rounds
+        samples = time_interleaved(b.impls, device, rounds=n,
                                    min_sample_ms=0.0 if single else min_sample_ms,
                                    warmup=0 if single else 1, on_sample=on_sample)
     except ImplError as exc:

@@ -123,7 +123,7 @@ def cases(device: torch.device, mode: str = "default", dtype: Optional[torch.dty
             stacks = [(2, 4096, 4096, 128)] if mode == "quick" else [(8, 4096, 4096, 128), (4, 11008, 4096, 128)]
             out += [Case("init", dt, dict(count=c, m=m, n=n, r=r)) for c, m, n, r in stacks]
         else:
-            stacks = {"quick": [(2, 256, 256, 16)], "default": [(4, 1024, 1024, 64)],
+            stacks = {"quick": [(2, 256, 256, 16)], "default": [(2, 1024, 1024, 64)],
                       "full": [(4, 1024, 1024, 64), (16, 2048, 2048, 64)]}[mode]
             out += [Case("init", dt, dict(count=c, m=m, n=n, r=r)) for c, m, n, r in stacks]
     return out
