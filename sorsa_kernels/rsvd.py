@@ -45,9 +45,9 @@ JACOBI_SWEEPS = 30
 #: Rayleigh–Ritz on [Q_{q-1} | Q_q] (2k columns) rather than Q_q alone; see the module doc
 TWO_ITERATE_RR = True
 
+# Registered even when _C did not load: a forced backend="ext" then reports why (_backend.ext_status).
+_backend.register(OP, "ext")
 if _backend.ext_status()[0]:
-    _backend.register(OP, "ext")
-
     @torch.library.register_fake("sorsa_kernels::jacobi_svd")
     def _(R, max_sweeps):
         return torch.empty_like(R), R.new_empty(R.shape[:2]), torch.empty_like(R)
