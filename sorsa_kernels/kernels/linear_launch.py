@@ -68,7 +68,7 @@ def _cfg(bm, bn, bk, w, s, **kw):
 # (role, fp32?) -> configs. Flags each role compiles with are in ROLE_FLAGS.
 CONFIGS = {
     ("main", False): [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 32, 4, 4)],
-    ("main", True): [_cfg(64, 64, 16, 8, 3), _cfg(32, 64, 32, 4, 3)],
+    ("main", True): [_cfg(64, 64, 16, 8, 3)],
     ("main_drop", False): [_cfg(64, 128, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
     ("main_drop", True): [_cfg(32, 64, 32, 4, 3)],
     ("skinny", False): [_cfg(64, 32, 64, 8, 3), _cfg(64, 64, 64, 4, 3), _cfg(64, 128, 64, 8, 3)],
