@@ -98,3 +98,25 @@ def test_cuda_extension_builds_by_itself(tmp_path):
              "print(torch._C._dispatch_has_kernel_for_dispatch_key('sorsa_kernels::jacobi_svd', 'CUDA'))")
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "True", res.stdout + res.stderr
+
+
+def test_build_without_torch_says_what_to_do(monkeypatch):
+    """`pip install --no-build-isolation .` before torch is installed: a clear message, not a traceback."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    monkeypatch.delenv("SORSA_KERNELS_NO_EXT", raising=False)
+    with pytest.raises(SystemExit, match="torch must be importable to build the extension. Install torch first"):
+        SETUP["extensions"]()
+
+
+def test_quick_start_installs_torch_once():
+    """README's two commands install torch, then build against it without an isolated build env
+    (which would download and install torch a second time)."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"```bash\n(.*?)```", text, re.S).group(1).strip().splitlines()
+    assert len(block) == 2, block  # .ci/run runs exactly these two lines
+    for line in block:
+        steps = [s.strip() for s in line.split("&&")]
+        build = [i for i, s in enumerate(steps) if re.search(r"pip install (--\S+ )*(\.|\"\.\[\w+\]\")$", s)]
+        torch_first = [i for i, s in enumerate(steps) if re.match(r"\S*pip install .*\btorch\b", s)]
+        assert len(build) == 1 and "--no-build-isolation" in steps[build[0]], line
+        assert torch_first and torch_first[0] < build[0], line
