@@ -62,7 +62,8 @@ def test_aot_compiles_the_runtime_specialisation(report):
     for r in big:
         assert len(r["divisible_16"]) >= 4, r["divisible_16"]
     sm90 = [r for r in big if r["arch"] == 90]
-    assert sm90 and all(r["wgmma"] for r in sm90 if max(r["config"].get("BLOCK_M", 64), 64) >= 64)
+    # tiles of >= 64 rows use Hopper's wgmma (a 32-row tile legitimately stays on mma.sync)
+    assert sm90 and all(r["wgmma"] for r in sm90 if r["config"].get("BLOCK_M", 0) >= 64)
     assert any(r["constant_args"] for r in big), "unit strides must become constants, as at run time"
     # host tensor descriptors reach the compile as tensordesc<...> and give TMA on sm_90
     desc = [r for r in sm90 if r["tensor_descriptors"]]
