@@ -154,6 +154,10 @@ def choose(op: str, backend: str, device: torch.device,
     impl = resolve(op, backend, device)
     if backend != "auto" or impl == "torch" or device.type != "cuda" or case is None:
         return impl
+    if torch.compiler.is_compiling():
+        # Inside a trace: no lock, file or timing (dynamo cannot trace them); compiled graphs
+        # take the fused path. The timed choice is an eager-mode floor.
+        return impl
     from . import _dispatch
     if not _dispatch.autotune_enabled():
         return impl
@@ -161,7 +165,7 @@ def choose(op: str, backend: str, device: torch.device,
     if got is None:
         return impl
     fields, bench = got
-    return _dispatch.decide(op, impl, _dispatch.make_key(op, fields, device), fields, bench)
+    return _dispatch.decide(op, impl, _dispatch.make_key(op, fields, device), fields, bench, device=device)
 
 
 def describe() -> Dict[str, Dict[str, str]]:

@@ -19,6 +19,7 @@ max-autotune picks between Triton templates and ATen. It is consulted only by
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,7 +38,8 @@ Timer = Callable[[str, Callable[[], Any]], float]
 
 def _do_bench(name: str, fn: Callable[[], Any]) -> float:
     from triton.testing import do_bench
-    return float(do_bench(fn, warmup=5, rep=20, return_mode="median"))
+    # warmup/rep are milliseconds: ~100 timed runs of fwd+bwd, once per shape key
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 _timer: Timer = _do_bench
@@ -123,24 +125,27 @@ def make_key(op: str, fields: Dict[str, Any], device: torch.device) -> str:
 
 
 def decide(op: str, fused: str, key: str, fields: Dict[str, Any],
-           bench: Callable[[str], Callable[[], Any]]) -> str:
+           bench: Callable[[str], Callable[[], Any]], device: Optional[torch.device] = None) -> str:
     """Return ``fused`` or ``"torch"`` for this key: cached, else timed once with ``bench(name)``
     (which builds the fwd+bwd thunk of candidate ``name`` on random inputs of the real shapes)."""
-    if not autotune_enabled():
-        return fused
+    if not autotune_enabled() or torch.compiler.is_compiling():
+        return fused  # never lock, read files or time inside a trace
     with _lock:
         hit = _load().get(key)
     if hit is not None:
         return hit["choice"]
-    if torch.compiler.is_compiling():
-        return fused  # never time inside a trace; eager calls fill the cache
     times: Dict[str, float] = {}
     errors: Dict[str, str] = {}
-    for name in (fused, "torch"):
-        try:
-            times[name] = float(_timer(name, bench(name)))
-        except Exception as exc:  # a failing candidate is never chosen
-            errors[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    # Events, synchronisation and the L2 flush of the timer act on the current device: make it
+    # the tensors' device, or a layer on cuda:1 would be timed as ~0 ms on cuda:0.
+    on_cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
+    guard = torch.cuda.device(device) if on_cuda else contextlib.nullcontext()
+    with guard:
+        for name in (fused, "torch"):
+            try:
+                times[name] = float(_timer(name, bench(name)))
+            except Exception as exc:  # a failing candidate is never chosen
+                errors[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
     ok = {n: t for n, t in times.items() if math.isfinite(t)}
     # ties go to the fused path (it saves memory: no intermediate x·Aᵀ round trip)
     choice = min(ok, key=lambda n: (ok[n], n != fused)) if ok else "torch"

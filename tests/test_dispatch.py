@@ -172,3 +172,42 @@ def test_describe_says_triton_cannot_run_without_gpu():
         ok, why = _backend.triton_runtime_status()
         assert not ok and "no CUDA GPU" in why
         assert d[OP]["cuda"] == "no CUDA device visible" and "cannot run" in d[OP]["triton"]
+
+
+def test_choose_traces_under_fullgraph_compile_for_a_cuda_device():
+    # review blocker: decide() took a threading lock before checking is_compiling, which dynamo
+    # cannot trace; a real fullgraph trace through choose() for a CUDA device must not break.
+    _needs_triton()
+    t = FakeTimer({"triton": 9.0, "torch": 1.0})
+    _dispatch.set_timer(t)
+
+    def f(x):
+        impl = _backend.choose(OP, "auto", CUDA, _case())
+        return x + (1.0 if impl == "triton" else 2.0)
+
+    out = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(3))
+    assert out.tolist() == [1.0, 1.0, 1.0] and not t.calls
+
+
+def test_timing_runs_on_the_tensors_device(monkeypatch):
+    # review blocker: do_bench's events/sync act on the current device; a layer on cuda:1 must be
+    # timed with cuda:1 current.
+    _needs_triton()
+    entered = []
+
+    class FakeDeviceGuard:
+        def __init__(self, dev):
+            self.dev = dev
+
+        def __enter__(self):
+            entered.append(str(self.dev))
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDeviceGuard)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen = []
+    _dispatch.set_timer(lambda name, fn: seen.append(list(entered)) or {"triton": 1.0, "torch": 2.0}[name])
+    assert _backend.choose(OP, "auto", torch.device("cuda", 1), _case()) == "triton"
+    assert seen == [["cuda:1"], ["cuda:1"]]
