@@ -88,6 +88,13 @@ def calc_ortho(model: nn.Module) -> Optional[torch.Tensor]:
     return calc_ortho_naive(model.named_parameters())
 
 
+def _check_lr(lr) -> Union[float, torch.Tensor]:
+    lr = _check_number("lr", lr)
+    if isinstance(lr, float) and not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    return lr
+
+
 # ---------------------------------------------------------------- sharded (DTensor) parameters
 
 def _dtensor_cls():
@@ -116,14 +123,19 @@ def _allreduce(group, flat: torch.Tensor) -> None:
     dist.all_reduce(flat, group=group)
 
 
+def _any_dtensor(mats: Sequence[torch.Tensor]) -> bool:
+    DTensor = _dtensor_cls()
+    return DTensor is not None and any(isinstance(m, DTensor) for m in mats)
+
+
 def _localize(mats: Sequence[torch.Tensor], is_b: Sequence[bool]):
     """Local operands for the math: (tensors, reduce keys, how each maps back).
 
     kinds: "plain"; "partial" (local shard along L, Gram all-reduced); "gathered" (full
     matrix all-gathered, grad sliced back to the local shard); "replicated"."""
-    DTensor = _dtensor_cls()
-    if DTensor is None or not any(isinstance(m, DTensor) for m in mats):
+    if not _any_dtensor(mats):
         return list(mats), None, None
+    DTensor = _dtensor_cls()
     local, keys, kinds = [], [], []
     for m, b in zip(mats, is_b):
         if not isinstance(m, DTensor):
@@ -256,13 +268,19 @@ def orthonormal_grad_(
         without adapters.
     """
     gamma = _check_number("gamma", gamma)
-    lr = _check_number("lr", lr)
-    if isinstance(lr, float) and not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    lr = _check_lr(lr)
     mats, is_b = _adapters(model_or_params, names=names)
     if not mats:
         return None
-    local, keys, kinds = _localize(mats, is_b)
+    return _grad_step(mats, is_b, gamma, lr, squared, backend)
+
+
+def _grad_step(mats: List[torch.Tensor], is_b: List[bool], gamma, lr, squared: bool, backend: str,
+               plain: bool = False) -> torch.Tensor:
+    """:func:`orthonormal_grad_` on adapters already collected and checked (``SORSARegularizer``
+    calls this every step with its cached list). ``plain``: the caller knows no adapter is a
+    DTensor (skips the per-step scan)."""
+    local, keys, kinds = (mats, None, None) if plain else _localize(mats, is_b)
     scale = gamma / (lr * len(mats))
     if keys is None:
         fwd, bwd = _impl(backend, mats[0].device, False)

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from .regularizer import _check_number, orthonormal_grad_
+from .regularizer import _adapters, _any_dtensor, _check_lr, _check_number, _grad_step, orthonormal_grad_
 
 LrSource = Union[float, Callable[[], float], torch.optim.Optimizer, str]
 
@@ -71,6 +71,9 @@ class SORSARegularizer:
         self.params = [(n, p) for n, p in model.named_parameters() if "sorsa_A" in n or "sorsa_B" in n]
         if not self.params:
             raise ValueError("model has no sorsa_A / sorsa_B parameters: apply_sorsa first")
+        # collected once: a step then does no per-parameter name matching or DTensor scan
+        self._mats, self._is_b = _adapters(self.params)
+        self._plain = not _any_dtensor(self._mats)
         self.gamma, self.squared, self.backend = _check_number("gamma", gamma), squared, backend
         if optimizer is None and isinstance(lr, torch.optim.Optimizer):
             optimizer = lr
@@ -112,7 +115,8 @@ class SORSARegularizer:
             return None
         if self.scaler is not None:
             self._unscale()
-        self.last_value = orthonormal_grad_(self.params, self.gamma, lr, squared=self.squared, backend=self.backend)
+        self.last_value = _grad_step(self._mats, self._is_b, self.gamma, _check_lr(lr), self.squared, self.backend,
+                                     plain=self._plain)
         return self.last_value
 
     __call__ = step

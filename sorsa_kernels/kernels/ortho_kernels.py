@@ -43,18 +43,27 @@ def _offsets(rows, cols, s_r, s_l, LAYOUT: tl.constexpr):
 
 
 @triton.jit
+def _mult(x, VEC: tl.constexpr):
+    # x rebuilt as (x // VEC) * VEC: exact, as the launcher checked x % VEC == 0, and the
+    # product carries divisibility VEC into Triton's axis analysis. tl.multiple_of cannot be
+    # used here: it tags the op that defines x, and inside a helper x is a block argument of
+    # the (later inlined) callee, so the hint was silently dropped (checked in the TTIR).
+    return (x // VEC) * VEC
+
+
+@triton.jit
 def _align(off, s_r, s_l, r, L, LAYOUT: tl.constexpr, VEC: tl.constexpr):
     # VEC > 1: the launcher checked that the data offset from BASE, the non-unit stride and
     # the contiguous extent are multiples of VEC (= 16 bytes of elements), so masks are
     # constant over VEC elements and 16-bit loads can vectorise (cp.async needs ≥ 4 bytes).
     if VEC > 1:
-        off = tl.multiple_of(off, VEC)
+        off = _mult(off, VEC)
         if LAYOUT == 0:
-            s_r = tl.multiple_of(s_r, VEC)
-            L = tl.multiple_of(L, VEC)
+            s_r = _mult(s_r, VEC)
+            L = _mult(L, VEC)
         elif LAYOUT == 1:
-            s_l = tl.multiple_of(s_l, VEC)
-            r = tl.multiple_of(r, VEC)
+            s_l = _mult(s_l, VEC)
+            r = _mult(r, VEC)
     return off, s_r, s_l, r, L
 
 
@@ -87,6 +96,9 @@ def ortho_gram_kernel(BASE, META, WORK, WS, DT: tl.constexpr, UPCAST: tl.constex
     ri = ti * BLOCK_R + tl.arange(0, BLOCK_R)
     rj = tj * BLOCK_R + tl.arange(0, BLOCK_R)
     rl = tl.arange(0, BLOCK_L)
+    # the launcher rounds split_len up to a multiple of BLOCK_L: every l0 is then provably
+    # BLOCK_L-aligned, which (with VEC) lets the loads be 16-byte cp.async copies
+    split_len = tl.multiple_of(split_len, BLOCK_L)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, L)
     off, s_r, s_l, r, hi = _align(off, s_r, s_l, r, hi, LAYOUT, VEC)
@@ -96,13 +108,14 @@ def ortho_gram_kernel(BASE, META, WORK, WS, DT: tl.constexpr, UPCAST: tl.constex
         ll = l0 + rl
         a = tl.load(mp + _offsets(ri[:, None], ll[None, :], s_r, s_l, LAYOUT),
                     mask=(ri[:, None] < r) & (ll[None, :] < hi), other=0.0)
-        # rows j loaded in a's orientation and transposed in registers (the Q·Kᵀ pattern)
-        b = tl.load(mp + _offsets(rj[:, None], ll[None, :], s_r, s_l, LAYOUT),
-                    mask=(rj[:, None] < r) & (ll[None, :] < hi), other=0.0)
+        # rows j loaded directly as the (L, R) operand through transposed offsets (no register
+        # transpose), so both operands take the shared-memory pipeline
+        b = tl.load(mp + _offsets(rj[None, :], ll[:, None], s_r, s_l, LAYOUT),
+                    mask=(rj[None, :] < r) & (ll[:, None] < hi), other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
     out = ws + split * r * r + ri[:, None] * r + rj[None, :]
     tl.store(out, acc, mask=(ri[:, None] < r) & (rj[None, :] < r))
 
