@@ -9,7 +9,8 @@ branches on the backend name.
 * ``"ext"``: the compiled C++/CUDA extension ``sorsa_kernels._C`` (CPU build always, CUDA
   implementations when it was built with nvcc).
 * ``"auto"``: the op's accelerated backend when it can run on the tensors' device (Triton
-  only for CUDA tensors: the interpreter is a test vehicle), else ``"torch"``. Ops that pass
+  only for CUDA tensors: the interpreter is a test vehicle), else ``"torch"``. An op may set
+  its own per-device-type order with :func:`prefer` (e.g. rsvd: torch on the CPU). Ops that pass
   a shape signature to :func:`choose` get, on CUDA, a timed per-shape choice between the
   fused path and the torch path (:mod:`sorsa_kernels._dispatch`).
 """
@@ -27,12 +28,32 @@ BACKENDS = ("auto", "torch", "triton", "ext")
 # op name -> backends with an implementation besides "torch"; filled by the op modules.
 _IMPLEMENTED: Dict[str, set] = {}
 
+# What "auto" tries, in order, before falling back to "torch".
+_AUTO_ORDER_DEFAULT: Tuple[str, ...] = ("triton", "ext")
+# (op, device type) -> that order, where an op measured differently; set by the op modules via
+# :func:`prefer` so that resolve() (and describe(), hence `sorsa-kernels info`) is the one place.
+_AUTO_ORDER: Dict[Tuple[str, str], Tuple[str, ...]] = {}
+
 
 def register(op: str, backend: str) -> None:
     """Declare that ``op`` has an implementation for ``backend``."""
     if backend not in BACKENDS[1:]:
         raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
     _IMPLEMENTED.setdefault(op, {"torch"}).add(backend)
+
+
+def prefer(op: str, device_type: str, order: Tuple[str, ...]) -> None:
+    """Set the backends ``"auto"`` tries for ``op`` on ``device_type`` (in order; ``"torch"``
+    is the fallback and need not be listed; ``()`` means always torch there)."""
+    bad = [b for b in order if b not in BACKENDS[1:]]
+    if bad:
+        raise ValueError(f"order entries must be in {BACKENDS[1:]}, got {bad}")
+    _AUTO_ORDER[(op, device_type)] = tuple(order)
+
+
+def auto_order(op: str, device_type: str) -> Tuple[str, ...]:
+    """The backends ``"auto"`` tries for ``op`` on ``device_type``, before ``"torch"``."""
+    return _AUTO_ORDER.get((op, device_type), _AUTO_ORDER_DEFAULT)
 
 
 def triton_interpret() -> bool:
@@ -129,7 +150,7 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
         return "torch"
     impls = _IMPLEMENTED.get(op, set())
     if backend == "auto":
-        for b in ("triton", "ext"):
+        for b in auto_order(op, device.type):
             if b in impls and _can_run(b, device, forced=False)[0]:
                 return b
         return "torch"

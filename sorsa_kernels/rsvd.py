@@ -47,6 +47,8 @@ TWO_ITERATE_RR = True
 
 # Registered even when _C did not load: a forced backend="ext" then reports why (_backend.ext_status).
 _backend.register(OP, "ext")
+# measured: LAPACK's small k×k steps beat the extension's on the CPU, so "auto" is torch there
+_backend.prefer(OP, "cpu", ())
 if _backend.ext_status()[0]:
     @torch.library.register_fake("sorsa_kernels::jacobi_svd")
     def _(R, max_sweeps):
@@ -267,8 +269,6 @@ def rsvd(
 
 
 def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype, info=None):
-    if backend == "auto":  # measured: LAPACK's small steps beat the extension's on the CPU
-        backend = "ext" if W.device.type == "cuda" and _backend.ext_status()[1] else "torch"
     run = _Run(_backend.resolve(OP, backend, W.device),
                int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if seed is None else seed)
     work = torch.float64 if W.dtype == torch.float64 else torch.float32

@@ -44,6 +44,9 @@ def test_info_says_what_runs_here(capsys):
         assert "triton usable: True" not in out
         assert "Triton kernels: will not run" in out or "only when forced" in out
         assert "auto runs: torch" in out
+    # rsvd's "auto" is torch (LAPACK) on the CPU; info must not claim the extension runs there
+    rsvd_line = next(l for l in out.splitlines() if l.strip().startswith("rsvd "))
+    assert "auto runs: torch on cpu" in rsvd_line, rsvd_line
 
 
 def test_version_help_and_unknown_op(capsys):

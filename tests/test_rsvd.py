@@ -228,6 +228,24 @@ def test_extension_is_built():
     assert "ext" in _backend.available_backends("rsvd")
 
 
+def test_auto_backend_is_decided_in_backend_module_and_reported():
+    """One place decides: rsvd's "auto" is torch (LAPACK) on the CPU via _backend.prefer, so
+    resolve()/describe() (what `sorsa-kernels info` prints) say what actually runs."""
+    cpu = torch.device("cpu")
+    assert _backend.auto_order("rsvd", "cpu") == ()
+    assert _backend.resolve("rsvd", "auto", cpu) == "torch"
+    assert _backend.describe()["rsvd"]["cpu"] == "torch"
+    W = torch.randn(40, 30, dtype=torch.float64)
+    for a, b in zip(sk.rsvd(W, 4, seed=5, niter=2), sk.rsvd(W, 4, seed=5, niter=2, backend="torch")):
+        assert torch.equal(a, b)
+    if HAS_EXT:  # a forced backend still runs the extension on the CPU
+        assert _backend.resolve("rsvd", "ext", cpu) == "ext"
+    # other ops keep the default order; a bad order entry is rejected
+    assert _backend.auto_order("no_such_op", "cpu") == ("triton", "ext")
+    with pytest.raises(ValueError, match="order entries"):
+        _backend.prefer("rsvd", "cpu", ("lapack",))
+
+
 def test_bf16_power_iterations_keep_accuracy():
     """The CUDA default runs the power iterations in bf16; the σ error stays within the target
     (checked here on the CPU by forcing it)."""
