@@ -222,10 +222,15 @@ def test_autotune_key_buckets_m_and_reductions_are_pinned(monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **kw: calls.append(("pinned", kw["BLOCK_A"], kw["BLOCK_M"], kw["num_warps"]))
 
+    class Glue:  # the partials-sum/scale kernel: meta tensors have no data, record only
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append(("glue",))
+
     monkeypatch.setattr(L, "triton_interpret", lambda: False)
     monkeypatch.setattr(L, "num_sms", lambda dev: 132)
     monkeypatch.setattr(L, "_TUNED", {k: Tuned(k[0]) for k in L._TUNED})
     monkeypatch.setattr(L, "sorsa_tn_kernel", Pinned())
+    monkeypatch.setattr(L, "sorsa_scale_kernel", Glue())
     m = lambda *s, dt=torch.bfloat16: torch.empty(*s, device="meta", dtype=dt)  # noqa: E731
     for M in (8, 8192):
         y, xa = L.linear_fwd(m(M, 64), m(48, 64), m(16, 64), m(16), m(48, 16), None, 1.0, 0.05, torch.tensor([3]))
@@ -242,3 +247,4 @@ def test_tuned_kernels_key_on_m_bucket():
         pytest.skip("triton not installed")
     for key, tuned in L._TUNED.items():
         assert "M_BUCKET" in tuned.keys, key
+

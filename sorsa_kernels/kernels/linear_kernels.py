@@ -240,3 +240,29 @@ def sorsa_mm_tma_kernel(
             c_desc.store([off_m, off_n + BLOCK_N // 2], c1)
         else:
             c_desc.store([off_m, off_n], c)
+
+
+@triton.jit
+def sorsa_scale_kernel(
+    PART, S, OUT, XA, splits, M, R, scale,
+    s_ps, s_pm, s_pr, s_om, s_or, s_xm, s_xr,
+    WRITE_XA: tl.constexpr, BIG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``xa = Σ_s PART[s]`` (split-K partials, summed in index order → deterministic) and
+    ``OUT = (xa·S·scale)`` cast to OUT's dtype, in one pass: the glue between the skinny GEMM
+    and the GEMM that consumes the scaled rank-r operand (``s`` in the forward, ``gs`` in the
+    backward). ``WRITE_XA``: also store the fp32 sum (not needed when ``splits == 1``)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if BIG:
+        rm = rm.to(tl.int64)
+    ok = (rm[:, None] < M) & (rr[None, :] < R)
+    p = PART + rm[:, None] * s_pm + rr[None, :] * s_pr
+    acc = tl.load(p, mask=ok, other=0.0)
+    for _ in range(1, splits):
+        p += s_ps  # 64-bit pointer steps: no int32 product of split index and stride
+        acc += tl.load(p, mask=ok, other=0.0)
+    if WRITE_XA:
+        tl.store(XA + rm[:, None] * s_xm + rr[None, :] * s_xr, acc, mask=ok)
+    sv = tl.load(S + rr, mask=rr < R, other=0.0).to(tl.float32) * scale
+    tl.store(OUT + rm[:, None] * s_om + rr[None, :] * s_or, (acc * sv[None, :]).to(OUT.dtype.element_ty), mask=ok)

@@ -21,7 +21,7 @@ Kernels and when they run:
     ``sorsa_mm_kernel`` (cp.async pointer loads, persistent, rank-r segment inside the K loop).
   * dA, dBᵀ: ``sorsa_tn_kernel`` with a pinned config.
 
-Shrink cost argument (``skinny``; H200 estimate, not a measurement): ``xa = drop(x)·Aᵀ`` for
+Shrink cost argument (``_skinny_parts``; H200 estimate, not a measurement): ``xa = drop(x)·Aᵀ`` for
 x = 8192×4096 bf16 must read x once (64 MiB; A, 128 KiB, stays in L2) and is otherwise free
 (2·M·K·r = 1.1 GFLOP at r = 16). At the ~4.3 TB/s device-copy ceiling that is ~16 µs, so the
 kernel is shaped for bandwidth, not FLOPs: BLOCK_M 64 × BLOCK_K 64 row panels, r padded only to
@@ -51,7 +51,7 @@ import torch
 import triton
 
 from .._backend import triton_interpret
-from .linear_kernels import sorsa_mm_kernel, sorsa_mm_tma_kernel, sorsa_tn_kernel
+from .linear_kernels import sorsa_mm_kernel, sorsa_mm_tma_kernel, sorsa_scale_kernel, sorsa_tn_kernel
 
 try:  # host-side tensor descriptors: triton >= 3.4 (3.6 on the H200 image, 3.8 here)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -106,6 +106,7 @@ FORCE_TMA = False
 INTERP_MM = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
 INTERP_TMA = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)  # BN 32: epilogue halves run too
 INTERP_TN = dict(BLOCK_A=16, BLOCK_B=16, BLOCK_M=16)
+INTERP_SCALE = dict(BLOCK_M=16, BLOCK_R=16)
 SPLIT_M_GRAIN = 64  # every split of M is a multiple of every TN config's BLOCK_M
 
 
@@ -201,13 +202,17 @@ def _tma_operand(t: torch.Tensor) -> Optional[bool]:
     return None
 
 
-def _use_tma(x1, w1, x2, w2, out, drop_out: bool) -> bool:
-    if TensorDescriptor is None or x2 is None or drop_out or x1.dtype not in (torch.float16, torch.bfloat16):
+def _tma_capable(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the main GEMM of ``dtype`` on ``device`` may take the TMA kernel (layouts aside)."""
+    if TensorDescriptor is None or dtype not in (torch.float16, torch.bfloat16):
         return False
     if triton_interpret():
-        if not FORCE_TMA:
-            return False
-    elif device_capability(x1.device)[0] < 9:
+        return FORCE_TMA
+    return device_capability(device)[0] >= 9
+
+
+def _use_tma(x1, w1, x2, w2, out, drop_out: bool) -> bool:
+    if x2 is None or drop_out or not _tma_capable(x1.dtype, x1.device):
         return False
     return (_tma_operand(x1) is True and _tma_operand(x2) is True and _tma_operand(out) is True
             and _tma_operand(w1) is not None and _tma_operand(w2) is not None)
@@ -328,34 +333,65 @@ def tn(p_mat: torch.Tensor, q: torch.Tensor, *, seed: Optional[torch.Tensor] = N
     return part[0] if splits == 1 else part.sum(0)
 
 
-def skinny(x: torch.Tensor, w: torch.Tensor, **drop) -> torch.Tensor:
-    """fp32 ``drop(x)·wᵀ`` for a thin w (r rows): split-K partials summed in a fixed order."""
+def _skinny_parts(x: torch.Tensor, w: torch.Tensor, **drop) -> torch.Tensor:
+    """fp32 split-K partials (splits, M, r) of ``drop(x)·wᵀ`` for a thin w (r rows)."""
     M, K = x.shape
-    if M == 0 or K == 0:
-        return torch.zeros((M, w.shape[0]), dtype=torch.float32, device=x.device)
+    if M == 0 or K == 0:  # no rows, or an empty sum: one zero partial
+        return torch.zeros((1, M, w.shape[0]), dtype=torch.float32, device=x.device)
     splits = _k_splits(M, w.shape[0], K, x.device)
     k_per = triton.cdiv(triton.cdiv(K, splits), 64) * 64
     splits = triton.cdiv(K, k_per)
     part = torch.empty((splits, M, w.shape[0]), dtype=torch.float32, device=x.device)
     mm(x, w, part, k_splits=splits, **drop)
-    return part[0] if splits == 1 else part.sum(0)
+    return part
+
+
+SCALE_BLOCK = dict(BLOCK_M=64, BLOCK_R=32, num_warps=4)  # a bandwidth-trivial M·r pass
+
+
+def reduce_scale(part: torch.Tensor, S: torch.Tensor, scale: float,
+                 dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One launch: ``xa = Σ_s part[s]`` (fp32, fixed order) and ``s = xa·S·scale`` in ``dtype``
+    with a 16-byte row stride (:func:`padded_rows`, TMA-legal). Replaces the sum, the two
+    multiplies and the cast-copy that used to follow every skinny GEMM."""
+    splits, M, R = part.shape
+    out = padded_rows(M, R, dtype, part.device)
+    xa = part[0] if splits == 1 else torch.empty((M, R), dtype=torch.float32, device=part.device)
+    if M == 0 or R == 0:
+        return xa, out
+    cfg = INTERP_SCALE if triton_interpret() else SCALE_BLOCK
+    meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_R")}
+    launch = {k: cfg[k] for k in ("num_warps",) if k in cfg}
+    grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_R"]))
+    with device_guard(part.device):
+        sorsa_scale_kernel[grid](part, S, out, xa, splits, M, R, float(scale),
+                                 part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),
+                                 xa.stride(0), xa.stride(1), WRITE_XA=splits > 1, BIG=_big(part, out), **meta, **launch)
+    return xa, out
+
+
+def _rank_weight(B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """B as the main GEMM's ``[s | B]`` operand: B itself when it already has ``dtype`` and a
+    layout the chosen kernel reads (any strides for the pointer kernel, TMA-legal for sm_90);
+    otherwise one fused cast + pad copy to a 16-byte row stride (fp32 master adapters, odd r)."""
+    if B.dtype == dtype and (not _tma_capable(dtype, B.device) or _tma_operand(B) is not None):
+        return B
+    Bp = padded_rows(B.shape[0], B.shape[1], dtype, B.device)
+    Bp.copy_(B)
+    return Bp
 
 
 def linear_fwd(x, weight, A, S, B, bias, scale: float, p: float, seed) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward: shrink ``xa = drop(x)·Aᵀ`` (fp32, saved), then ``[x | s]·[W_r | B]ᵀ + bias``
-    as one K loop whose last step(s) read ``[s | B]``."""
+    """Forward: shrink partials of ``drop(x)·Aᵀ``, one small launch that sums them (``xa``,
+    fp32, saved for the backward) and writes ``s = xa·S·scale`` into a TMA-legal buffer, then
+    ``[x | s]·[W_r | B]ᵀ + bias`` as one GEMM: three launches when the adapters already have
+    x's dtype (one more to cast/pad B otherwise)."""
     M, K = x.shape
     dt = x.dtype
     seed = _seed_int(seed)
-    xa = skinny(x, A.to(dt), seed=seed, p=p, drop_in=p > 0, drop_ld=K)
-    r = A.shape[0]
-    # [s | B] padded once to a 16-byte row stride so the TMA path can read them
-    s = padded_rows(M, r, dt, x.device)
-    s.copy_(xa * (S.float() * scale))
-    Bp = padded_rows(B.shape[0], r, dt, x.device)
-    Bp.copy_(B)
+    xa, s = reduce_scale(_skinny_parts(x, A.to(dt), seed=seed, p=p, drop_in=p > 0, drop_ld=K), S, scale, dt)
     y = torch.empty((M, weight.shape[0]), dtype=dt, device=x.device)
-    mm(x, weight, y, x2=s, w2=Bp, bias=None if bias is None else bias.to(dt))
+    mm(x, weight, y, x2=s, w2=_rank_weight(B, dt), bias=None if bias is None else bias.to(dt))
     return y, xa
 
 
@@ -369,11 +405,8 @@ def linear_bwd(dy, x, weight, A, S, B, xa, scale: float, p: float, seed, need_dx
     M, K = x.shape
     dt = x.dtype
     seed = _seed_int(seed)
-    Sf = S.float() * scale
-    g = skinny(dy, B.to(dt).t())
+    g, gs = reduce_scale(_skinny_parts(dy, B.to(dt).t()), S, scale, dt)
     dS = (g * xa).sum(0) * scale
-    gs = padded_rows(M, g.shape[1], dt, x.device)
-    gs.copy_(g * Sf)
     dx = dA = dB = None
     if need_dx:
         dx = mm(dy, weight.t(), torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -381,5 +414,6 @@ def linear_bwd(dy, x, weight, A, S, B, xa, scale: float, p: float, seed, need_dx
     if need_dA:
         dA = tn(gs, x, seed=seed, p=p, drop_q=p > 0, drop_ld=K).to(A.dtype)
     if need_dB:
-        dB = tn((xa * Sf).to(dt), dy).t().to(B.dtype).contiguous()
+        # s = xa·S·scale in dt, re-made from the saved fp32 xa by the same one-launch kernel
+        dB = tn(reduce_scale(xa.unsqueeze(0), S, scale, dt)[1], dy).t().to(B.dtype).contiguous()
     return dx, dA, dS.to(S.dtype), dB
