@@ -8,6 +8,11 @@ A saved adapter is a directory with
 * ``sorsa_config.json``: targets (exact module names), r, alpha, dropout, init method with its
   seed and SVD settings, dtypes and the library version, per layer.
 
+Each layer's config also holds ``base_fingerprint``: float64 statistics of the layer's original
+base weight ``W_r + scale·B0·diag(S0)·A0`` (see :func:`base_fingerprint`), so that
+:func:`load_adapter` refuses a base with other weights of the same shapes (for SORSA that is
+worse than for LoRA: ``W_r`` would subtract a principal part that is not the new base's).
+
 ``W_r`` is not saved. It is recomputed from the base model's weight and the saved initial
 adapter with the same function init uses (:func:`sorsa_kernels.init.adapters_from_factors`):
 ``W_r = W − scale·B0·diag(S0)·A0`` in float32 (float64 for float64 weights), rounded to the
@@ -19,7 +24,9 @@ would only be exact on the same backend and version.
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -44,6 +51,59 @@ def _dtype(name: str) -> torch.dtype:
     if not isinstance(dt, torch.dtype):
         raise ValueError(f"unknown dtype {name!r} in {CONFIG_FILE}")
     return dt
+
+
+_FP_PROJECTIONS = 4
+_FP_CHUNK = 1 << 20
+# multiple of the unit roundoff times ‖W‖_F allowed between the saved and the model's statistics
+_FP_TOL = 16.0
+
+
+def base_fingerprint(W: torch.Tensor) -> dict:
+    """Cheap float64 statistics of an out×in base weight ``W`` (any device and dtype): numel,
+    sum, sum of squares and ``_FP_PROJECTIONS`` sums of ``W`` against fixed ±1 patterns of the
+    flat index (these also catch permuted or transposed weights). One pass, chunked."""
+    flat = W.detach().reshape(-1)
+    stats = torch.zeros(2 + _FP_PROJECTIONS, dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), _FP_CHUNK):
+        x = flat[start:start + _FP_CHUNK].to(torch.float64)
+        idx = torch.arange(start, start + x.numel(), device=flat.device, dtype=torch.int64)
+        h = (idx * 2654435761) & 0xFFFFFFFF  # Knuth's multiplicative hash: well-mixed bits
+        signs = [1.0 - 2.0 * ((h >> (7 + 5 * k)) & 1).to(torch.float64) for k in range(_FP_PROJECTIONS)]
+        stats += torch.stack([x.sum(), (x * x).sum()] + [(x * s_).sum() for s_ in signs])
+    v = stats.tolist()
+    return {"numel": flat.numel(), "sum": v[0], "sumsq": v[1], "proj": v[2:]}
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    # W_r is rounded to the weight dtype and B0·S0·A0 formed in float32 (float64 for float64
+    # weights): the recovered base weight is exact to the coarser of the two
+    u = torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
+    return max(u, (torch.finfo(torch.float64).eps if dtype == torch.float64 else torch.finfo(torch.float32).eps) / 2)
+
+
+def _fingerprint_mismatch(saved: dict, got: dict, u: float) -> Optional[str]:
+    """Why ``got`` is not the base ``saved`` describes, or None. Rounding errors of the recovered
+    weight (|e_ij| ≤ ~u·|W_ij|, unbiased) move each signed sum by ~u·‖W‖_F (statistically) and the
+    sum of squares by ≤ 2u·ΣW² (a bound); an unrelated base moves the signed sums by ~‖W‖_F."""
+    if saved["numel"] != got["numel"]:
+        return f"{got['numel']} elements, {saved['numel']} at save time"
+    norm = math.sqrt(max(saved["sumsq"], got["sumsq"], 0.0))
+    tol = _FP_TOL * u * norm + 1e-300
+    if abs(saved["sumsq"] - got["sumsq"]) > 4 * u * max(saved["sumsq"], got["sumsq"]) + 1e-300:
+        return f"sum of squares {got['sumsq']:.6g}, {saved['sumsq']:.6g} at save time"
+    for what, a, b in [("sum", saved["sum"], got["sum"])] + [
+            (f"signed sum {k}", a, b) for k, (a, b) in enumerate(zip(saved["proj"], got["proj"]))]:
+        if abs(a - b) > tol:
+            return f"{what} {b:.6g}, {a:.6g} at save time (tolerance {tol:.2g})"
+    return None
+
+
+def _base_weight(mod: nn.Module) -> torch.Tensor:
+    """The base (original) out×in weight of a SORSA layer or of a plain Linear / Conv1D."""
+    if isinstance(mod, SORSALinear):
+        return mod.original_weight()
+    return mod.weight.detach().T if is_conv1d(mod) else mod.weight.detach()
 
 
 def named_sorsa_layers(model: nn.Module) -> List[Tuple[str, SORSALinear]]:
@@ -85,6 +145,7 @@ def save_adapter(model: nn.Module, path: str) -> None:
             "bias_trained": bias_trained, "merge_weights": m.merge_weights,
             "weight_dtype": _dtype_name(m.weight.dtype), "adapter_dtype": _dtype_name(m.sorsa_A.dtype),
             "init": m.init_config,
+            "base_fingerprint": base_fingerprint(m.original_weight()),
         }
     from . import __version__
 
@@ -171,7 +232,7 @@ def _check_layer(name: str, spec: dict, mod: Optional[nn.Module], tensors: Dict[
 
 
 @torch.no_grad()
-def load_adapter(model: nn.Module, path: str) -> nn.Module:
+def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> nn.Module:
     """Apply the adapter in ``path`` (written by :func:`save_adapter`) to ``model``.
 
     ``model`` is either the base model (targets still ``nn.Linear`` / ``Conv1D``: they are
@@ -184,8 +245,14 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
 
     Every mismatch (missing module, shape, r, alpha, kind, SORSA layers the adapter lacks,
     unexpected tensors) is listed in one ``ValueError``, raised before anything is changed.
+    With ``check_base`` (default), so is every layer whose base weight differs from the one the
+    adapter was trained on (same shapes, other values: compared by the saved
+    ``base_fingerprint``, to the rounding of the weight dtype); adapters saved without a
+    fingerprint (older versions) load with a warning. ``check_base=False`` skips the check.
     Returns ``model``.
     """
+    if not isinstance(check_base, bool):
+        raise TypeError(f"check_base must be a bool, got {type(check_base).__name__}")
     config, tensors = read_adapter(path)
     specs: Dict[str, dict] = config["layers"]
     modules = dict(model.named_modules())
@@ -200,6 +267,22 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     unexpected = sorted(set(tensors) - known)
     if unexpected:
         problems.append(f"unexpected tensors in {ADAPTER_FILE}: {unexpected[:20]}")
+    if check_base and not problems:  # shapes agree: compare each layer's base weight
+        unprinted = [n for n, spec in specs.items() if "base_fingerprint" not in spec]
+        if unprinted:
+            warnings.warn(f"load_adapter: {path} has no base-weight fingerprint for {unprinted} (saved by an "
+                          f"older sorsa-kernels): cannot check that the model is the base it was trained on",
+                          stacklevel=2)
+        for name, spec in specs.items():
+            if "base_fingerprint" not in spec:
+                continue
+            mod = modules[name]
+            W = _base_weight(mod)
+            u = max(_unit_roundoff(_dtype(spec["weight_dtype"])), _unit_roundoff(mod.weight.dtype))
+            why = _fingerprint_mismatch(spec["base_fingerprint"], base_fingerprint(W), u)
+            if why:
+                problems.append(f"{name}: base weight differs from the one the adapter was trained on ({why}); "
+                                f"load onto the original base model, or pass check_base=False")
     if problems:
         raise ValueError(f"load_adapter: {len(problems)} mismatch(es) between {path} and the model:\n  - "
                          + "\n  - ".join(problems))

@@ -225,3 +225,46 @@ def test_round_trip_bf16_base_fp32_adapters_is_bit_exact(tmp_path):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.sorsa_S, b.sorsa_S)
     x = torch.randn(3, 40, dtype=torch.bfloat16)
     assert torch.equal(m.eval()(x), m2.eval()(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_onto_other_base_weights_is_refused(tmp_path, dtype):
+    """Same architecture, other base weights: W_r would subtract a principal part that is not the
+    new base's, a quietly wrong model. The saved base fingerprint catches it for every layer."""
+    m = finetune(sk.apply_sorsa(base().to(dtype), TARGETS, r=4, alpha=8.0))
+    sk.save_adapter(m, tmp_path)
+    cfg = json.loads((tmp_path / "sorsa_config.json").read_text())
+    assert set(cfg["layers"]["up_proj"]["base_fingerprint"]) == {"numel", "sum", "sumsq", "proj"}
+    for other in (base(123).to(dtype), sk.apply_sorsa(base(123).to(dtype), TARGETS, r=4, alpha=8.0)):
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        with pytest.raises(ValueError, match="base weight differs") as e:
+            sk.load_adapter(other, tmp_path)
+        assert str(e.value).count("base weight differs") == 4  # every layer listed
+        assert other.state_dict().keys() == before.keys()
+        assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+        sk.load_adapter(other, tmp_path, check_base=False)  # the user's explicit choice
+    # a base with one layer's weight permuted (same statistics but order) is caught too
+    perm = base().to(dtype)
+    with torch.no_grad():
+        perm.up_proj.weight.copy_(perm.up_proj.weight.flip(0))
+    with pytest.raises(ValueError, match=r"(?s)1 mismatch.*up_proj: base weight differs"):
+        sk.load_adapter(perm, tmp_path)
+    # the right base loads, from the plain model and from one prepared with another seed, merged
+    sk.load_adapter(base().to(dtype), tmp_path)
+    sk.load_adapter(sk.merge_sorsa(sk.apply_sorsa(base().to(dtype), TARGETS, r=4, alpha=8.0, seed=9)), tmp_path)
+    with pytest.raises(TypeError, match="check_base must be a bool"):
+        sk.load_adapter(base(), tmp_path, check_base="no")
+
+
+def test_adapter_without_fingerprint_loads_with_a_warning(tmp_path):
+    m = finetune(sk.apply_sorsa(base(), TARGETS, r=4, alpha=8.0))
+    sk.save_adapter(m, tmp_path)
+    p = tmp_path / "sorsa_config.json"
+    cfg = json.loads(p.read_text())
+    for spec in cfg["layers"].values():
+        del spec["base_fingerprint"]
+    p.write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="no base-weight fingerprint"):
+        m2 = sk.load_adapter(base(), tmp_path)
+    x = torch.randn(3, 24)
+    assert torch.equal(m.eval()(x), m2.eval()(x))
