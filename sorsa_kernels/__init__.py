@@ -6,6 +6,7 @@ from .adapters import load_adapter, save_adapter
 from .export import export_lora, merge_and_unload
 from .init import init_layers, sorsa_decompose, svd_factors
 from .layer import SORSAConv1D, SORSALinear
+from .ops import sorsa_linear
 from .model import (apply_sorsa, disable_adapters, mark_only_sorsa_trainable, merge_sorsa,
                     print_trainable_parameters, sorsa_layers, sorsa_parameters, target_matcher,
                     unmerge_sorsa)
@@ -21,4 +22,5 @@ __all__ = [
     "rsvd", "SORSARegularizer", "SORSACallback", "ops", "build_info", "__version__",
     "save_adapter", "load_adapter", "export_lora", "merge_and_unload",
     "SORSAConv1D", "disable_adapters", "print_trainable_parameters", "target_matcher",
+    "sorsa_linear",
 ]

@@ -98,6 +98,8 @@ def apply_sorsa(
     is_match = target_matcher(target_modules, match)
     targets = _targets(target_modules)
     check_rank(r)
+    if r < 1:  # an r=0 layer has no adapter to train, save or export
+        raise ValueError(f"r must be >= 1 for apply_sorsa (r=0 would add no adapter), got {r}")
     alpha = check_alpha(alpha)
     dropout = check_dropout_p(dropout, "dropout")
     _check_init_args(init, svd_kwargs)
@@ -159,7 +161,8 @@ def apply_sorsa(
 
 
 def sorsa_layers(model: nn.Module) -> Iterable[SORSALinear]:
-    """Every :class:`SORSALinear` in ``model`` (once each)."""
+    """Every :class:`SORSALinear` (and :class:`SORSAConv1D`) in ``model``, once each: yields the
+    modules, not ``(name, module)`` pairs (use ``model.named_modules()`` for names)."""
     return (m for m in model.modules() if isinstance(m, SORSALinear))
 
 

@@ -25,6 +25,21 @@ def test_layer_rank_and_dropout():
         sk.SORSALinear(8, 6, r=0).sorsa_init()
 
 
+def test_apply_sorsa_rejects_r0_at_apply_time():
+    """r=0 used to convert the layers and fail only later, in save_adapter."""
+    m = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    with pytest.raises(ValueError, match=r"r must be >= 1 for apply_sorsa .*got 0"):
+        sk.apply_sorsa(m, ["0", "2"], r=0)
+    assert not list(sk.sorsa_layers(m))  # nothing converted
+
+
+def test_sorsa_linear_exported_and_sorsa_layers_yields_modules():
+    from sorsa_kernels.ops import sorsa_linear
+    assert sk.sorsa_linear is sorsa_linear and "sorsa_linear" in sk.__all__
+    m = sk.apply_sorsa(torch.nn.Sequential(torch.nn.Linear(8, 6)), ["0"], r=2)
+    assert [type(l) for l in sk.sorsa_layers(m)] == [sk.SORSALinear]
+
+
 def test_init_errors():
     m = sk.SORSALinear(8, 6, r=2)
     m.weight.data[0, 0] = float("nan")
