@@ -197,3 +197,18 @@ def test_gpu_check_without_gpu_fails_fast_and_says_why(tmp_path):
     assert out.returncode != 0
     assert time.time() - t0 < 60
     assert "no visible CUDA GPU" in out.stdout + out.stderr
+
+
+def test_progress_without_a_tty_prints_plain_lines_not_carriage_returns(tiny, monkeypatch):
+    """`sorsa-kernels bench > log 2>&1`: tqdm's \\r redraws littered the log. Without a TTY the
+    bar is replaced by one plain line per case, plus a heartbeat line within a long case."""
+    import io
+    err = io.StringIO()  # not a TTY
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(bench, "HEARTBEAT_S", 0.0)  # every sample is "long": heartbeats show
+    rs = bench.run(["linear_fwd", "init"], device=CPU, progress=True)
+    log = err.getvalue()
+    n = len(bench.cases(CPU, "default", None, ["linear_fwd", "init"]))
+    assert rs and "\r" not in log
+    assert f"[1/{n}] linear_fwd:" in log and f"[{n}/{n}] init:" in log and "  ... linear_fwd" in log
+    assert "ours[auto:torch]" in log  # the result rows still stream

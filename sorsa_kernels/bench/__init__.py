@@ -89,6 +89,17 @@ def measure_case(case: Case, device: torch.device, rounds: int, min_sample_ms: f
     return results_for_case(case.op, case.label, roles, samples, extra, errors)
 
 
+#: without a TTY (a log, CI, ``| tee``), a plain progress line at least this often during a case
+HEARTBEAT_S = 5.0
+
+
+def _isatty(f) -> bool:
+    try:
+        return bool(f.isatty())
+    except (AttributeError, ValueError):  # closed or file-like objects without isatty
+        return False
+
+
 def run(ops: Optional[List[str]] = None, mode: str = "default", dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None, model: Optional[str] = None, json_path: Optional[str] = None,
         max_seconds: Optional[float] = None, progress: bool = True, rounds: Optional[int] = None,
@@ -96,7 +107,9 @@ def run(ops: Optional[List[str]] = None, mode: str = "default", dtype: Optional[
     """Run the benchmark ``ops`` (default: all) in ``mode`` on ``device`` (default: the GPU when
     present). Each case's rows are printed to ``stream`` (default stderr, above the progress
     bar) and written to ``json_path`` as soon as the case completes. Cases left when
-    ``max_seconds`` have passed are recorded as skipped."""
+    ``max_seconds`` have passed are recorded as skipped. The tqdm bar is drawn only when stderr
+    is a TTY; otherwise (logs: its ``\r`` redraws would litter them) ``progress`` prints one plain
+    line per case to stderr, and a heartbeat line every :data:`HEARTBEAT_S` seconds within it."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     todo = cases(device, mode, dtype, ops or OPS, model)
     p = plan(device, mode)
@@ -105,7 +118,7 @@ def run(ops: Optional[List[str]] = None, mode: str = "default", dtype: Optional[
     head = header(device, mode)
     stream = stream or sys.stderr
     bar = None
-    if progress:
+    if progress and _isatty(sys.stderr):
         try:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(todo), desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True,
@@ -113,11 +126,17 @@ def run(ops: Optional[List[str]] = None, mode: str = "default", dtype: Optional[
         except ImportError:
             bar = None
     write = (bar.write if bar is not None else print)
+    plain = progress and bar is None
+    last = [time.perf_counter()]
+
+    def say(msg: str) -> None:  # a plain progress line (non-TTY stderr)
+        print(msg, file=sys.stderr, flush=True)
+        last[0] = time.perf_counter()
     write(DETAIL_HEAD, file=stream)
     results: List[Result] = []
     t0 = time.perf_counter()
     try:
-        for case in todo:
+        for i, case in enumerate(todo):
             if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
                 results.append(Result(case.op, case.label, "(skipped)", "ours", None,
                                       error=f"skipped: the {max_seconds:.0f} s time budget was spent"))
@@ -131,6 +150,11 @@ def run(ops: Optional[List[str]] = None, mode: str = "default", dtype: Optional[
                     done[0] = min(0.999, done[0] + 1.0 / total)
                     bar.n = base + done[0]
                     bar.set_postfix_str(f"{case.label[:34]} | {name[:22]} | round {r + 1}")
+                elif plain and time.perf_counter() - last[0] >= HEARTBEAT_S:
+                    say(f"  ... {case.op} {case.label[:34]} | {name[:22]} | round {r + 1} "
+                        f"({time.perf_counter() - t0:.0f} s elapsed)")
+            if plain:
+                say(f"[{i + 1}/{len(todo)}] {case.op}: {case.label}")
             if bar is not None:
                 bar.set_description_str(case.op)
                 bar.set_postfix_str(f"{case.label[:34]} | building")
