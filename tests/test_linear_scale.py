@@ -248,3 +248,25 @@ def test_tuned_kernels_key_on_m_bucket():
     for key, tuned in L._TUNED.items():
         assert "M_BUCKET" in tuned.keys, key
 
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("r,block_a", [(1, 32), (16, 32), (33, 64), (128, 128), (200, 128)])
+def test_tn_tile_covers_r_so_the_dropout_mask_is_made_once(monkeypatch, dt, r, block_a):
+    """Review item 6: dA = gsᵀ·drop(x) regenerates x's Philox mask once per r-tile; the pinned
+    tile's r-extent follows r (next power of two, 32..128), so r <= 128 takes one tile row."""
+    launches = []
+
+    class Pinned:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((grid, kw))
+
+    monkeypatch.setattr(L, "triton_interpret", lambda: False)
+    monkeypatch.setattr(L, "num_sms", lambda dev: 132)
+    monkeypatch.setattr(L, "sorsa_tn_kernel", Pinned())
+    m = lambda *s: torch.empty(*s, device="meta", dtype=dt)  # noqa: E731
+    L.tn(m(8192, r), m(8192, 4096), seed=torch.tensor([3]), p=0.05, drop_q=True, drop_ld=4096)
+    (grid, kw), = launches
+    assert kw["BLOCK_A"] == block_a and grid[0] == -(-r // block_a)
+    cfg = L.PINNED["tn"][dt == torch.float32][block_a]  # one of the pinned, AOT-compiled configs
+    assert (kw["BLOCK_B"], kw["BLOCK_M"], kw["num_warps"]) == (cfg.kwargs["BLOCK_B"], cfg.kwargs["BLOCK_M"],
+                                                              cfg.num_warps)

@@ -73,8 +73,10 @@ CONFIGS = {
     ("main_drop", True): [_cfg(32, 64, 32, 4, 3)],
     ("skinny", False): [_cfg(64, 32, 64, 8, 3), _cfg(64, 64, 64, 4, 3), _cfg(64, 128, 64, 8, 3)],
     ("skinny", True): [_cfg(32, 32, 32, 4, 2)],
-    ("tn", False): [_cfg(32, 128, 32, 4, 3, tn=True), _cfg(128, 128, 32, 8, 3, tn=True)],
-    ("tn", True): [_cfg(32, 64, 16, 4, 3, tn=True)],
+    ("tn", False): [_cfg(32, 128, 32, 4, 3, tn=True), _cfg(64, 128, 32, 4, 3, tn=True),
+                    _cfg(128, 128, 32, 8, 3, tn=True)],
+    ("tn", True): [_cfg(32, 64, 16, 4, 3, tn=True), _cfg(64, 64, 16, 4, 3, tn=True),
+                   _cfg(128, 64, 16, 8, 3, tn=True)],
 }
 ROLE_FLAGS = {
     "main": dict(HAS_SEG2=True, HAS_BIAS=True, DROP_IN=False, DROP_OUT=False, BIG=False),
@@ -90,7 +92,10 @@ _TUNED = {key: triton.autotune(cfgs, key=_MM_KEY)(sorsa_mm_kernel)
 # dA and dBᵀ are documented deterministic (split-M partials summed in a fixed order): their
 # config is pinned, never a timing-dependent autotune pick (which could change BLOCK_M and
 # with it the summation order from one process to the next).
-PINNED = {"tn": {False: CONFIGS[("tn", False)][0], True: CONFIGS[("tn", True)][0]}}
+# BLOCK_A (the r-extent of a dA/dBᵀ tile) follows r by a fixed rule (:func:`_tn_block_a`): one
+# tile row covers r <= 128, so dA's dropout mask over x is generated once, not r/32 times.
+PINNED = {"tn": {fp32: {c.kwargs["BLOCK_A"]: c for c in CONFIGS[("tn", fp32)]} for fp32 in (False, True)}}
+TN_MAX_BLOCK_A = 128
 # sm_90 TMA main GEMM (fp16/bf16, unmasked fused [x|s]·[W|B]ᵀ): one config per M bucket by
 # a fixed rule (no autotune: no descriptor re-blocking hook, and the AOT check compiles
 # exactly these). 128×256×64 / 8 warps / 3 stages is the persistent-matmul tutorial's
@@ -301,6 +306,12 @@ def mm(
     return out
 
 
+def _tn_block_a(DA: int, cap: int = TN_MAX_BLOCK_A) -> int:
+    """r-extent of the pinned dA/dBᵀ tile: next power of two of r in [32, cap] (a shape rule,
+    never a timing, so the split-M summation order is the same in every process)."""
+    return max(32, min(triton.next_power_of_2(max(DA, 1)), cap))
+
+
 def tn(p_mat: torch.Tensor, q: torch.Tensor, *, seed: Optional[torch.Tensor] = None,
        p: float = 0.0, drop_q: bool = False, drop_ld: int = 0) -> torch.Tensor:
     """fp32 ``p_matᵀ·drop(q)``: p_mat (M, DA), q (M, DB) → (DA, DB); split over M, summed in order."""
@@ -312,7 +323,7 @@ def tn(p_mat: torch.Tensor, q: torch.Tensor, *, seed: Optional[torch.Tensor] = N
     if interp or M <= SPLIT_M_GRAIN:
         splits = 1
     else:
-        tiles = triton.cdiv(DA, 64) * triton.cdiv(DB, 128)
+        tiles = triton.cdiv(DA, _tn_block_a(DA)) * triton.cdiv(DB, 128)
         splits = max(1, min(triton.cdiv(M, 4 * SPLIT_M_GRAIN), (2 * num_sms(q.device)) // tiles))
     m_per = triton.cdiv(triton.cdiv(M, splits), SPLIT_M_GRAIN) * SPLIT_M_GRAIN
     splits = triton.cdiv(M, m_per)
@@ -324,7 +335,7 @@ def tn(p_mat: torch.Tensor, q: torch.Tensor, *, seed: Optional[torch.Tensor] = N
             part.stride(0), part.stride(1), part.stride(2),
             *_drop_args(p, drop_ld))
     flags = dict(DROP_Q=drop_q, BIG=big, UPCAST=_upcast(q.dtype), PREC=_prec(q.dtype))
-    cfg = INTERP_TN if interp else PINNED["tn"][q.dtype == torch.float32].all_kwargs()
+    cfg = INTERP_TN if interp else PINNED["tn"][q.dtype == torch.float32][_tn_block_a(DA)].all_kwargs()
     meta = {k: cfg[k] for k in ("BLOCK_A", "BLOCK_B", "BLOCK_M")}
     launch = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
     grid = (triton.cdiv(DA, meta["BLOCK_A"]), triton.cdiv(DB, meta["BLOCK_B"]), splits)
