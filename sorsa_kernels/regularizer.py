@@ -18,6 +18,7 @@ all-gathered. Sharded parameters use the torch backend.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -86,6 +87,20 @@ def calc_ortho(model: nn.Module) -> Optional[torch.Tensor]:
     does the same job without an autograd graph, :func:`ortho_loss` with a fused one.
     """
     return calc_ortho_naive(model.named_parameters())
+
+
+def _check_gamma(gamma) -> Union[float, torch.Tensor]:
+    """gamma: finite and >= 0 (a negative weight would push A and B away from orthonormal)."""
+    gamma = _check_number("gamma", gamma)
+    if not isinstance(gamma, torch.Tensor) and gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    return gamma
+
+
+def _no_adapters_message(names: Tuple[str, str]) -> str:
+    return (f"found no adapters: no 2-D parameter name contains {names[0]!r} or {names[1]!r} "
+            "(apply sk.apply_sorsa first; for PEFT LoRA/KaSA pass names=sk.regularizer.PEFT_NAMES "
+            "or use sk.integrations.peft)")
 
 
 def _check_lr(lr) -> Union[float, torch.Tensor]:
@@ -227,11 +242,12 @@ def ortho_loss(
         backend: "auto" | "torch" | "triton" (sharded parameters use "torch").
 
     Returns:
-        A 0-d fp32 tensor (no host sync), or None when there are no adapters.
+        A 0-d fp32 tensor (no host sync). Raises ``ValueError`` when there are no adapters
+        (``loss + c * None`` would fail later with an unrelated TypeError).
     """
     mats, is_b = _adapters(model_or_params, a, b, names)
     if not mats:
-        return None
+        raise ValueError(f"ortho_loss {_no_adapters_message(names)}")
     local, keys, kinds = _localize(mats, is_b)
     fwd, bwd = _impl(backend, local[0].device, keys is not None)
     return _OrthoLossFn.apply((tuple(is_b), bool(squared), keys, fwd, bwd), *local)
@@ -265,12 +281,13 @@ def orthonormal_grad_(
     Returns:
         The regularizer's value (before the gamma/lr factor) as a 0-d fp32 tensor on the
         adapters' device (``float()`` it when you want a number: that syncs), or None
-        without adapters.
+        without adapters (with a warning: the regularizer then does nothing).
     """
-    gamma = _check_number("gamma", gamma)
+    gamma = _check_gamma(gamma)
     lr = _check_lr(lr)
     mats, is_b = _adapters(model_or_params, names=names)
     if not mats:
+        warnings.warn(f"orthonormal_grad_ {_no_adapters_message(names)}; nothing was added", stacklevel=2)
         return None
     return _grad_step(mats, is_b, gamma, lr, squared, backend)
 

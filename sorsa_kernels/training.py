@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from .regularizer import _adapters, _any_dtensor, _check_lr, _check_number, _grad_step, orthonormal_grad_
+from .regularizer import _adapters, _any_dtensor, _check_gamma, _check_lr, _grad_step, orthonormal_grad_
 
 LrSource = Union[float, Callable[[], float], torch.optim.Optimizer, str]
 
@@ -74,7 +74,7 @@ class SORSARegularizer:
         # collected once: a step then does no per-parameter name matching or DTensor scan
         self._mats, self._is_b = _adapters(self.params)
         self._plain = not _any_dtensor(self._mats)
-        self.gamma, self.squared, self.backend = _check_number("gamma", gamma), squared, backend
+        self.gamma, self.squared, self.backend = _check_gamma(gamma), squared, backend
         if optimizer is None and isinstance(lr, torch.optim.Optimizer):
             optimizer = lr
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -130,7 +130,7 @@ def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto",
     on ``callback.last_value``."""
     from transformers import TrainerCallback
 
-    gamma = _check_number("gamma", gamma)
+    gamma = _check_gamma(gamma)
     if lr not in ("current", "initial"):
         raise ValueError(f"lr must be 'current' or 'initial', got {lr!r}")
 

@@ -90,7 +90,8 @@ def test_ortho_loss_float64_exact_and_composes_with_task_loss():
         (task2 + 0.7 * ref64(m2)).backward()
     for p, q in zip(m.parameters(), m2.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
-    assert sk.ortho_loss(nn.Linear(2, 2)) is None
+    with pytest.raises(ValueError, match="found no adapters"):
+        sk.ortho_loss(nn.Linear(2, 2))
 
 
 def test_ortho_loss_peft_names_explicit_lists_and_frozen():

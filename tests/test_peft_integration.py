@@ -352,7 +352,8 @@ def test_sorsa_ortho_on_peft_params():
     torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
     for M, _ in mats:
         torch.testing.assert_close(M.grad, 2.0 * g[id(M)], rtol=1e-4, atol=1e-6)
-    assert skp.ortho_loss(Tiny()) is None
+    with pytest.raises(ValueError, match="no PEFT LoRA factors"):
+        skp.ortho_loss(Tiny())
 
 
 @pytest.mark.parametrize("init", [KINDS[1], "pissa", "olora", "lora"])

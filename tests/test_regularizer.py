@@ -152,7 +152,13 @@ def test_training_loop_keeps_adapters_orthonormal(backend):
 
 def test_no_adapters_and_params_iterable():
     assert sk.calc_ortho(nn.Linear(3, 3)) is None
-    assert sk.orthonormal_grad_(nn.Linear(3, 3), 1.0, 1.0) is None
+    with pytest.warns(UserWarning, match="found no adapters"):
+        assert sk.orthonormal_grad_(nn.Linear(3, 3), 1.0, 1.0) is None
+    for bad in (-1.0, -1e-9):
+        with pytest.raises(ValueError, match="gamma must be >= 0"):
+            sk.orthonormal_grad_(nn.Linear(3, 3), bad, 1.0)
+        with pytest.raises(ValueError, match="gamma must be >= 0"):
+            sk.SORSARegularizer(adapters_model(SHAPES[0]), gamma=bad, lr=1.0)
     m = adapters_model(SHAPES[0])
     assert sk.orthonormal_grad_(list(m.named_parameters()), 1.0, 1.0) == pytest.approx(sk.calc_ortho(m).item(), rel=1e-6)
     with pytest.raises(ValueError, match="lr must be > 0"):

@@ -378,13 +378,15 @@ def ortho_loss(model: nn.Module, squared: bool = False, *, adapter_names: Union[
     """SORSA's regularizer on a PEFT model: mean over LoRA factors of ``‖AAᵀ−I‖_F`` (``lora_A``)
     and ``‖BᵀB−I‖_F`` (``lora_B``), differentiable, through :func:`sorsa_kernels.regularizer.ortho_loss`.
 
-    ``adapter_names``: which adapters (default: each layer's active ones). None without factors.
+    ``adapter_names``: which adapters (default: each layer's active ones). Raises ``ValueError``
+    when the model has no LoRA factors.
     """
     from ..regularizer import ortho_loss as _ortho_loss
 
     pairs = _factor_pairs(model, adapter_names)
     if not pairs:
-        return None
+        raise ValueError("ortho_loss found no PEFT LoRA factors (lora_A / lora_B) in the model"
+                         + (f" for adapter_names={adapter_names!r}" if adapter_names is not None else ""))
     return _ortho_loss(None, squared, a=[p[2] for p in pairs], b=[p[3] for p in pairs], backend=backend)
 
 
