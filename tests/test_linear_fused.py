@@ -193,3 +193,18 @@ def test_forward_glue_is_one_small_launch(monkeypatch, p):
     o = operands((40,), 136, 24, 5)
     launches, compute = _forward_ops(monkeypatch, *(o[k].to(torch.bfloat16) for k in ("x", "W", "A", "S", "B")))
     assert compute == ["copy_"] and len(launches) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,k,n,r", [(37, 40, 48, 33), (20, 24, 56, 16)])
+def test_tma_kernel_with_dropout_vs_mask_replay(dtype, M, k, n, r, monkeypatch):
+    """Review item 5: dX with dropout stays on the TMA kernel (rank-r term first, masked in
+    registers by the documented Philox stream, main K loop on top); checked against float64
+    with the mask replayed in numpy."""
+    calls = []
+    real_tma = L._mm_tma
+    monkeypatch.setattr(L, "FORCE_TMA", True)
+    monkeypatch.setattr(L, "_mm_tma", lambda *a: calls.append(a[8]) or real_tma(*a))
+    p = 0.25
+    check(operands((M,), k, n, r), dtype, p=p, mask=replay_mask(seed_of(11), M, k, p).double())
+    assert calls == [False, True]  # forward y unmasked, backward dX masked, both TMA

@@ -177,12 +177,30 @@ def sorsa_tn_kernel(
     tl.store(c, acc, mask=(ra[:, None] < DA) & (rb[None, :] < DB))
 
 
-@triton.jit(do_not_specialize=["M_BUCKET"])
+@triton.jit
+def _tma_rank_r(acc, s_desc, b_desc, off_m, off_n, r_steps, B_T: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    # acc += S[off_m:, :R]·B[off_n:, :R]ᵀ: 1 step for R <= BLOCK_K, boxes zero-filled past R
+    for step in range(0, r_steps):
+        k = step * BLOCK_K
+        a = s_desc.load([off_m, k])
+        if B_T:
+            b = b_desc.load([k, off_n])
+        else:
+            b = b_desc.load([off_n, k]).T
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit(do_not_specialize=["M_BUCKET", "seed"])
 def sorsa_mm_tma_kernel(
     x_desc, w_desc, s_desc, b_desc, BIAS, c_desc,
-    M, N, K, R, M_BUCKET,
+    M, N, K, R, M_BUCKET, seed, thr, inv_keep, drop_ld4,
     HAS_BIAS: tl.constexpr, W_T: tl.constexpr, B_T: tl.constexpr, UPCAST: tl.constexpr,
-    EPI_SUB: tl.constexpr,
+    EPI_SUB: tl.constexpr, DROP_OUT: tl.constexpr, BIG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Hopper main GEMM ``C = [X | S]·[W | B]ᵀ + bias`` through host tensor descriptors (TMA).
@@ -193,6 +211,10 @@ def sorsa_mm_tma_kernel(
     inside it), its ``[S | B]`` boxes read from a row stride padded once to 16 bytes. ``W_T``/``B_T``:
     the right operand is stored (K, N) (``dX = dY·W_r``) instead of (N, K). ``EPI_SUB`` stores
     the tile as two (BLOCK_M, BLOCK_N/2) halves (smaller epilogue staging buffer).
+    ``DROP_OUT`` (dX with dropout, ``dX = dY·W_r + drop(gs·A)``): the rank-r steps run *first*,
+    the output tile's Philox mask is applied to that partial sum in registers, and the main K
+    loop then accumulates on top of it: the mask never needs a second (BLOCK_M, BLOCK_N) fp32
+    accumulator live across the main loop (the 128×256 tile already holds 128 fp32 per thread).
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -205,6 +227,13 @@ def sorsa_mm_tma_kernel(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if DROP_OUT:
+            acc = _tma_rank_r(acc, s_desc, b_desc, off_m, off_n, r_steps, B_T, UPCAST, BLOCK_K)
+            rows = off_m + tl.arange(0, BLOCK_M)
+            if BIG:  # the Philox counter row·ld4 can pass 2^31
+                rows = rows.to(tl.int64)
+            keep = _keep4(seed, rows[:, None], off_n, drop_ld4, thr, BLOCK_N)
+            acc = tl.where(keep, acc * inv_keep, 0.0)
         for step in range(0, k_steps):  # pipelined (TMA multi-buffered) main loop
             k = step * BLOCK_K
             a = x_desc.load([off_m, k])
@@ -219,17 +248,8 @@ def sorsa_mm_tma_kernel(
         # Rank-r tail (1 step for r <= BLOCK_K). A descriptor switch inside the loop above
         # compiles to an scf.if around the TMA loads and the pipeliner then single-buffers
         # the whole loop (checked: 80 KB instead of 176 KB smem at 128×256×64/3 stages).
-        for step in range(0, r_steps):
-            k = step * BLOCK_K
-            a = s_desc.load([off_m, k])
-            if B_T:
-                b = b_desc.load([k, off_n])
-            else:
-                b = b_desc.load([off_n, k]).T
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+        if not DROP_OUT:
+            acc = _tma_rank_r(acc, s_desc, b_desc, off_m, off_n, r_steps, B_T, UPCAST, BLOCK_K)
         if HAS_BIAS:
             rn = off_n + tl.arange(0, BLOCK_N)
             acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]

@@ -12,12 +12,13 @@ META tensors and captures every Triton launch instead of running it):
     kernel's (chosen by M bucket, host ``TensorDescriptor`` arguments): compile them all.
 
 Kernels and when they run:
-  * sm_90, fp16/bf16, unmasked main GEMM (forward y, backward dX without dropout), operands
+  * sm_90, fp16/bf16, main GEMM (forward y, backward dX with or without dropout: the masked
+    rank-r term is computed first and masked in registers, see the kernel), operands
     TMA-legal (16-byte aligned, one unit stride): ``sorsa_mm_tma_kernel``, persistent,
     config by M bucket (``TMA_CONFIGS``). Host ``TensorDescriptor`` and descriptor
     ``.load``/``.store`` exist in both Triton 3.6 (the H200 image) and 3.8; warp
     specialisation is not used (its API differs between the two and could not be timed).
-  * everything else (sm_80, fp32, masked dX, the skinny GEMMs, the interpreter):
+  * everything else (sm_80, fp32, the skinny GEMMs, the interpreter):
     ``sorsa_mm_kernel`` (cp.async pointer loads, persistent, rank-r segment inside the K loop).
   * dA, dBᵀ: ``sorsa_tn_kernel`` with a pinned config.
 
@@ -40,6 +41,17 @@ programs·r·N·4 B (132 programs × r = 128 × 4096 × 4 B = 264 MiB) — more 
 second read of dY it saves, unless few programs run (then HBM is not saturated).
 
 Config notes (every shipped config compiles without spills for sm_80 and sm_90, AOT check):
+  * TMA kernel, 128×256×64/8 warps/3 stages, sm_90 bf16: unmasked 158–169 registers, masked dX
+    (``DROP_OUT``) 255 registers and 0 spill bytes under both Triton 3.6 and 3.8 (181 248 B smem,
+    12 UTMALDG, 8 HGMMA; the mask adds ≈ 2 850 SASS instructions per tile, ≈ 22 per output
+    element, mostly IMAD/LOP3 of Philox). 255 registers is the ceiling: a larger mask tile or a
+    second fp32 accumulator would spill, which is why the masked rank-r term is computed before
+    the main loop and masked in place (counted from the AOT compile, not timed).
+  * dA/dBᵀ: BLOCK_A = next_pow2(r) clamped to [32, 128] (``_tn_block_a``): one tile row for
+    r <= 128, so dA makes x's dropout mask once (it was r/32 times with BLOCK_A = 32).
+  * Forward glue: ``sorsa_scale_kernel`` (partials sum + ·S·scale + cast into the padded ``s``)
+    is the only launch between the shrink and the main GEMM; B is read in place when it already
+    has x's dtype and a TMA-legal layout (one fused cast+pad copy otherwise).
 """
 from __future__ import annotations
 
@@ -216,8 +228,8 @@ def _tma_capable(dtype: torch.dtype, device: torch.device) -> bool:
     return device_capability(device)[0] >= 9
 
 
-def _use_tma(x1, w1, x2, w2, out, drop_out: bool) -> bool:
-    if x2 is None or drop_out or not _tma_capable(x1.dtype, x1.device):
+def _use_tma(x1, w1, x2, w2, out) -> bool:
+    if x2 is None or not _tma_capable(x1.dtype, x1.device):
         return False
     return (_tma_operand(x1) is True and _tma_operand(x2) is True and _tma_operand(out) is True
             and _tma_operand(w1) is not None and _tma_operand(w2) is not None)
@@ -228,8 +240,9 @@ def _tma_config(M: int) -> dict:
     return cfg.all_kwargs()
 
 
-def _mm_tma(x1, w1, x2, w2, bias, out) -> torch.Tensor:
-    """Launch ``sorsa_mm_tma_kernel``: ``out = [x1 | x2]·[w1 | w2]ᵀ + bias`` (see ``mm``)."""
+def _mm_tma(x1, w1, x2, w2, bias, out, seed: int = 0, p: float = 0.0, drop_out: bool = False,
+            drop_ld: int = 0) -> torch.Tensor:
+    """Launch ``sorsa_mm_tma_kernel``: ``out = x1·w1ᵀ + drop_out(x2·w2ᵀ) + bias`` (see ``mm``)."""
     M, K = x1.shape
     N, R = w1.shape[0], x2.shape[1]
     cfg = INTERP_TMA if triton_interpret() else _tma_config(M)
@@ -252,8 +265,10 @@ def _mm_tma(x1, w1, x2, w2, bias, out) -> torch.Tensor:
              desc(out, [BM, BN // 2 if epi_sub else BN]))
     grid = (min(num_sms(x1.device), triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
     with device_guard(x1.device):
-        sorsa_mm_tma_kernel[grid](*descs, M, N, K, R, _m_bucket(M), HAS_BIAS=bias is not None, W_T=w_t, B_T=b_t,
-                                  UPCAST=_upcast(x1.dtype), EPI_SUB=epi_sub, **meta, **launch)
+        sorsa_mm_tma_kernel[grid](*descs, M, N, K, R, _m_bucket(M), seed, *_drop_args(p, drop_ld),
+                                  HAS_BIAS=bias is not None, W_T=w_t, B_T=b_t, UPCAST=_upcast(x1.dtype),
+                                  EPI_SUB=epi_sub, DROP_OUT=drop_out, BIG=drop_out and _big(extra=M * drop_ld),
+                                  **meta, **launch)
     return out
 
 
@@ -276,8 +291,8 @@ def mm(
     x2_, w2_ = (x2, w2) if has2 else (x1, w1)
     if M == 0 or N == 0:
         return out
-    if k_splits == 1 and _use_tma(x1, w1, x2, w2, out, drop_out) and not drop_in:
-        return _mm_tma(x1, w1, x2, w2, bias, out)
+    if k_splits == 1 and _use_tma(x1, w1, x2, w2, out) and not drop_in:
+        return _mm_tma(x1, w1, x2, w2, bias, out, _seed_int(seed), p, drop_out, drop_ld)
     out3 = out if out.dim() == 3 else out.unsqueeze(0)
     k_per = triton.cdiv(triton.cdiv(K, k_splits), 64) * 64  # a multiple of every BLOCK_K
     splits = triton.cdiv(K, k_per)
