@@ -18,6 +18,7 @@ import torch
 
 from ._validate import FLOAT_DTYPES, check_finite, check_rank
 from .rsvd import DEFAULT_NITER, default_oversample, no_tf32, rsvd
+from .rsvd import check_options as check_rsvd_options
 
 INIT_METHODS = ("svd", "rsvd", "rsvd_always")
 #: ``None``: chunk each shape group by the memory free now (see :func:`memory_budget`)
@@ -190,6 +191,8 @@ def init_layers(
         raise ValueError(f"chunk_bytes must be None or an int >= 1, got {chunk_bytes!r}")
     _check_dtype("weight_dtype", weight_dtype)
     _check_dtype("adapter_dtype", adapter_dtype)
+    if method != "svd":
+        check_rsvd_options(**svd_kwargs)  # even where a group then takes the exact SVD
     groups: Dict[tuple, list] = defaultdict(list)
     for layer in layers:
         if layer.r == 0:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ._validate import check_dropout_p, check_float, check_rank
 from .init import INIT_METHODS, init_layers
 from .ops.linear import sorsa_linear
-from .rsvd import rsvd
+from .rsvd import check_options as check_rsvd_options, rsvd
 
 _INIT_NAMES = ("sorsa_A0", "sorsa_S0", "sorsa_B0")
 
@@ -51,6 +51,7 @@ def _check_init_args(init: Optional[str], svd_kwargs: dict) -> None:
     if unknown:
         raise TypeError(f"init={init!r} takes {'the keywords ' + str(list(allowed)) if allowed else 'no extra arguments'}; "
                         f"unknown: {unknown}")
+    check_rsvd_options(**svd_kwargs)  # values too: a group may take the exact SVD and never use them
 
 
 def is_conv1d(module: nn.Module) -> bool:

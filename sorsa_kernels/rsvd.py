@@ -169,7 +169,15 @@ def _check_args(W, rank, oversample, niter, tol, seed, backend):
     if isinstance(rank, bool) or not isinstance(rank, int) or not (1 <= rank <= min(m, n)):
         raise ValueError(f"rank must be an int in [1, min(m, n)] = [1, {min(m, n)}], got {rank!r}")
     oversample = default_oversample(rank) if oversample is None else oversample
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+    check_options(oversample, niter, tol, seed)
+    check_finite("W", W)
+    return oversample
+
+
+def check_options(oversample=None, niter=None, tol=None, seed=None, **_ignored) -> None:
+    """Value checks of rsvd's options (None = default). Init calls it up front, so a bad option
+    fails even for shape groups where the exact SVD is chosen and the options go unused."""
+    if oversample is not None and (isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0):
         raise ValueError(f"oversample must be an int >= 0, got {oversample!r}")
     if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
         raise ValueError(f"niter must be an int >= 0, got {niter!r}")
@@ -177,8 +185,6 @@ def _check_args(W, rank, oversample, niter, tol, seed, backend):
         raise ValueError(f"tol must be a float in (0, 1), got {tol!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    check_finite("W", W)
-    return oversample
 
 
 @contextlib.contextmanager
