@@ -208,3 +208,22 @@ def test_tma_kernel_with_dropout_vs_mask_replay(dtype, M, k, n, r, monkeypatch):
     p = 0.25
     check(operands((M,), k, n, r), dtype, p=p, mask=replay_mask(seed_of(11), M, k, p).double())
     assert calls == [False, True]  # forward y unmasked, backward dX masked, both TMA
+
+
+def test_masked_dx_with_int64_philox_counters_takes_the_pointer_kernel(monkeypatch):
+    """The TMA kernel's mask uses int32 counters (int64 spills there): when row·cdiv(K,4) can
+    pass 2^31 the masked dX GEMM goes to the pointer kernel, which indexes in int64 (BIG)."""
+    launches = []
+
+    class Record:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append(("ptr", kw["BIG"]))
+
+    monkeypatch.setattr(L, "FORCE_TMA", True)
+    monkeypatch.setattr(L, "_mm_tma", lambda *a: launches.append(("tma", a[8])))
+    monkeypatch.setattr(L, "sorsa_mm_kernel", Record())
+    m = lambda *s: torch.empty(*s, device="meta", dtype=torch.bfloat16)  # noqa: E731
+    for M in (1024, 2 ** 21 + 64):  # K = 4096: counters up to M·1024
+        L.mm(m(M, 64), m(64, 4096).t(), m(M, 4096), x2=m(M, 16), w2=m(16, 4096).t(), seed=3, p=0.1,
+             drop_out=True, drop_ld=4096)
+    assert launches == [("tma", True), ("ptr", True)]

@@ -200,7 +200,7 @@ def sorsa_mm_tma_kernel(
     x_desc, w_desc, s_desc, b_desc, BIAS, c_desc,
     M, N, K, R, M_BUCKET, seed, thr, inv_keep, drop_ld4,
     HAS_BIAS: tl.constexpr, W_T: tl.constexpr, B_T: tl.constexpr, UPCAST: tl.constexpr,
-    EPI_SUB: tl.constexpr, DROP_OUT: tl.constexpr, BIG: tl.constexpr,
+    EPI_SUB: tl.constexpr, DROP_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Hopper main GEMM ``C = [X | S]·[W | B]ᵀ + bias`` through host tensor descriptors (TMA).
@@ -229,9 +229,9 @@ def sorsa_mm_tma_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if DROP_OUT:
             acc = _tma_rank_r(acc, s_desc, b_desc, off_m, off_n, r_steps, B_T, UPCAST, BLOCK_K)
+            # int32 counters: the launcher sends masks whose counter can pass 2^31 to the
+            # pointer kernel (int64 rows here spill 120 B at 255 registers, AOT check)
             rows = off_m + tl.arange(0, BLOCK_M)
-            if BIG:  # the Philox counter row·ld4 can pass 2^31
-                rows = rows.to(tl.int64)
             keep = _keep4(seed, rows[:, None], off_n, drop_ld4, thr, BLOCK_N)
             acc = tl.where(keep, acc * inv_keep, 0.0)
         for step in range(0, k_steps):  # pipelined (TMA multi-buffered) main loop

@@ -46,7 +46,9 @@ Config notes (every shipped config compiles without spills for sm_80 and sm_90, 
     12 UTMALDG, 8 HGMMA; the mask adds ≈ 2 850 SASS instructions per tile, ≈ 22 per output
     element, mostly IMAD/LOP3 of Philox). 255 registers is the ceiling: a larger mask tile or a
     second fp32 accumulator would spill, which is why the masked rank-r term is computed before
-    the main loop and masked in place (counted from the AOT compile, not timed).
+    the main loop and masked in place (counted from the AOT compile, not timed). With int64
+    Philox counters (x of >= 2^33 elements) it spilled 120 B, so those masks take the pointer
+    kernel.
   * dA/dBᵀ: BLOCK_A = next_pow2(r) clamped to [32, 128] (``_tn_block_a``): one tile row for
     r <= 128, so dA makes x's dropout mask once (it was r/32 times with BLOCK_A = 32).
   * Forward glue: ``sorsa_scale_kernel`` (partials sum + ·S·scale + cast into the padded ``s``)
@@ -267,7 +269,7 @@ def _mm_tma(x1, w1, x2, w2, bias, out, seed: int = 0, p: float = 0.0, drop_out: 
     with device_guard(x1.device):
         sorsa_mm_tma_kernel[grid](*descs, M, N, K, R, _m_bucket(M), seed, *_drop_args(p, drop_ld),
                                   HAS_BIAS=bias is not None, W_T=w_t, B_T=b_t, UPCAST=_upcast(x1.dtype),
-                                  EPI_SUB=epi_sub, DROP_OUT=drop_out, BIG=drop_out and _big(extra=M * drop_ld),
+                                  EPI_SUB=epi_sub, DROP_OUT=drop_out,
                                   **meta, **launch)
     return out
 
@@ -291,7 +293,9 @@ def mm(
     x2_, w2_ = (x2, w2) if has2 else (x1, w1)
     if M == 0 or N == 0:
         return out
-    if k_splits == 1 and _use_tma(x1, w1, x2, w2, out) and not drop_in:
+    # a mask whose Philox counter needs int64 (x with >= 2^33 elements) takes the pointer kernel
+    if (k_splits == 1 and _use_tma(x1, w1, x2, w2, out) and not drop_in
+            and not (drop_out and _big(extra=M * drop_ld))):
         return _mm_tma(x1, w1, x2, w2, bias, out, _seed_int(seed), p, drop_out, drop_ld)
     out3 = out if out.dim() == 3 else out.unsqueeze(0)
     k_per = triton.cdiv(triton.cdiv(K, k_splits), 64) * 64  # a multiple of every BLOCK_K
