@@ -235,11 +235,15 @@ def test_triton_table_cached_and_invalidated():
     m.zero_grad(set_to_none=True)
     v = sk.orthonormal_grad_(m, 1.0, 1.0, backend="triton")
     assert ortho_launch.get_plan(params, [False, True] * 5) is not plan
-    ref = mats_model(SHAPES, dtype=torch.float32)
-    ref[1].sorsa_A = nn.Parameter(ref[1].sorsa_A.data[:2].clone())
-    ref.load_state_dict({k: t.cpu() for k, t in m.state_dict().items()})
-    vr = sk.orthonormal_grad_(ref, 1.0, 1.0, backend="torch")
-    assert float(v) == pytest.approx(float(vr), rel=1e-5)
+    def torch_reference(v):  # the same (narrowed) adapters through the torch backend
+        ref = mats_model(SHAPES, dtype=torch.float32)
+        ref[1].sorsa_A = nn.Parameter(ref[1].sorsa_A.data[:2].clone())
+        ref.load_state_dict({k: t.cpu() for k, t in m.state_dict().items()})
+        vr = sk.orthonormal_grad_(ref, 1.0, 1.0, backend="torch")
+        assert float(v) == pytest.approx(float(vr), rel=1e-5)
+        return ref
+
+    torch_reference(v)
     plan = ortho_launch.get_plan(params, [False, True] * 5)
     # parameters replaced (new storage; new Parameter object): rebuilt, and the math follows
     with torch.no_grad():
@@ -249,11 +253,7 @@ def test_triton_table_cached_and_invalidated():
     m.zero_grad(set_to_none=True)
     v = sk.orthonormal_grad_(m, 1.0, 1.0, backend="triton")
     assert ortho_launch.get_plan(params, [False, True] * 5) is not plan
-    ref = mats_model(SHAPES, dtype=torch.float32)
-    ref[1].sorsa_A = nn.Parameter(ref[1].sorsa_A.data[:2].clone())
-    ref.load_state_dict({k: t.cpu() for k, t in m.state_dict().items()})
-    vr = sk.orthonormal_grad_(ref, 1.0, 1.0, backend="torch")
-    assert float(v) == pytest.approx(float(vr), rel=1e-5)
+    ref = torch_reference(v)
     for p, q in zip(m.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad.cpu(), q.grad, rtol=1e-5, atol=1e-6)
     # grads moved between steps (fresh tensors with other strides): results still right
