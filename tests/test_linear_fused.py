@@ -131,21 +131,23 @@ def test_tma_kernel_vs_float64(dtype, M_shape, k, n, r, monkeypatch):
 
 def test_frozen_adapters_skip_their_gradient_kernels(monkeypatch):
     launches = []
-    real = L.tn
-    monkeypatch.setattr(L, "tn", lambda *a, **kw: launches.append(kw.get("drop_q", False)) or real(*a, **kw))
+    real_tn, real_gdb = L.tn, L.gdb
+    monkeypatch.setattr(L, "tn", lambda *a, **kw: launches.append(("tn", kw.get("drop_q", False)))
+                        or real_tn(*a, **kw))
+    monkeypatch.setattr(L, "gdb", lambda *a: launches.append(("gdb",)) or real_gdb(*a))
     o = operands((12,), 20, 16, 4, bias=False)
     x, W = o["x"].float(), o["W"].float()
     A, S, B = (o[k].float() for k in "ASB")
     B.requires_grad_()
     sorsa_linear(x, W, A, S, B, 1.0, dropout_p=0.1, backend="triton").sum().backward()
-    assert launches == [False]  # dBᵀ only; dA (the dropout-masked TN over x) skipped
+    assert launches == [("gdb",)]  # dB with g in one pass over dY; dA (the masked TN over x) skipped
     assert A.grad is None and B.grad is not None
     launches.clear()
     A.requires_grad_()
     B.requires_grad_(False)
     B.grad = None
     sorsa_linear(x, W, A, S, B, 1.0, backend="triton").sum().backward()
-    assert launches == [False] and B.grad is None and A.grad is not None
+    assert launches == [("tn", False)] and B.grad is None and A.grad is not None
 
 
 def _forward_ops(monkeypatch, x, W, A, S, B, p=0.0):
@@ -227,3 +229,122 @@ def test_masked_dx_with_int64_philox_counters_takes_the_pointer_kernel(monkeypat
         L.mm(m(M, 64), m(64, 4096).t(), m(M, 4096), x2=m(M, 16), w2=m(16, 4096).t(), seed=3, p=0.1,
              drop_out=True, drop_ld=4096)
     assert launches == [("tma", True), ("ptr", True)]
+
+
+# --- issue 10 item 4: one pass over dY for g and dB; dA/dB next to dX on a side stream -----------
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", [1, 16, 33])
+def test_backward_one_and_two_passes_over_dy_vs_float64(one_pass, dtype, r, monkeypatch):
+    """Both backward schedules against float64 with every launcher buffer poisoned (NaN): ragged
+    M = 70 (2 m-slices under the interpreter), N = 40 (3 n-blocks: 3 partials of g), dropout p = 0.2
+    replayed exactly, column-major B (strided operand)."""
+    monkeypatch.setattr(L, "ONE_PASS_DY", one_pass)
+    real_empty, real_gdb = torch.empty, L.gdb
+    monkeypatch.setattr(L.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan"))
+                        if kw.get("dtype", torch.float32).is_floating_point else real_empty(*a, **kw))
+    shapes = []
+    monkeypatch.setattr(L, "gdb", lambda *a: (lambda gb: shapes.append((gb[0].shape, gb[1].shape)) or gb)(real_gdb(*a)))
+    M, K, N, p = 70, 24, 40, 0.2
+    o = operands((M,), K, N, r)
+    o["B"] = o["B"].t().contiguous().t()
+    check(o, dtype, p=p, mask=replay_mask(seed_of(11), M, K, p).double())
+    if one_pass:
+        assert shapes == [((3, M, r), (2, N, r))]  # split-N partials of g, split-M partials of dB
+    else:
+        assert shapes == []
+
+
+def test_one_pass_rule_counts_bytes(monkeypatch):
+    """The documented cost rule at the issue's shape on an H200 (132 SMs): bf16 N = 4096 reads dY
+    once for r <= 17 and twice for r = 128; r above GDB_MAX_R never takes the one-pass kernel."""
+    monkeypatch.setattr(L, "num_sms", lambda device: 132)
+    monkeypatch.setattr(L, "triton_interpret", lambda: False)  # the GPU's split-K depth
+    dev = torch.device("cpu")
+    picks = {r: L.one_pass_dy(8192, 4096, r, torch.bfloat16, dev) for r in (1, 16, 17, 18, 32, 64, 128)}
+    assert picks == {1: True, 16: True, 17: True, 18: False, 32: False, 64: False, 128: False}
+    assert L.one_pass_dy(8192, 64, 64, torch.bfloat16, dev)  # one n-block: no extra partials
+    assert not L.one_pass_dy(8192, 64, 65, torch.bfloat16, dev)  # dB tile would not fit registers
+    assert [L._gdb_block_n(r, False) for r in (1, 16, 17, 33, 64)] == [256, 256, 128, 64, 64]
+    assert not L.one_pass_dy(0, 4096, 16, torch.bfloat16, dev)
+    monkeypatch.setattr(L, "ONE_PASS_DY", True)
+    assert not L.one_pass_dy(64, 64, 128, torch.float32, dev)  # forcing never exceeds the cap
+
+
+def test_backward_launch_sequence(monkeypatch):
+    """Small r: g and dB in one gdb launch, then the scale kernel, dX and dA (dY is read by two
+    kernels); large r: the split-K g shrink and a separate dB pass (dY read three times)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    launches = []
+    real_run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run",
+                        lambda self, *a, **kw: launches.append(self.fn.__name__) or real_run(self, *a, **kw))
+    for r, want in ((8, ["sorsa_scale_kernel", "sorsa_gdb_kernel", "sorsa_scale_kernel", "sorsa_mm_kernel",
+                         "sorsa_tn_kernel"]),
+                    (70, ["sorsa_scale_kernel", "sorsa_mm_kernel", "sorsa_scale_kernel", "sorsa_mm_kernel",
+                          "sorsa_tn_kernel", "sorsa_tn_kernel"])):
+        o = operands((20,), 16, 24, r)
+        x, W, A, S, B, dy = (o[k].float() for k in ("x", "W", "A", "S", "B", "dy"))
+        y, xa = L.linear_fwd(x, W, A, S, B, None, 0.5, 0.0, None)
+        launches.clear()
+        L.linear_bwd(dy, x, W, A, S, B, xa, 0.5, 0.0, None, True)
+        assert launches == want, r
+
+
+def test_side_stream_forks_and_joins(monkeypatch):
+    """The fork/join of :func:`side_stream` with CUDA's stream API faked (no GPU here): the side
+    stream waits for the current one before the body, the body runs with the side stream
+    current, the current stream waits for the side one after, and tensors made in the body are
+    recorded on the current stream; the side stream is made once per device."""
+    events = []
+
+    class FakeStream:
+        def __init__(self, name, device_index=0):
+            self.name, self.device_index = name, device_index
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits {other.name}")
+
+    class FakeTensor:
+        def record_stream(self, s):
+            events.append(f"record on {s.name}")
+
+    main, current = FakeStream("main"), []
+    monkeypatch.setattr(L, "_SIDE_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream("side"))
+
+    class StreamCtx:
+        def __init__(self, s):
+            self.s = s
+
+        def __enter__(self):
+            current.append(self.s.name)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "stream", StreamCtx)
+    dev = torch.device("cuda", 0)
+    for _ in range(2):
+        events.clear()
+        with L.side_stream(dev) as keep:
+            events.append(f"body on {current[-1]}")
+            t = keep(FakeTensor())
+            keep(None)
+        assert isinstance(t, FakeTensor)
+        assert events == ["side waits main", "body on side", "main waits side", "record on main"]
+    assert list(L._SIDE_STREAMS) == [0]
+    # in line while capturing a CUDA graph, with OVERLAP off, and off CUDA
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    events.clear()
+    with L.side_stream(dev) as keep:
+        assert keep(3) == 3
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(L, "OVERLAP", False)
+    with L.side_stream(dev):
+        pass
+    with L.side_stream(torch.device("cpu")):
+        pass
+    assert events == []

@@ -39,3 +39,27 @@ def test_gpu_bf16_vs_float64_with_mask_replay(M, k, n, r, p, monkeypatch):
     if torch.cuda.get_device_capability()[0] >= 9:
         # forward y and dX (the dropout-masked dX too: rank-r term masked in the TMA kernel)
         assert len(calls) == 2
+
+
+@pytest.mark.parametrize("r", [16, 128])  # one pass over dY (dA on the side stream); two passes (dA, dB there)
+def test_gpu_side_stream_backward_is_bitwise_the_in_line_one(r, monkeypatch):
+    o = operands((1000,), 1024, 768, r)
+
+    def fused(x, W, A, S, B, b):
+        return sorsa_linear(x, W, A, S, B, 0.5, b, dropout_p=0.05, backend="triton")
+
+    def once():
+        torch.manual_seed(3)
+        return run(fused, o, torch.bfloat16, "cuda")
+
+    monkeypatch.setattr(L, "OVERLAP", False)
+    in_line = once()
+    monkeypatch.setattr(L, "OVERLAP", True)
+    overlapped = once()
+    assert torch.cuda.current_device() in L._SIDE_STREAMS
+    user = torch.cuda.Stream()  # forked from and joined into a user's stream, not the default one
+    with torch.cuda.stream(user):
+        on_user = once()
+    torch.cuda.synchronize()
+    for name, a, b, c in zip(NAMES, in_line, overlapped, on_user):
+        assert torch.equal(a, b) and torch.equal(a, c), name

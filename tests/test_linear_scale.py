@@ -231,6 +231,12 @@ def test_autotune_key_buckets_m_and_reductions_are_pinned(monkeypatch):
     monkeypatch.setattr(L, "_TUNED", {k: Tuned(k[0]) for k in L._TUNED})
     monkeypatch.setattr(L, "sorsa_tn_kernel", Pinned())
     monkeypatch.setattr(L, "sorsa_scale_kernel", Glue())
+
+    class Gdb:  # one pass over dY for g and dB (r = 16): a pinned config too
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append(("gdb", kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_R"], kw["num_warps"]))
+
+    monkeypatch.setattr(L, "sorsa_gdb_kernel", Gdb())
     m = lambda *s, dt=torch.bfloat16: torch.empty(*s, device="meta", dtype=dt)  # noqa: E731
     for M in (8, 8192):
         y, xa = L.linear_fwd(m(M, 64), m(48, 64), m(16, 64), m(16), m(48, 16), None, 1.0, 0.05, torch.tensor([3]))
@@ -240,6 +246,7 @@ def test_autotune_key_buckets_m_and_reductions_are_pinned(monkeypatch):
     assert buckets == {8, 8192}
     pinned = {c[1:] for c in calls if c[0] == "pinned"}
     assert len(pinned) == 1
+    assert {c[1:] for c in calls if c[0] == "gdb"} == {(64, 256, 16, 8)}  # both M: the same config
 
 
 def test_tuned_kernels_key_on_m_bucket():

@@ -1,6 +1,6 @@
 """Triton kernels for the SORSA linear forward and backward.
 
-Two kernels cover every GEMM of the op:
+These kernels cover every GEMM of the op:
 
 * ``sorsa_mm_kernel`` (persistent: a grid of at most #SMs programs walks the output tiles in
   grouped order): ``C = drop_in(X1)·W1ᵀ + drop_out(X2·W2ᵀ) + bias``. Without an output mask
@@ -12,7 +12,8 @@ Two kernels cover every GEMM of the op:
   addressed by strides, so transposed views cost nothing).
 * ``sorsa_tn_kernel``: ``C[s] = P[m_s]ᵀ·drop(Q[m_s])`` over a slice ``m_s`` of the long
   M dimension (split-M, partials summed afterwards in a fixed order → deterministic):
-  ``dB`` and ``dA``, whose outputs are too small to fill the GPU otherwise.
+  ``dA``, and ``dB`` for large r, whose outputs are too small to fill the GPU otherwise.
+* ``sorsa_gdb_kernel``: for small r, ``g = dY·B`` and ``dB = dYᵀ·s`` in one pass over dY.
 
 Dropout masks are never stored. Element (m, k) of x belongs to Philox counter
 ``m·cdiv(in_features, 4) + k // 4`` and takes word ``k % 4`` of that call's four 32-bit
@@ -175,6 +176,57 @@ def sorsa_tn_kernel(
         acc = tl.dot(pt, q, acc, input_precision=PREC)
     c = C + split.to(tl.int64) * s_cs + ra[:, None] * s_ca + rb[None, :] * s_cb
     tl.store(c, acc, mask=(ra[:, None] < DA) & (rb[None, :] < DB))
+
+
+@triton.jit
+def sorsa_gdb_kernel(
+    DY, BW, SX, G, DB,
+    M, N, R, m_per_split,
+    s_ym, s_yn, s_bn, s_br, s_sm, s_sr,
+    s_gs, s_gm, s_gr, s_ds, s_dn, s_dr,
+    BIG: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One pass over dY for both skinny products of the backward (small r, see the launcher):
+
+    ``G[pid_n]  = dY[:, n-block]·B[n-block]``       split-N partials of ``g = dY·B`` (M, R)
+    ``DB[split] = dY[m-slice, n-block]ᵀ·s[m-slice]`` split-M partials of ``dB = dYᵀ·s`` (N, R)
+
+    Program (n-block, m-slice) keeps its B rows and its dB tile in registers and walks its
+    m-slice once: each dY tile feeds both dots, so dY is read from HBM once instead of twice.
+    Both partial sets are summed afterwards in index order (deterministic).
+    """
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    rm0 = tl.arange(0, BLOCK_M)
+    m_lo = split * m_per_split
+    if BIG:
+        rn = rn.to(tl.int64)
+        rm0 = rm0.to(tl.int64)
+        m_lo = m_lo.to(tl.int64)
+    m_hi = tl.minimum(m_lo + m_per_split, M)
+    n_ok = rn < N
+    r_ok = rr < R
+    b = tl.load(BW + rn[:, None] * s_bn + rr[None, :] * s_br, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+    if UPCAST:
+        b = b.to(tl.float32)
+    db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    g_part = G + pid_n.to(tl.int64) * s_gs
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        rm = m0 + rm0
+        m_ok = rm < m_hi
+        dy = tl.load(DY + rm[:, None] * s_ym + rn[None, :] * s_yn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        sx = tl.load(SX + rm[:, None] * s_sm + rr[None, :] * s_sr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+            sx = sx.to(tl.float32)
+        g = tl.dot(dy, b, input_precision=PREC)
+        tl.store(g_part + rm[:, None] * s_gm + rr[None, :] * s_gr, g, mask=m_ok[:, None] & r_ok[None, :])
+        db = tl.dot(tl.trans(dy), sx, db, input_precision=PREC)
+    tl.store(DB + split.to(tl.int64) * s_ds + rn[:, None] * s_dn + rr[None, :] * s_dr, db,
+             mask=n_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit

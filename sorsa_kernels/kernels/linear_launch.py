@@ -36,9 +36,18 @@ the backward are the next steps; not done). A row-stationary fusion of the shrin
 main kernel was not chosen: each persistent program would own whole m-rows, giving up the
 grouped (L2-sharing) tile order of the compute-bound GEMM to save a 64 MiB read.
 
-One pass over dY for g and dBᵀ was costed and not built: dBᵀ partials per program cost
-programs·r·N·4 B (132 programs × r = 128 × 4096 × 4 B = 264 MiB) — more than the 64 MiB
-second read of dY it saves, unless few programs run (then HBM is not saturated).
+Backward passes over dY (:func:`linear_bwd`): dY is read by ``g = dY·B``, by the dX GEMM and by
+``dB = dYᵀ·s``. For small r, g and dB share one pass (``sorsa_gdb_kernel``: a program owns an
+n-block × m-slice, keeps dB's tile in registers and writes split-N partials of g), so dY is
+read twice in all; the rule and its byte count are in :func:`one_pass_dy` (bf16, N = 4096:
+r <= 17). For large r the g partials would cost more than the dY read they save (r = 128:
+16 × 8192 × 128 × 4 B = 64 MiB written and read back vs 64 MiB of dY), so g and dB keep their
+own passes. dA (and that second dB pass) run on a side stream next to the dX GEMM
+(:func:`side_stream`): they are bandwidth-bound and the persistent GEMM is compute-bound.
+The dX GEMM's 132 persistent programs occupy every SM (181 KB smem each), so the side work
+starts as its last wave drains (1024 tiles / 132 SMs = 7.76 waves: ~24 % of the last
+wave idle); a shared persistent launch was not built (two tile types with different smem
+and register needs in one kernel). Neither choice has been timed.
 
 Config notes (every shipped config compiles without spills for sm_80 and sm_90, AOT check):
   * TMA kernel, 128×256×64/8 warps/3 stages, sm_90 bf16: unmasked 158–169 registers, masked dX
@@ -59,13 +68,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 import triton
 
 from .._backend import triton_interpret
-from .linear_kernels import sorsa_mm_kernel, sorsa_mm_tma_kernel, sorsa_scale_kernel, sorsa_tn_kernel
+from .linear_kernels import (sorsa_gdb_kernel, sorsa_mm_kernel, sorsa_mm_tma_kernel, sorsa_scale_kernel,
+                             sorsa_tn_kernel)
 
 try:  # host-side tensor descriptors: triton >= 3.4 (3.6 on the H200 image, 3.8 here)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -127,6 +137,20 @@ INTERP_TMA = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)  # BN 32: epilo
 INTERP_TN = dict(BLOCK_A=16, BLOCK_B=16, BLOCK_M=16)
 INTERP_SCALE = dict(BLOCK_M=16, BLOCK_R=16)
 SPLIT_M_GRAIN = 64  # every split of M is a multiple of every TN config's BLOCK_M
+# One pass over dY for g and dB (``sorsa_gdb_kernel``), pinned like the TN configs (its split-M
+# and split-N sums must not depend on a timing): fp32? -> (BLOCK_M, BLOCK_N, warps, stages).
+# BLOCK_R = next power of two of r in [16, GDB_MAX_R]; the dB tile (BLOCK_N × BLOCK_R fp32)
+# lives in registers for the whole m-slice, so BLOCK_N shrinks as r grows (at most
+# GDB_TILE elements: bf16 256×64 spilled 28 B on sm_90 and 180 B on sm_80, 128×64 still 8 B on
+# sm_80, AOT check) and r is capped (the cost rule picks r <= 17 at N = 4096 anyway).
+GDB_CONFIGS = {False: (64, 256, 8, 3), True: (32, 128, 8, 2)}
+GDB_TILE = {False: 256 * 16, True: 128 * 32}
+GDB_MAX_R = 64
+INTERP_GDB = dict(BLOCK_M=16, BLOCK_N=16)
+# Tests force the one-pass (True) or two-pass (False) backward; None = the cost rule.
+ONE_PASS_DY: Optional[bool] = None
+# dA (and the two-pass dB) run on a side stream next to the dX GEMM; False runs them in line.
+OVERLAP = True
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -363,6 +387,97 @@ def tn(p_mat: torch.Tensor, q: torch.Tensor, *, seed: Optional[torch.Tensor] = N
     return part[0] if splits == 1 else part.sum(0)
 
 
+def one_pass_dy(M: int, N: int, R: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the backward reads dY once for both ``g = dY·B`` and ``dB = dYᵀ·s``.
+
+    Cost rule (HBM bytes, counted, not timed): one pass saves a read of dY (M·N·e bytes) but
+    writes and re-reads split-N partials of g (fp32, one (M, r) slice per BLOCK_N columns)
+    where the two-pass shrink writes ``_k_splits`` of them: extra 8·(N/BLOCK_N − splits)·M·r
+    bytes. Taken when that extra is at most half the saved read (a 2× margin: the partials
+    are written from every program at once). bf16, N = 4096 (BLOCK_N = 256 for r <= 16, 128 up
+    to r = 32): r <= 17, so r = 16 reads dY once and r = 128 keeps the two passes (the partials would cost more than
+    dY itself).
+    """
+    if R > GDB_MAX_R or M == 0 or N == 0:
+        return False
+    if ONE_PASS_DY is not None:
+        return ONE_PASS_DY
+    n_blocks = triton.cdiv(N, _gdb_block_n(R, dtype == torch.float32))
+    extra = 16 * max(0, n_blocks - _k_splits(M, R, N, device)) * R  # per row, 2× margin included
+    return extra <= N * torch.empty((), dtype=dtype).element_size()
+
+
+def _gdb_block_n(R: int, fp32: bool) -> int:
+    return min(GDB_CONFIGS[fp32][1], GDB_TILE[fp32] // max(16, triton.next_power_of_2(R)))
+
+
+def gdb(dy: torch.Tensor, Bd: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One pass over ``dy`` (M, N): fp32 split-N partials of ``dy·Bd`` (n_blocks, M, r) and
+    split-M partials of ``dyᵀ·s`` (splits, N, r); ``Bd`` (N, r), ``s`` (M, r) in dy's dtype."""
+    M, N = dy.shape
+    R = Bd.shape[1]
+    interp = triton_interpret()
+    fp32 = dy.dtype == torch.float32
+    bm, _, warps, stages = GDB_CONFIGS[fp32]
+    meta = dict(INTERP_GDB) if interp else dict(BLOCK_M=bm, BLOCK_N=_gdb_block_n(R, fp32))
+    meta["BLOCK_R"] = max(16, triton.next_power_of_2(R))
+    launch = {} if interp else dict(num_warps=warps, num_stages=stages)
+    n_blocks = triton.cdiv(N, meta["BLOCK_N"])
+    grain = meta["BLOCK_M"]
+    # split M until n_blocks × splits fills two waves, each split >= 4 m-tiles deep
+    splits = max(1, min(triton.cdiv(2 * num_sms(dy.device), n_blocks), triton.cdiv(M, 4 * grain)))
+    m_per = triton.cdiv(triton.cdiv(M, splits), grain) * grain
+    splits = triton.cdiv(M, m_per)
+    g_part = torch.empty((n_blocks, M, R), dtype=torch.float32, device=dy.device)
+    db_part = torch.empty((splits, N, R), dtype=torch.float32, device=dy.device)
+    big = _big(dy, Bd, s, g_part, db_part)
+    with device_guard(dy.device):
+        sorsa_gdb_kernel[(n_blocks, splits)](
+            dy, Bd, s, g_part, db_part, M, N, R, m_per,
+            dy.stride(0), dy.stride(1), Bd.stride(0), Bd.stride(1), s.stride(0), s.stride(1),
+            g_part.stride(0), g_part.stride(1), g_part.stride(2),
+            db_part.stride(0), db_part.stride(1), db_part.stride(2),
+            BIG=big, UPCAST=_upcast(dy.dtype), PREC=_prec(dy.dtype), **meta, **launch)
+    return g_part, db_part
+
+
+_SIDE_STREAMS: Dict[int, "torch.cuda.Stream"] = {}
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device) -> Iterator[Callable[[Optional[torch.Tensor]], Optional[torch.Tensor]]]:
+    """Run the body on a per-device side stream forked from the current stream and joined back
+    into it on exit, so its launches overlap work already queued on the current stream (the
+    backward queues the compute-bound dX GEMM first, then dA/dB here: their CTAs take the SMs
+    the persistent GEMM's last wave leaves idle). Yields ``keep(t)``: tensors made in the body
+    and used afterwards are passed through it, so the caching allocator does not hand their
+    memory to the side stream again before the current stream is done with them.
+
+    In line (no side stream) for non-CUDA devices, with ``OVERLAP = False``, and while a CUDA
+    graph is being captured (no cross-stream allocator bookkeeping inside a capture).
+    """
+    if device.type != "cuda" or not OVERLAP or torch.cuda.is_current_stream_capturing():
+        yield lambda t: t
+        return
+    main = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.get(main.device_index)
+    if side is None:
+        side = _SIDE_STREAMS.setdefault(main.device_index, torch.cuda.Stream(device=device))
+    made = []
+
+    def keep(t):
+        made.append(t)
+        return t
+
+    side.wait_stream(main)  # the body reads what the current stream made (dy, gs, x, s)
+    with torch.cuda.stream(side):
+        yield keep
+    main.wait_stream(side)
+    for t in made:
+        if t is not None:
+            t.record_stream(main)
+
+
 def _skinny_parts(x: torch.Tensor, w: torch.Tensor, **drop) -> torch.Tensor:
     """fp32 split-K partials (splits, M, r) of ``drop(x)·wᵀ`` for a thin w (r rows)."""
     M, K = x.shape
@@ -427,23 +542,36 @@ def linear_fwd(x, weight, A, S, B, bias, scale: float, p: float, seed) -> Tuple[
 
 def linear_bwd(dy, x, weight, A, S, B, xa, scale: float, p: float, seed, need_dx: bool,
                need_dA: bool = True, need_dB: bool = True):
-    """Backward: ``g = dY·B`` once; dX = dY·W_r + drop(gs·A) in one GEMM; dA, dBᵀ split over M.
+    """Backward: ``g = dY·B`` (with ``dB = dYᵀ·s`` in the same pass over dY for small r, see
+    :func:`one_pass_dy`); dX = dY·W_r + drop(gs·A) in one GEMM on the current stream; dA (and
+    dB when it needs its own pass over dY) split over M on a side stream next to it
+    (:func:`side_stream`).
 
     A gradient that is not needed (frozen adapter, ``needs_input_grad``) is not computed:
     it comes back as ``None`` (dS is a by-product of g and always returned).
     """
     M, K = x.shape
+    N, R = dy.shape[1], A.shape[0]
     dt = x.dtype
     seed = _seed_int(seed)
-    g, gs = reduce_scale(_skinny_parts(dy, B.to(dt).t()), S, scale, dt)
+    Bd = B.to(dt)
+    # s = xa·S·scale in dt, re-made from the saved fp32 xa by the one-launch scale kernel
+    s = reduce_scale(xa.unsqueeze(0), S, scale, dt)[1] if need_dB else None
+    db_part = None
+    if need_dB and one_pass_dy(M, N, R, dt, dy.device):
+        g_part, db_part = gdb(dy, Bd, s)
+    else:
+        g_part = _skinny_parts(dy, Bd.t())
+    g, gs = reduce_scale(g_part, S, scale, dt)
     dS = (g * xa).sum(0) * scale
     dx = dA = dB = None
     if need_dx:
         dx = mm(dy, weight.t(), torch.empty_like(x, memory_format=torch.contiguous_format),
                 x2=gs, w2=A.to(dt).t(), seed=seed, p=p, drop_out=p > 0, drop_ld=K)
-    if need_dA:
-        dA = tn(gs, x, seed=seed, p=p, drop_q=p > 0, drop_ld=K).to(A.dtype)
-    if need_dB:
-        # s = xa·S·scale in dt, re-made from the saved fp32 xa by the same one-launch kernel
-        dB = tn(reduce_scale(xa.unsqueeze(0), S, scale, dt)[1], dy).t().to(B.dtype).contiguous()
+    with side_stream(dy.device) as keep:
+        if need_dA:
+            dA = keep(tn(gs, x, seed=seed, p=p, drop_q=p > 0, drop_ld=K).to(A.dtype))
+        if need_dB:
+            dB = db_part.sum(0) if db_part is not None else tn(s, dy).t()
+            dB = keep(dB.to(B.dtype).contiguous())
     return dx, dA, dS.to(S.dtype), dB
