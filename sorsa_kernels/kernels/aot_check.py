@@ -80,6 +80,9 @@ def _linear_cases(dtypes) -> List[Case]:
     d0 = dtypes[0]
     # ragged: nothing divisible by 16, odd r
     cases.append(_linear_case(f"linear {d0} ragged 1000x4000x4097 r33 p0.05", d0, 1000, 4000, 4097, 33, 0.05))
+    # the other TMA_CONFIGS M buckets (medium 128 <= M < 1024, small M < 128), masked dX included
+    for M in (512, 64):
+        cases.append(_linear_case(f"linear {d0} {M}x4096x4096 r16 p0.05", d0, M, 4096, 4096, 16, 0.05))
     # a narrow output (N = 64) with r = 48: the one-pass g/dB kernel at BLOCK_R = 64
     cases.append(_linear_case(f"linear {d0} narrow 4096x4096x64 r48 p0.0", d0, 4096, 4096, 64, 48, 0.0))
     # x rows 2²⁰ elements apart: row·stride passes 2³¹, the launcher must pick 64-bit offsets

@@ -231,20 +231,28 @@ def sorsa_gdb_kernel(
 
 @triton.jit
 def _tma_rank_r(acc, s_desc, b_desc, off_m, off_n, r_steps, B_T: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    # acc += S[off_m:, :R]·B[off_n:, :R]ᵀ: 1 step for R <= BLOCK_K, boxes zero-filled past R
-    for step in range(0, r_steps):
-        k = step * BLOCK_K
-        a = s_desc.load([off_m, k])
-        if B_T:
-            b = b_desc.load([k, off_n])
-        else:
-            b = b_desc.load([off_n, k]).T
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+                BLOCK_K: tl.constexpr, ONE_STEP: tl.constexpr):
+    # acc += S[off_m:, :R]·B[off_n:, :R]ᵀ, boxes zero-filled past R. ONE_STEP (R <= BLOCK_K, the
+    # flattened kernel): straight-line code, so the K loop stays the tile loop's only inner loop.
+    if ONE_STEP:
+        acc = _tma_rank_r_step(acc, s_desc, b_desc, off_m, off_n, 0, B_T, UPCAST)
+    else:
+        for step in range(0, r_steps):
+            acc = _tma_rank_r_step(acc, s_desc, b_desc, off_m, off_n, step * BLOCK_K, B_T, UPCAST)
     return acc
+
+
+@triton.jit
+def _tma_rank_r_step(acc, s_desc, b_desc, off_m, off_n, k, B_T: tl.constexpr, UPCAST: tl.constexpr):
+    a = s_desc.load([off_m, k])
+    if B_T:
+        b = b_desc.load([k, off_n])
+    else:
+        b = b_desc.load([off_n, k]).T
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET", "seed"])
@@ -252,7 +260,7 @@ def sorsa_mm_tma_kernel(
     x_desc, w_desc, s_desc, b_desc, BIAS, c_desc,
     M, N, K, R, M_BUCKET, seed, thr, inv_keep, drop_ld4,
     HAS_BIAS: tl.constexpr, W_T: tl.constexpr, B_T: tl.constexpr, UPCAST: tl.constexpr,
-    EPI_SUB: tl.constexpr, DROP_OUT: tl.constexpr,
+    EPI_SUB: tl.constexpr, DROP_OUT: tl.constexpr, FLATTEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Hopper main GEMM ``C = [X | S]·[W | B]ᵀ + bias`` through host tensor descriptors (TMA).
@@ -274,13 +282,17 @@ def sorsa_mm_tma_kernel(
     num_tiles = num_m * num_n
     k_steps = tl.cdiv(K, BLOCK_K)
     r_steps = tl.cdiv(R, BLOCK_K)
-    for tile in tl.range(pid, num_tiles, tl.num_programs(0)):
+    # FLATTEN (launcher: no output mask and R <= BLOCK_K): one software-pipelined loop over
+    # (tile, k-step), the persistent-matmul tutorial's Hopper setting: the next tile's first
+    # TMA loads are in flight while this tile's rank-r step and epilogue run, instead of a
+    # pipeline drain and refill per tile (TTGIR checked: one scf.for, wgmma wait pendings=1).
+    for tile in tl.range(pid, num_tiles, tl.num_programs(0), flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if DROP_OUT:
-            acc = _tma_rank_r(acc, s_desc, b_desc, off_m, off_n, r_steps, B_T, UPCAST, BLOCK_K)
+            acc = _tma_rank_r(acc, s_desc, b_desc, off_m, off_n, r_steps, B_T, UPCAST, BLOCK_K, FLATTEN)
             # int32 counters: the launcher sends masks whose counter can pass 2^31 to the
             # pointer kernel (int64 rows here spill 120 B at 255 registers, AOT check)
             rows = off_m + tl.arange(0, BLOCK_M)
@@ -301,7 +313,7 @@ def sorsa_mm_tma_kernel(
         # compiles to an scf.if around the TMA loads and the pipeliner then single-buffers
         # the whole loop (checked: 80 KB instead of 176 KB smem at 128×256×64/3 stages).
         if not DROP_OUT:
-            acc = _tma_rank_r(acc, s_desc, b_desc, off_m, off_n, r_steps, B_T, UPCAST, BLOCK_K)
+            acc = _tma_rank_r(acc, s_desc, b_desc, off_m, off_n, r_steps, B_T, UPCAST, BLOCK_K, FLATTEN)
         if HAS_BIAS:
             rn = off_n + tl.arange(0, BLOCK_N)
             acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]

@@ -129,6 +129,11 @@ TMA_CONFIGS = {
     "medium": _cfg(128, 128, 64, 8, 4),  # 128 <= M < 1024
     "small": _cfg(64, 128, 64, 4, 4),    # M < 128 (decode)
 }
+# Flattened persistent loop for the unmasked TMA GEMM with r <= BLOCK_K (sm_90 bf16 128×256×64:
+# 172 registers, 229 416 B smem of 232 448, 0 spills; r > BLOCK_K flattened needs 328 KB and the
+# masked variant is at 255 registers, so those keep the nested loop). Chosen from the
+# tutorial's Hopper setting and the AOT compile, not timed; False restores the nested loop.
+TMA_FLATTEN = True
 # Tests force the TMA kernel under the interpreter (it runs host descriptors there too).
 FORCE_TMA = False
 # The interpreter runs numpy: one small config keeps the tests fast and hits ragged edges.
@@ -294,7 +299,7 @@ def _mm_tma(x1, w1, x2, w2, bias, out, seed: int = 0, p: float = 0.0, drop_out: 
         sorsa_mm_tma_kernel[grid](*descs, M, N, K, R, _m_bucket(M), seed, *_drop_args(p, drop_ld),
                                   HAS_BIAS=bias is not None, W_T=w_t, B_T=b_t, UPCAST=_upcast(x1.dtype),
                                   EPI_SUB=epi_sub, DROP_OUT=drop_out,
-                                  **meta, **launch)
+                                  FLATTEN=TMA_FLATTEN and not drop_out and R <= BK, **meta, **launch)
     return out
 
 
