@@ -3,20 +3,22 @@
 # From the repo root:  bash benchmarks/gpu_check.sh        (results under $OUT, default ./gpu-results)
 #   --dry-run   check the CPU-side parts (syntax, imports, test collection, bench cases) and exit
 #   --help      this text
-# Steps (timeouts sum to 480 s; about 5-6 min by estimate on an H200):
+# Steps (timeouts sum to 525 s; about 5-6 min by estimate on an H200):
 #   preflight (GPU visible? 30 s) -> build the C++/CUDA extension with torch's nvidia/cu13 headers (150 s)
 #   -> gpu-marked tests, required to run (SORSA_KERNELS_REQUIRE_GPU=1; 120 s)
 #   -> `sorsa-kernels bench` default cases + the Llama-2-7B init case, each result written to the JSON
-#      as it completes (180 s) -> the verdict table printed last.
+#      as it completes (180 s) -> the A/B of the design switches chosen by counting (TMA_FLATTEN,
+#      OVERLAP, ONE_PASS_DY; 45 s) -> the verdict table printed last.
 # Never runs interpreter tests (the H200 image's numpy breaks triton 3.6's interpreter). Fails loudly
-# and exits non-zero within seconds without a GPU or when the build fails. Writes at most 7 files
-# under $OUT (device.txt build.txt gpu-tests.txt gpu-tests.xml bench.json bench.txt bench.png).
+# and exits non-zero within seconds without a GPU or when the build fails. Writes at most 9 files
+# under $OUT (device.txt build.txt gpu-tests.txt gpu-tests.xml bench.json bench.txt bench.png
+# ab.txt ab.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT="${OUT:-$ROOT/gpu-results}"
 case "${1:-}" in
-  --help|-h) sed -n '2,13p' "$0"; exit 0 ;;
+  --help|-h) sed -n '2,15p' "$0"; exit 0 ;;
 esac
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONDONTWRITEBYTECODE=1 TRITON_INTERPRET=0
@@ -29,6 +31,7 @@ if [ "${1:-}" = "--dry-run" ]; then
   "$PY" -c "import sorsa_kernels, sorsa_kernels.bench, sorsa_kernels.cli" || exit 1
   "$PY" -m pytest -q -m gpu --collect-only -p no:cacheprovider tests >/dev/null || exit 1
   "$PY" -m sorsa_kernels.cli bench --help >/dev/null || exit 1
+  "$PY" -m sorsa_kernels.bench.ab --help >/dev/null || exit 1
   "$PY" -c "import torch; from sorsa_kernels import bench; c = bench.cases(torch.device('cuda'), 'default', model='llama2-7b'); assert c[-1].params == {'model': 'llama2-7b'}, c[-1]" || exit 1
   echo "gpu_check.sh dry run OK (results would go to $OUT)"; exit 0
 fi
@@ -74,6 +77,10 @@ timeout 180 "$PY" -m sorsa_kernels.cli bench --no-progress --model llama2-7b --m
   --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 BENCH_RC=$?
 
+echo "== design switch A/B (informational: does not change the exit status)"
+timeout 45 "$PY" -m sorsa_kernels.bench.ab --rounds 5 --json "$OUT/ab.json" > "$OUT/ab.txt" 2>&1
+AB_RC=$?
+
 echo
 echo "== summary ($(($(date +%s) - START)) s; full results in $OUT)"
 echo "GPU: $GPU"
@@ -88,5 +95,6 @@ bad = [r for r in rs if r.error]
 for r in bad:
     print(f"  {r.op} {r.case} {r.impl}: {r.error}")
 PYEOF
-echo "tests rc=$TEST_RC bench rc=$BENCH_RC"
+tail -8 "$OUT/ab.txt"
+echo "tests rc=$TEST_RC bench rc=$BENCH_RC a/b rc=$AB_RC"
 exit $(( TEST_RC != 0 || BENCH_RC != 0 ))
