@@ -163,13 +163,14 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
 
 
 def choose(op: str, backend: str, device: torch.device,
-           case: Optional[Callable[[], Optional[Tuple[Dict[str, Any], Callable[[str], Callable[[], Any]]]]]] = None
+           case: Optional[Callable[[], Optional[Tuple[Any, ...]]]] = None
            ) -> str:
     """:func:`resolve`, plus the timed fused-vs-torch choice for ``backend="auto"`` on CUDA.
 
-    ``case()`` (called only when a choice is to be made) returns ``(fields, bench)``: the op's
-    shape signature (bucketed dims, dtype, dropout on/off, bias) and ``bench(name)``, which
-    builds a fwd+bwd thunk of candidate ``name`` on random inputs of those shapes; it returns
+    ``case()`` (called only when a choice is to be made) returns ``(fields, bench[, need_bytes])``:
+    the op's signature (bucketed dims, dtype, dropout on/off, bias, train), ``bench(name)``, which
+    builds a thunk of candidate ``name`` on random inputs of those shapes (fwd+bwd when training,
+    else forward only), and optionally the bytes that bench needs on the device; it returns
     None when the shapes are symbolic. A forced backend is never second-guessed.
     """
     impl = resolve(op, backend, device)
@@ -185,8 +186,9 @@ def choose(op: str, backend: str, device: torch.device,
     got = case()
     if got is None:
         return impl
-    fields, bench = got
-    return _dispatch.decide(op, impl, _dispatch.make_key(op, fields, device), fields, bench, device=device)
+    fields, bench, *need = got
+    return _dispatch.decide(op, impl, _dispatch.make_key(op, fields, device), fields, bench, device=device,
+                            need_bytes=need[0] if need else None)
 
 
 def describe() -> Dict[str, Dict[str, str]]:

@@ -3,19 +3,46 @@
 The fused path must win for the shapes it was designed for; this dispatcher is the floor that
 keeps ``auto`` from ever being slower than plain PyTorch elsewhere, the way ``torch.compile``'s
 max-autotune picks between Triton templates and ATen. It is consulted only by
-:func:`sorsa_kernels._backend.choose` (the one place that decides the backend).
+:func:`sorsa_kernels._backend.choose` (the one place that decides the backend), for CUDA tensors.
 
 * Key: op, shape bucket (M rounded up to a power of two; the other dims exact: they are the
-  model's), dtype, dropout on/off, bias, GPU arch. Decisions are cached in memory and on disk.
-* Disk cache: ``$SORSA_KERNELS_CACHE_DIR`` or ``sorsa_kernels/`` next to Triton's cache dir,
-  one JSON file whose entries are keyed also by torch/triton/package versions and GPU name.
-* Timing: each candidate runs fwd+bwd once on random inputs of the real shapes, timed by
-  ``triton.testing.do_bench`` (median, CUDA events). The timer is injectable (:func:`set_timer`).
-* ``SORSA_KERNELS_AUTOTUNE=0``: no timing, always the fused path.
-* Under ``torch.compile`` tracing nothing is timed: a cached decision is used, else the fused
-  path (the choice is a constant of the traced graph).
-* A candidate that raises while timed is recorded as failed and never chosen; if the fused
-  candidate fails the torch path runs.
+  model's), dtype, dropout on/off, bias, ``train`` (grad enabled and some operand requires grad:
+  the call will be followed by a backward), GPU arch, torch/triton/package versions, GPU name.
+* Timing: the op's case gives ``bench(name)``, a thunk of candidate ``name`` on random inputs
+  of the real shapes (fwd+bwd for ``train`` keys, forward only under ``torch.no_grad()`` for
+  inference keys; both candidates share one set of inputs). The two candidates are timed
+  interleaved, ``ROUNDS`` rounds (fused, torch, fused, torch, ...), each sample by the timer
+  (``triton.testing.do_bench`` median with short warmup/rep, so 3 rounds cost about what one
+  long run did; injectable with :func:`set_timer`). The entry stores per-candidate median
+  (``ms``) and spread (max - min, ``spread_ms``).
+* Choice: the lower median when it is clear of noise (the medians differ by more than the
+  larger spread); otherwise ``"unclear": true`` and the fused path (ties, too: it saves the
+  intermediate ``x·Aᵀ`` round trip). A candidate that raises, or times NaN/inf, is never chosen;
+  if none ran, the torch path (the fused path if it only ran out of memory: it needs less).
+* Memory: before timing, the bytes the bench needs (inputs, output, dy and grads, the torch
+  path's intermediates, in the real dtypes; ``need_bytes`` from the case) are compared with the
+  free memory of the device (``cudaMemGetInfo`` plus what torch's caching allocator holds
+  unused; :func:`free_bytes`, patchable). If it needs more than ``MEM_FRACTION`` of it, nothing
+  is timed: the fused path is chosen with ``reason = "not timed: needs X MiB, Y MiB free"``.
+  A candidate that runs out of memory while timed is recorded as failed and the allocator's
+  cache is emptied (CUDA only).
+* Persistence: in memory for the process always; on disk (``$SORSA_KERNELS_CACHE_DIR`` or
+  ``sorsa_kernels/`` next to Triton's cache dir, one JSON file, merged with what other
+  processes wrote) only when the decision was timed, clear of noise and no candidate ran out
+  of memory: "not timed", "unclear" and out-of-memory decisions are made again by the next
+  process.
+* Distributed: when ``torch.distributed`` is initialised with world size > 1, every rank
+  decides (times, or reads its cache) and then all ranks take rank 0's choice
+  (``broadcast_object_list``, once per key per process, in the device guard), so DDP/FSDP ranks
+  never run different backends. That is a collective inside the layer call: it assumes SPMD
+  training, where every rank reaches the same key at the same layer call for the first time
+  in the process (same shapes on all ranks, up to the M bucket). Ranks whose row counts fall in
+  different M buckets (e.g. per-rank dynamic padding) would not meet in the collective and
+  hang until the process group's timeout: pad to a fixed length there, or set
+  ``SORSA_KERNELS_AUTOTUNE=0``.
+* ``SORSA_KERNELS_AUTOTUNE=0``: no timing, no collective, always the fused path.
+* Under ``torch.compile`` tracing nothing is looked up, timed or communicated: traced graphs take
+  the fused path (a constant of the graph). The timed choice is an eager-mode floor.
 """
 from __future__ import annotations
 
@@ -23,28 +50,37 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
 ENV_AUTOTUNE = "SORSA_KERNELS_AUTOTUNE"
 ENV_CACHE_DIR = "SORSA_KERNELS_CACHE_DIR"
 CACHE_FILE = "dispatch.json"
+ROUNDS = 3  # interleaved samples per candidate: a median and a spread, not one noisy number
+MEM_FRACTION = 0.5  # time only if the bench needs at most this share of the free device memory
 
 # timer(candidate name, thunk) -> median milliseconds of thunk()
 Timer = Callable[[str, Callable[[], Any]], float]
+# bench(candidate name) -> thunk running that candidate once
+Bench = Callable[[str], Callable[[], Any]]
 
 
 def _do_bench(name: str, fn: Callable[[], Any]) -> float:
     from triton.testing import do_bench
-    # warmup/rep are milliseconds: ~100 timed runs of fwd+bwd, once per shape key
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    # warmup/rep are milliseconds; called ROUNDS times per candidate: 3 x (8 + 33) ms, about
+    # 125 ms per candidate and shape key in all
+    return float(do_bench(fn, warmup=8, rep=33, return_mode="median"))
 
 
 _timer: Timer = _do_bench
 _lock = threading.Lock()
 _memory: Dict[str, dict] = {}
+_volatile: Set[str] = set()  # keys decided for this process only (never written to disk)
+_agreed: Set[str] = set()  # keys whose choice the ranks already agreed on in this process
 _loaded_from: Optional[str] = None
 
 
@@ -90,28 +126,53 @@ def bucket(m: int) -> int:
     return 16 if m <= 16 else 1 << math.ceil(math.log2(m))
 
 
+def wants_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when a backward may follow: grad mode is on and some operand requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def free_bytes(device: Optional[torch.device]) -> Optional[int]:
+    """Bytes a new allocation on ``device`` can use: the driver's free memory plus what torch's
+    caching allocator reserved but does not use; None when not a visible CUDA device."""
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    except Exception:  # a driver that cannot say: do not guess
+        return None
+
+
+def _read_disk(path: str) -> Dict[str, dict]:
+    try:
+        with open(path) as f:
+            return dict(json.load(f).get("entries", {}))
+    except (OSError, ValueError, AttributeError):
+        return {}  # no cache yet, or unreadable: decide again
+
+
 def _load() -> Dict[str, dict]:
     global _loaded_from
     path = cache_path()
     if _loaded_from != path:
         _memory.clear()
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            _memory.update(data.get("entries", {}))
-        except (OSError, ValueError):
-            pass  # no cache yet, or unreadable: decide again
+        _volatile.clear()
+        _agreed.clear()
+        _memory.update(_read_disk(path))
         _loaded_from = path
     return _memory
 
 
 def _save() -> None:
     path = cache_path()
+    # merge with what other processes wrote since we read the file; never write volatile keys
+    entries = _read_disk(path)
+    entries.update({k: v for k, v in _memory.items() if k not in _volatile})
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"version": 1, "entries": _memory}, f, indent=1, sort_keys=True)
+            json.dump({"version": 1, "entries": entries}, f, indent=1, sort_keys=True)
         os.replace(tmp, path)  # atomic: concurrent processes never read half a file
     except OSError:
         pass  # read-only home: decisions stay in memory for this process
@@ -124,44 +185,139 @@ def make_key(op: str, fields: Dict[str, Any], device: torch.device) -> str:
     return f"{op}|{body}|arch={arch}|{_env_key(device)}"
 
 
-def decide(op: str, fused: str, key: str, fields: Dict[str, Any],
-           bench: Callable[[str], Callable[[], Any]], device: Optional[torch.device] = None) -> str:
-    """Return ``fused`` or ``"torch"`` for this key: cached, else timed once with ``bench(name)``
-    (which builds the fwd+bwd thunk of candidate ``name`` on random inputs of the real shapes)."""
+def _distributed() -> bool:
+    d = torch.distributed
+    return d.is_available() and d.is_initialized() and d.get_world_size() > 1
+
+
+def _rank0_choice(choice: str) -> str:
+    """Rank 0's choice on every rank (a collective: all ranks must call it for the same key)."""
+    obj = [choice]
+    torch.distributed.broadcast_object_list(obj, src=0)
+    return str(obj[0])
+
+
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _measure(op: str, fused: str, fields: Dict[str, Any], bench: Bench, on_cuda: bool,
+             device: Optional[torch.device], need_bytes: Optional[int]) -> Tuple[dict, bool]:
+    """Time the candidates (or decide not to); returns (entry, persist on disk)."""
+    free = free_bytes(device) if need_bytes else None
+    if need_bytes and free is not None and need_bytes > MEM_FRACTION * free:
+        reason = (f"not timed: needs {need_bytes / 2 ** 20:.0f} MiB, {free / 2 ** 20:.0f} MiB free "
+                  f"(at most {MEM_FRACTION:.0%} of it is used for timing)")
+        return dict(op=op, choice=fused, ms={}, spread_ms={}, errors={}, unclear=False, reason=reason,
+                    **fields), False
+    names = (fused, "torch")
+    samples: Dict[str, List[float]] = {n: [] for n in names}
+    errors: Dict[str, str] = {}
+    oom: Set[str] = set()  # candidates that ran out of memory (not a property of the kernel)
+    thunks: Dict[str, Callable[[], Any]] = {}
+    for name in names:
+        try:
+            thunks[name] = bench(name)
+        except Exception as exc:  # a failing candidate is never chosen
+            errors[name] = _err(exc)
+            oom |= {name} if isinstance(exc, torch.OutOfMemoryError) else set()
+    for _ in range(ROUNDS):  # interleaved: drift (clocks, other work) hits both candidates alike
+        for name in names:
+            if name not in thunks:
+                continue
+            try:
+                samples[name].append(float(_timer(name, thunks[name])))
+            except Exception as exc:
+                errors[name] = _err(exc)
+                oom |= {name} if isinstance(exc, torch.OutOfMemoryError) else set()
+                del thunks[name]
+                samples[name] = []
+    thunks.clear()  # drops the bench inputs before the cache is emptied
+    if oom and on_cuda:
+        torch.cuda.empty_cache()  # give the failed bench's blocks back to the training step
+    med = {n: statistics.median(s) for n, s in samples.items() if s}
+    spread = {n: max(s) - min(s) for n, s in samples.items() if s}
+    ok = {n: m for n, m in med.items() if math.isfinite(m) and math.isfinite(spread[n])}
+    if len(ok) == 2:
+        margin = max(spread[fused], spread["torch"])
+        clear = abs(ok[fused] - ok["torch"]) > margin
+        choice = "torch" if clear and ok["torch"] < ok[fused] else fused
+    else:  # one candidate left: it is the choice; none: retried next process, meanwhile the
+        # fused path if it only ran out of memory (it needs less than torch), else torch
+        clear = len(ok) == 1
+        choice = next(iter(ok)) if ok else (fused if fused in oom else "torch")
+    entry = dict(op=op, choice=choice, ms=med, spread_ms=spread, errors=errors, unclear=not clear, **fields)
+    return entry, clear and not oom
+
+
+def decide(op: str, fused: str, key: str, fields: Dict[str, Any], bench: Bench,
+           device: Optional[torch.device] = None, need_bytes: Optional[int] = None) -> str:
+    """Return ``fused`` or ``"torch"`` for this key: cached, else timed with ``bench(name)``
+    (the thunk of candidate ``name`` on random inputs of the real shapes), ``need_bytes`` being
+    what those inputs and the worst candidate's intermediates take. See the module docstring."""
     if not autotune_enabled() or torch.compiler.is_compiling():
-        return fused  # never lock, read files or time inside a trace
+        return fused  # never lock, read files, time or communicate inside a trace
+    spmd = _distributed()
     with _lock:
         hit = _load().get(key)
-    if hit is not None:
+        agreed = key in _agreed
+    if hit is not None and (agreed or not spmd):
         return hit["choice"]
-    times: Dict[str, float] = {}
-    errors: Dict[str, str] = {}
-    # Events, synchronisation and the L2 flush of the timer act on the current device: make it
-    # the tensors' device, or a layer on cuda:1 would be timed as ~0 ms on cuda:0.
+    # Events, synchronisation, the L2 flush of the timer and NCCL's object broadcast act on the
+    # current device: make it the tensors' device, or a layer on cuda:1 would be timed on cuda:0.
     on_cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
     guard = torch.cuda.device(device) if on_cuda else contextlib.nullcontext()
     with guard:
-        for name in (fused, "torch"):
-            try:
-                times[name] = float(_timer(name, bench(name)))
-            except Exception as exc:  # a failing candidate is never chosen
-                errors[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    ok = {n: t for n, t in times.items() if math.isfinite(t)}
-    # ties go to the fused path (it saves memory: no intermediate x·Aᵀ round trip)
-    choice = min(ok, key=lambda n: (ok[n], n != fused)) if ok else "torch"
-    entry = dict(op=op, choice=choice, ms=times, errors=errors, **fields)
+        if hit is None:
+            entry, persist = _measure(op, fused, fields, bench, on_cuda, device, need_bytes)
+        else:  # from this rank's disk cache; the ranks have not agreed on it in this process yet
+            entry, persist = dict(hit), False
+        if spmd:  # every rank reaches here for this key, also those that had it cached
+            mine = entry["choice"]
+            entry["choice"] = _rank0_choice(mine)
+            if entry["choice"] != mine:
+                entry["own_choice"] = mine  # what this rank's timing said
     with _lock:
-        _load()[key] = entry
-        if ok:  # nothing ran (e.g. out of memory): remember for this process only, retry next time
+        mem = _load()
+        mem[key] = entry
+        if spmd:
+            _agreed.add(key)
+        if persist:
+            _volatile.discard(key)
             _save()
-    return choice
+        elif hit is None:
+            _volatile.add(key)
+    return entry["choice"]
 
 
 def report() -> List[Dict[str, Any]]:
     """Cached decisions (from disk and this process), one dict per key: op, shape fields, choice,
-    the measured milliseconds per candidate and any candidate errors."""
+    the median milliseconds and spread per candidate, candidate errors, ``unclear`` and, when not
+    timed, the ``reason``; ``persisted`` says whether it is on disk."""
     with _lock:
-        return [dict(key=k, **v) for k, v in sorted(_load().items())]
+        mem = _load()
+        return [dict(key=k, persisted=k not in _volatile, **v) for k, v in sorted(mem.items())]
+
+
+_FIELD_ORDER = ("M", "K", "N", "r", "dtype", "adapter_dtype", "dropout", "bias", "train")
+
+
+def format_entry(d: Dict[str, Any]) -> str:
+    """One line for ``sorsa-kernels info``: shape fields, choice, medians ± spread, notes."""
+    skip = {"key", "op", "choice", "ms", "spread_ms", "errors", "unclear", "reason", "persisted", "own_choice"}
+    fields = [k for k in _FIELD_ORDER if k in d] + sorted(k for k in d if k not in skip and k not in _FIELD_ORDER)
+    ms, spread = d.get("ms") or {}, d.get("spread_ms") or {}
+    times = ", ".join(f"{n} {t:.3g}" + (f"±{spread[n]:.2g}" if n in spread else "") + " ms" for n, t in ms.items())
+    notes = [d["reason"]] if d.get("reason") else []
+    if d.get("unclear"):
+        notes.append("unclear (within noise)")
+    if d.get("own_choice"):
+        notes.append(f"rank 0's choice (this rank timed {d['own_choice']})")
+    notes += [f"{n} failed: {e}" for n, e in (d.get("errors") or {}).items()]
+    if d.get("persisted") is False:
+        notes.append("this process only")
+    out = f"{d.get('op', '?')} {' '.join(f'{k}={d[k]}' for k in fields)} -> {d.get('choice', '?')}"
+    return out + (f" ({times})" if times else "") + "".join(f"; {n}" for n in notes)
 
 
 def clear(disk: bool = False) -> None:
@@ -169,6 +325,8 @@ def clear(disk: bool = False) -> None:
     global _loaded_from
     with _lock:
         _memory.clear()
+        _volatile.clear()
+        _agreed.clear()
         _loaded_from = None
         if disk:
             try:
@@ -179,38 +337,85 @@ def clear(disk: bool = False) -> None:
 
 # ----------------------------------------------------------------------------- the linear op's case
 def linear_case(x2: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, bias: Optional[torch.Tensor],
-                p: float) -> Optional[Tuple[Dict[str, Any], Callable[[str], Callable[[], Any]]]]:
-    """(fields, bench) for ``sorsa_linear`` on ``x2`` (M, K); None when M is symbolic (a
-    dynamic-shape trace: the fused path is used and nothing is timed)."""
+                p: float, train: Optional[bool] = None
+                ) -> Optional[Tuple[Dict[str, Any], Bench, int]]:
+    """(fields, bench, need_bytes) for ``sorsa_linear`` on ``x2`` (M, K); None when M is symbolic
+    (a dynamic-shape trace: the fused path is used and nothing is timed).
+
+    ``train``: whether a backward follows the call (the caller passes :func:`wants_grad` of all
+    its operands; None: computed from ``x2, weight, A, bias``). It is part of the key, and picks
+    fwd+bwd or forward-only thunks."""
     M, K = x2.shape
     if not isinstance(M, int):
         return None
     N, r = weight.shape[0], A.shape[0]
     dt, adt, dev = x2.dtype, A.dtype, x2.device
+    train = wants_grad(x2, weight, A, bias) if train is None else bool(train)
+    has_bias = bias is not None
     fields = dict(M=bucket(M), K=K, N=N, r=r, dtype=str(dt).replace("torch.", ""),
-                  adapter_dtype=str(adt).replace("torch.", ""), dropout=p > 0, bias=bias is not None)
+                  adapter_dtype=str(adt).replace("torch.", ""), dropout=p > 0, bias=has_bias, train=train)
+    shared: List[Any] = [None]  # weak reference to the inputs both candidates' thunks use
 
     def bench(name: str) -> Callable[[], Any]:
-        with torch.inference_mode(False):  # normal tensors even if the call came under inference_mode
-            return _linear_bench(name, M, K, N, r, dt, adt, dev, bias is not None, p)
+        inputs = shared[0]() if shared[0] is not None else None
+        if inputs is None:
+            with torch.inference_mode(False):  # normal tensors even if the call came under inference_mode
+                inputs = _LinearInputs(M, K, N, r, dt, adt, dev, has_bias, train)
+            shared[0] = weakref.ref(inputs)  # freed with the last thunk, not kept by this closure
+        return _linear_thunk(name, inputs, p, train)
 
-    return fields, bench
+    return fields, bench, linear_bench_bytes(M, K, N, r, dt, adt, has_bias, p, train)
 
 
-def _linear_bench(name, M, K, N, r, dt, adt, dev, has_bias, p) -> Callable[[], Any]:
-    """fwd+bwd thunk of candidate ``name`` on random (never zero) inputs of the real shapes."""
+def linear_bench_bytes(M: int, K: int, N: int, r: int, dt: torch.dtype, adt: torch.dtype,
+                       has_bias: bool, p: float, train: bool) -> int:
+    """Peak bytes of timing ``sorsa_linear``'s candidates on (M, K) x (N, K): the inputs, y, and
+    for training dy, dx and the adapter grads, plus the larger set of the torch path's
+    intermediates (the fused path's are smaller): forward, addmm's second (M, N) output; backward,
+    dy·W and the rank-r term of dx (M, K) each; with dropout, the mask's fp32 uniforms, bool and
+    dtype copies and the dropped x (M, K) each."""
+    e, ea = torch.empty((), dtype=dt).element_size(), torch.empty((), dtype=adt).element_size()
+    adapters = (r * K + r + N * r) * ea
+    inputs = (M * K + N * K + (N if has_bias else 0)) * e + adapters
+    drop = M * K * (4 + 1 + 2 * e) if p > 0 else 0
+    xa = M * r * (4 + e)  # fp32 saved copy and the dtype product
+    fwd_tmp = M * N * e + drop
+    total = inputs + M * N * e + xa  # + y
+    if train:
+        bwd_tmp = 2 * M * K * e + drop + 2 * M * r * (4 + e)  # dy·W, dx's rank-r term; g, g·S
+        total += M * N * e + M * K * e + adapters + max(fwd_tmp, bwd_tmp)  # dy, dx, grads
+    else:
+        total += fwd_tmp
+    return int(total) + (32 << 20)  # + cuBLAS/Triton workspaces
+
+
+class _LinearInputs:
+    """Random (never zero) inputs of the real shapes, shared by both candidates' thunks."""
+
+    def __init__(self, M, K, N, r, dt, adt, dev, has_bias, train):
+        g = torch.Generator(device=dev).manual_seed(0)
+        rnd = lambda *s, dtype=dt: torch.randn(*s, generator=g, device=dev, dtype=dtype)  # noqa: E731
+        self.x = rnd(M, K).requires_grad_(train)
+        self.w = rnd(N, K).mul_(K ** -0.5)
+        self.a, self.s, self.b = (rnd(r, K, dtype=adt).requires_grad_(train), rnd(r, dtype=adt).requires_grad_(train),
+                                  rnd(N, r, dtype=adt).requires_grad_(train))
+        self.bias = rnd(N) if has_bias else None
+        self.dy = rnd(M, N) if train else None
+
+
+def _linear_thunk(name: str, t: _LinearInputs, p: float, train: bool) -> Callable[[], Any]:
+    """fwd+bwd (train) or forward-only (inference, under no_grad) thunk of candidate ``name``."""
     from .ops.linear import sorsa_linear
-    g = torch.Generator(device=dev).manual_seed(0)
-    rnd = lambda *s, dtype=dt: torch.randn(*s, generator=g, device=dev, dtype=dtype)  # noqa: E731
-    x = rnd(M, K).requires_grad_()
-    w = rnd(N, K) / K ** 0.5
-    a, s, b = (rnd(r, K, dtype=adt).requires_grad_(), rnd(r, dtype=adt).requires_grad_(),
-               rnd(N, r, dtype=adt).requires_grad_())
-    bb = rnd(N) if has_bias else None
-    dy = rnd(M, N)
 
     def step():  # as a training step runs it, also when the user's call came under no_grad/inference_mode
-        with torch.inference_mode(False), torch.enable_grad():
-            sorsa_linear(x, w, a, s, b, 0.5, bb, dropout_p=p, training=True, backend=name).backward(dy)
-        x.grad = a.grad = s.grad = b.grad = None
-    return step
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                sorsa_linear(t.x, t.w, t.a, t.s, t.b, 0.5, t.bias, dropout_p=p, training=True,
+                             backend=name).backward(t.dy)
+        finally:  # also after a failed step: the other candidate starts from no grads
+            t.x.grad = t.a.grad = t.s.grad = t.b.grad = None
+
+    def forward():  # as an inference call runs it: no graph, no saved tensors
+        with torch.inference_mode(False), torch.no_grad():
+            sorsa_linear(t.x, t.w, t.a, t.s, t.b, 0.5, t.bias, dropout_p=p, training=True, backend=name)
+    return step if train else forward

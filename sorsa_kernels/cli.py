@@ -40,9 +40,7 @@ def _what_runs() -> List[str]:
         from . import _dispatch  # cached auto-tuning decisions, when that module exists
         rep = _dispatch.report()
         out.append(f"cached auto decisions (fused vs torch, timed once per shape): {len(rep)}")
-        for d in rep:
-            ms = d.get("ms", d.get("times", ""))
-            out.append(f"  {d.get('op', '?')} {d.get('fields', '')} -> {d.get('choice', '?')} {ms}")
+        out += [f"  {_dispatch.format_entry(d)}" for d in rep]
     except Exception:
         pass
     return out

@@ -1,7 +1,10 @@
 """backend="auto" on CUDA: timed fused-vs-torch choice per shape bucket, cached on disk (issue 10
-item 5). Runs on the CPU with an injected fake timer; CUDA device queries are faked."""
+item 5). Runs on the CPU with an injected fake timer; CUDA device queries are faked. Covers the
+GPU review: memory check before timing and out-of-memory while timing, train vs inference keys,
+rank 0's choice on every rank (2 CPU ranks over gloo), interleaved rounds with median/spread."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -26,7 +29,8 @@ def isolated(tmp_path, monkeypatch):
 
 
 class FakeTimer:
-    """Returns fixed ms per candidate and counts calls; runs nothing unless told to."""
+    """Returns fixed ms per candidate (or the next of a list per call) and records the calls;
+    runs nothing unless told to."""
 
     def __init__(self, ms, run=False):
         self.ms, self.run, self.calls = ms, run, []
@@ -35,13 +39,20 @@ class FakeTimer:
         self.calls.append(name)
         if self.run:
             fn()
-        return self.ms[name]
+        v = self.ms[name]
+        return v.pop(0) if isinstance(v, list) else v
 
 
-def _case(M=1000, K=64, N=48, r=4, p=0.0, bias=True, dtype=torch.float32):
-    x = torch.randn(M, K, dtype=dtype)
-    w, A = torch.randn(N, K, dtype=dtype), torch.randn(r, K, dtype=dtype)
-    return lambda: _dispatch.linear_case(x, w, A, torch.zeros(N, dtype=dtype) if bias else None, p)
+def _case(M=1000, K=64, N=48, r=4, p=0.0, bias=True, dtype=torch.float32, train=None, device="cpu"):
+    x = torch.empty(M, K, dtype=dtype, device=device).normal_()
+    w, A = torch.empty(N, K, dtype=dtype, device=device).normal_(), torch.empty(r, K, dtype=dtype, device=device)
+    b = torch.zeros(N, dtype=dtype, device=device) if bias else None
+    return lambda: _dispatch.linear_case(x, w, A, b, p, train=train)
+
+
+def _disk(tmp):
+    path = tmp / _dispatch.CACHE_FILE
+    return json.loads(path.read_text())["entries"] if path.exists() else {}
 
 
 def _needs_triton():
@@ -55,7 +66,7 @@ def test_faster_candidate_is_chosen(fast):
     t = FakeTimer({"triton": 1.0 if fast == "triton" else 3.0, "torch": 2.0})
     _dispatch.set_timer(t)
     assert _backend.choose(OP, "auto", CUDA, _case()) == fast
-    assert sorted(t.calls) == ["torch", "triton"]
+    assert t.calls == ["triton", "torch"] * _dispatch.ROUNDS, "interleaved rounds"
 
 
 def test_decision_cached_on_disk_and_reused(isolated):
@@ -64,10 +75,10 @@ def test_decision_cached_on_disk_and_reused(isolated):
     _dispatch.set_timer(t)
     assert _backend.choose(OP, "auto", CUDA, _case()) == "torch"
     assert _backend.choose(OP, "auto", CUDA, _case()) == "torch"
-    assert len(t.calls) == 2, "timed once per key"
-    data = json.loads((isolated / _dispatch.CACHE_FILE).read_text())
-    (key, entry), = data["entries"].items()
+    assert len(t.calls) == 2 * _dispatch.ROUNDS, "timed once per key"
+    (key, entry), = _disk(isolated).items()
     assert entry["choice"] == "torch" and entry["ms"] == {"triton": 5.0, "torch": 2.0}
+    assert entry["spread_ms"] == {"triton": 0.0, "torch": 0.0} and entry["unclear"] is False
     assert "FakeGPU H200" in key and "arch=9x0" in key and torch.__version__ in key and "sorsa_kernels" in key
     # a fresh process state reads the file instead of timing again
     _dispatch.clear()
@@ -75,6 +86,7 @@ def test_decision_cached_on_disk_and_reused(isolated):
     assert _backend.choose(OP, "auto", CUDA, _case()) == "torch"
     rep = _dispatch.report()
     assert len(rep) == 1 and rep[0]["choice"] == "torch" and rep[0]["M"] == 1024 and rep[0]["bias"] is True
+    assert rep[0]["persisted"] is True
 
 
 def test_env_var_skips_timing_and_always_fuses(monkeypatch, isolated):
@@ -93,11 +105,12 @@ def test_buckets_separate_shapes():
     _dispatch.set_timer(t)
     for case in (_case(M=1000), _case(M=1024), _case(M=600)):  # one bucket (1024)
         _backend.choose(OP, "auto", CUDA, case)
-    assert len(t.calls) == 2
-    for case in (_case(M=2000), _case(K=80), _case(p=0.1), _case(bias=False), _case(dtype=torch.float64)):
+    assert len(t.calls) == 2 * _dispatch.ROUNDS
+    for case in (_case(M=2000), _case(K=80), _case(p=0.1), _case(bias=False), _case(dtype=torch.float64),
+                 _case(train=True)):
         _backend.choose(OP, "auto", CUDA, case)
-    assert len(t.calls) == 12, "M bucket, K, dropout, bias and dtype each get their own decision"
-    assert len(_dispatch.report()) == 6
+    assert len(t.calls) == 14 * _dispatch.ROUNDS, "M bucket, K, dropout, bias, dtype, train: own decisions"
+    assert len(_dispatch.report()) == 7
     assert [_dispatch.bucket(m) for m in (0, 1, 16, 17, 1000, 1024, 1025)] == [16, 16, 16, 32, 1024, 1024, 2048]
 
 
@@ -116,7 +129,7 @@ def test_failing_candidate_falls_back_to_torch():
     """The fused candidate raises while being set up (e.g. out of memory, a compile error): torch
     is chosen and the error recorded; the torch candidate's real fwd+bwd thunk runs."""
     _needs_triton()
-    fields, bench = _case(M=40, K=24, N=16, r=3, p=0.1)()
+    fields, bench, _ = _case(M=40, K=24, N=16, r=3, p=0.1, train=True)()
 
     def flaky(name):
         if name == "triton":
@@ -127,13 +140,15 @@ def test_failing_candidate_falls_back_to_torch():
     assert _backend.choose(OP, "auto", CUDA, lambda: (fields, flaky)) == "torch"
     (entry,) = _dispatch.report()
     assert entry["errors"] == {"triton": "RuntimeError: fused launch failed"} and entry["ms"] == {"torch": 2.0}
+    assert entry["persisted"] is True, "a deterministic failure (not out of memory) is remembered"
 
 
 @pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
 def test_timing_works_when_the_call_comes_without_grad(ctx):
-    """An inference call must not make the fwd+bwd timing fail (and cache a wrong choice)."""
+    """A training key decided during a no-grad call (e.g. a validation step run first) must not
+    make the fwd+bwd timing fail (and cache a wrong choice)."""
     _needs_triton()
-    fields, bench = _case(M=40, K=24, N=16, r=3)()
+    fields, bench, _ = _case(M=40, K=24, N=16, r=3, train=True)()
     _dispatch.set_timer(FakeTimer({"triton": 1.0, "torch": 2.0}, run=True))
     runs = lambda name: bench("torch")  # noqa: E731  (the fused thunk cannot run on CPU tensors)
     with ctx():
@@ -210,4 +225,270 @@ def test_timing_runs_on_the_tensors_device(monkeypatch):
     seen = []
     _dispatch.set_timer(lambda name, fn: seen.append(list(entered)) or {"triton": 1.0, "torch": 2.0}[name])
     assert _backend.choose(OP, "auto", torch.device("cuda", 1), _case()) == "triton"
-    assert seen == [["cuda:1"], ["cuda:1"]]
+    assert seen == [["cuda:1"]] * (2 * _dispatch.ROUNDS)
+
+
+# ---------------------------------------------------------------- review item 1: device memory
+GIB = 1 << 30
+
+
+def test_bench_that_does_not_fit_is_not_timed_and_stays_in_memory(monkeypatch, isolated):
+    """A 128k-vocab lm_head at M = 16k (bf16, training) needs GiBs for a second set of x, dy, y,
+    dx: with 20 GiB free it is not timed, the fused path runs, and the decision is not written
+    to disk (not even when another key is persisted later)."""
+    _needs_triton()
+    monkeypatch.setattr(_dispatch, "free_bytes", lambda dev: 20 * GIB)
+    t = FakeTimer({"triton": 5.0, "torch": 1.0})
+    _dispatch.set_timer(t)
+    big = _case(M=16384, K=4096, N=128256, r=16, dtype=torch.bfloat16, train=True, device="meta")
+    fields, _, need = big()
+    assert need > 12 * GIB
+    assert _backend.choose(OP, "auto", CUDA, big) == "triton" and not t.calls
+    (entry,) = _dispatch.report()
+    assert entry["reason"].startswith(f"not timed: needs {need / 2 ** 20:.0f} MiB, 20480 MiB free")
+    assert entry["persisted"] is False and not _disk(isolated)
+    assert _backend.choose(OP, "auto", CUDA, big) == "triton" and not t.calls, "remembered in this process"
+    # a small key fits and is timed; saving it must not write the big key's volatile decision
+    assert _backend.choose(OP, "auto", CUDA, _case()) == "torch" and len(t.calls) == 2 * _dispatch.ROUNDS
+    assert [e["M"] for e in _disk(isolated).values()] == [1024]
+    # the next process decides the big key again
+    _dispatch.clear()
+    monkeypatch.setattr(_dispatch, "free_bytes", lambda dev: 80 * GIB)
+    assert _backend.choose(OP, "auto", CUDA, big) == "torch"
+
+
+def test_bench_bytes_cover_the_big_tensors():
+    """The estimate counts x, w, y and (training) dy, dx in the real dtype plus the torch path's
+    (M, N) / (M, K) intermediates; dropout adds the mask's copies; inference needs less."""
+    M, K, N, r = 4096, 1024, 8192, 16
+    est = lambda dt, p, train: _dispatch.linear_bench_bytes(M, K, N, r, dt, torch.float32, True, p, train)  # noqa: E731
+    for dt, e in ((torch.bfloat16, 2), (torch.float32, 4)):
+        floor = (M * K + N * K + 2 * M * N + M * K) * e  # x, w, y, dy, dx
+        assert est(dt, 0.0, True) >= floor + M * N * e  # + addmm's second output
+        assert est(dt, 0.0, False) >= (M * K + N * K + 2 * M * N) * e
+        assert est(dt, 0.0, False) < est(dt, 0.0, True) < est(dt, 0.1, True)
+    assert est(torch.float32, 0.0, True) > est(torch.bfloat16, 0.0, True)
+
+
+@pytest.mark.parametrize("p,train", [(0.0, True), (0.1, True), (0.0, False), (0.1, False)])
+def test_bench_bytes_match_the_torch_candidates_measured_peak(p, train):
+    """The estimate against the allocator's running peak while the real torch thunk (the
+    candidate with the larger intermediates) runs twice on the CPU, inputs included: never
+    below it, and not so far above that a bench that fits would be skipped."""
+    from torch.profiler import ProfilerActivity, profile
+    dt, (M, K, N, r) = torch.float32, (512, 384, 1024, 8)
+    fields, bench, need = _case(M=M, K=K, N=N, r=r, p=p, train=train)()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        thunk = bench("torch")
+        thunk()
+        thunk()
+        del thunk
+    live = peak = 0
+    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    est = need - (32 << 20)  # without the workspace allowance
+    assert live == 0, "the bench frees everything it allocated"
+    assert peak <= est + 64 <= 1.3 * peak, (peak, est)  # 64 B: the dropout seed and such scalars
+
+
+@pytest.mark.parametrize("on_cuda", [True, False])
+def test_out_of_memory_while_timing_empties_cache_and_is_not_persisted(monkeypatch, isolated, on_cuda):
+    _needs_triton()
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    monkeypatch.setattr(_dispatch, "free_bytes", lambda dev: None)  # cannot say: time anyway
+    if on_cuda:  # a visible GPU: the device guard is entered, the allocator's cache emptied
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device", lambda dev: __import__("contextlib").nullcontext())
+
+    def timer(name, fn):
+        if name == "triton":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return 2.0
+    _dispatch.set_timer(timer)
+    assert _backend.choose(OP, "auto", CUDA, _case()) == "torch"
+    (entry,) = _dispatch.report()
+    assert entry["errors"]["triton"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert entry["persisted"] is False and not _disk(isolated)
+    assert emptied == ([1] if on_cuda else []), "empty_cache once, and only on CUDA"
+    _dispatch.clear()  # the next process times it again
+    _dispatch.set_timer(FakeTimer({"triton": 1.0, "torch": 2.0}))
+    assert _backend.choose(OP, "auto", CUDA, _case()) == "triton"
+
+
+def test_both_candidates_out_of_memory_takes_the_leaner_fused_path(isolated):
+    _needs_triton()
+
+    def timer(name, fn):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    _dispatch.set_timer(timer)
+    assert _backend.choose(OP, "auto", CUDA, _case()) == "triton"
+    assert _dispatch.report()[0]["persisted"] is False and not _disk(isolated)
+
+
+# ---------------------------------------------------------------- review item 2: train vs inference
+def test_train_and_inference_keys_are_separate_and_inference_times_forward_only(monkeypatch):
+    _needs_triton()
+    backwards = []
+    real_backward = torch.autograd.backward
+    monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: backwards.append(1) or real_backward(*a, **k))
+    got = {}
+    for train, ms in ((True, {"triton": 3.0, "torch": 1.0}), (False, {"triton": 1.0, "torch": 3.0})):
+        fields, bench, _ = _case(M=40, K=24, N=16, r=3, p=0.1, train=train)()
+        backwards.clear()
+        _dispatch.set_timer(FakeTimer(ms, run=True))
+        # the fused thunk cannot run on CPU tensors: both candidates run the torch thunk
+        got[train] = _backend.choose(OP, "auto", CUDA, lambda: (fields, lambda name: bench("torch")))
+        assert len(backwards) == (2 * _dispatch.ROUNDS if train else 0), "fwd+bwd only for training keys"
+    assert got == {True: "torch", False: "triton"}, "an inference call does not reuse the training decision"
+    rep = _dispatch.report()
+    assert sorted(e["train"] for e in rep) == [False, True] and len({e["key"] for e in rep}) == 2
+
+
+def test_inference_thunk_runs_without_a_graph():
+    fields, bench, _ = _case(M=40, K=24, N=16, r=3, train=False)()
+    seen = []
+    real = torch.Tensor.backward
+    thunk = bench("torch")
+    torch.Tensor.backward = lambda *a, **k: seen.append(1)  # noqa: E731
+    try:
+        with torch.enable_grad():
+            thunk()
+    finally:
+        torch.Tensor.backward = real
+    assert not seen and fields["train"] is False
+
+
+def test_sorsa_linear_tells_the_dispatcher_whether_a_backward_follows(monkeypatch):
+    """train = grad enabled and any of x, weight, A, S, B (bias) requires grad."""
+    from sorsa_kernels.ops import linear as L
+    seen = []
+
+    def spy(op, backend, device, case=None):
+        seen.append(case()[0]["train"])
+        return "torch"
+    monkeypatch.setattr(_backend, "choose", spy)
+    x, w, A, S, B = torch.randn(5, 6), torch.randn(4, 6), torch.randn(2, 6), torch.rand(2), torch.randn(4, 2)
+    grad = lambda t: t.clone().requires_grad_()  # noqa: E731
+    L.sorsa_linear(x, w, grad(A), grad(S), grad(B))
+    with torch.no_grad():
+        L.sorsa_linear(x, w, grad(A), grad(S), grad(B))
+    with torch.inference_mode():
+        L.sorsa_linear(x, w, A, S, B)
+    L.sorsa_linear(x, w, A, S, B)  # nothing trains
+    L.sorsa_linear(x, w, A, grad(S), B)  # only S trains
+    L.sorsa_linear(x, w, A, S, grad(B))  # only B trains
+    L.sorsa_linear(grad(x), w, A, S, B)  # a later layer: x carries a graph
+    assert seen == [True, False, False, False, True, True, True]
+
+
+# ---------------------------------------------------------------- review item 4: noise
+def test_noisy_winner_is_unclear_fuses_and_is_not_persisted(isolated):
+    """One fast torch sample (1.0 among 3.0, 3.0) decided everything before; the medians 2.0 vs
+    3.0 differ by less than torch's spread (2.0): unclear, the fused path, not on disk."""
+    _needs_triton()
+    t = FakeTimer({"triton": [2.0, 2.1, 2.0], "torch": [1.0, 3.0, 3.0]})
+    _dispatch.set_timer(t)
+    assert _backend.choose(OP, "auto", CUDA, _case()) == "triton"
+    assert t.calls == ["triton", "torch"] * 3
+    (entry,) = _dispatch.report()
+    assert entry["unclear"] is True and entry["ms"] == {"triton": 2.0, "torch": 3.0}
+    assert entry["spread_ms"] == pytest.approx({"triton": 0.1, "torch": 2.0})
+    assert entry["persisted"] is False and not _disk(isolated)
+
+
+def test_clear_winner_is_persisted_with_median_and_spread(isolated):
+    _needs_triton()
+    _dispatch.set_timer(FakeTimer({"triton": [2.0, 2.2, 2.1], "torch": [1.2, 1.0, 1.1]}))
+    assert _backend.choose(OP, "auto", CUDA, _case()) == "torch"
+    (entry,) = _disk(isolated).values()
+    assert entry["unclear"] is False and entry["ms"] == {"triton": 2.1, "torch": 1.1}
+    assert entry["spread_ms"] == pytest.approx({"triton": 0.2, "torch": 0.2})
+
+
+def test_candidate_failing_in_a_later_round_is_never_chosen():
+    _needs_triton()
+
+    class Flaky(FakeTimer):
+        def __call__(self, name, fn):
+            if name == "torch" and self.calls.count("torch") == 1:
+                self.calls.append(name)
+                raise RuntimeError("sporadic")
+            return super().__call__(name, fn)
+    t = Flaky({"triton": 5.0, "torch": 1.0})
+    _dispatch.set_timer(t)
+    assert _backend.choose(OP, "auto", CUDA, _case()) == "triton"
+    assert t.calls == ["triton", "torch", "triton", "torch", "triton"], "a failed candidate is not timed again"
+
+
+# ---------------------------------------------------------------- review item 3: distributed ranks
+def _rank_worker(rank, world, init_file, out_dir):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    os.environ[_dispatch.ENV_CACHE_DIR] = os.path.join(out_dir, f"cache{rank}")  # per-rank disks
+    os.environ.pop(_dispatch.ENV_AUTOTUNE, None)
+    torch.cuda.get_device_name = lambda *a: "FakeGPU H200"
+    torch.cuda.get_device_capability = lambda *a: (9, 0)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))  # a missed collective fails, not hangs
+    try:
+        casts = []
+        real = dist.broadcast_object_list
+        dist.broadcast_object_list = lambda obj, **k: (casts.append(obj[0]), real(obj, **k))[1]
+        # rank 1's timing prefers the other candidate
+        t = FakeTimer({"triton": 1.0, "torch": 2.0} if rank == 0 else {"triton": 2.0, "torch": 1.0})
+        _dispatch.set_timer(t)
+        first = _backend.choose(OP, "auto", CUDA, _case())
+        again = _backend.choose(OP, "auto", CUDA, _case())  # agreed in this process: no collective
+        entry = _dispatch.report()[0]
+        # a new process where only rank 0 has the decision on disk: both ranks still meet
+        _dispatch.clear(disk=(rank == 1))
+        third = _backend.choose(OP, "auto", CUDA, _case())
+        res = dict(choices=[first, again, third], casts=len(casts), timed=len(t.calls),
+                   own=entry.get("own_choice"))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(res, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_takes_rank0_choice_two_gloo_ranks(tmp_path):
+    _needs_triton()
+    import torch.multiprocessing as mp
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert r0["choices"] == r1["choices"] == ["triton"] * 3
+    assert r1["own"] == "torch" and r0["own"] is None
+    assert r0["casts"] == r1["casts"] == 2, "once per key per process, also on a cache hit"
+    assert r0["timed"] == 2 * _dispatch.ROUNDS and r1["timed"] == 4 * _dispatch.ROUNDS
+
+
+# ---------------------------------------------------------------- sorsa-kernels info
+def test_info_prints_the_decisions(monkeypatch, isolated, capsys):
+    _needs_triton()
+    from sorsa_kernels import cli
+    # an entry as an older version wrote it (no spread, no train) must still print
+    old = {"op": OP, "choice": "torch", "ms": {"triton": 3.0, "torch": 2.0}, "errors": {}, "M": 64, "K": 8,
+           "N": 8, "r": 2, "dtype": "float16", "adapter_dtype": "float32", "dropout": False, "bias": False}
+    (isolated / _dispatch.CACHE_FILE).write_text(json.dumps({"version": 1, "entries": {"old-key": old}}))
+    _dispatch.set_timer(FakeTimer({"triton": 1.0, "torch": 2.0}))
+    _backend.choose(OP, "auto", CUDA, _case(train=True))
+    _dispatch.set_timer(FakeTimer({"triton": [2.0, 2.1, 2.0], "torch": [1.0, 3.0, 3.0]}))
+    _backend.choose(OP, "auto", CUDA, _case(M=5000))
+    monkeypatch.setattr(_dispatch, "free_bytes", lambda dev: 2 * GIB)
+    _backend.choose(OP, "auto", CUDA, _case(M=16384, K=4096, N=128256, dtype=torch.bfloat16, device="meta"))
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    lines = [line.strip() for line in out.splitlines() if line.strip().startswith(OP + " M=")]
+    assert len(lines) == 4 and "cached auto decisions (fused vs torch, timed once per shape): 4" in out
+    timed, = (ln for ln in lines if "M=1024" in ln)
+    assert "dtype=float32" in timed and "train=True" in timed and "-> triton (triton 1±0 ms, torch 2±0 ms)" in timed
+    noisy, = (ln for ln in lines if "M=8192" in ln)
+    assert "-> triton" in noisy and "unclear" in noisy and "this process only" in noisy and "±2" in noisy
+    big, = (ln for ln in lines if "M=16384" in ln)
+    assert "-> triton; not timed: needs" in big and "MiB free" in big
+    legacy, = (ln for ln in lines if "M=64" in ln)
+    assert legacy.endswith("-> torch (triton 3 ms, torch 2 ms)")

@@ -101,7 +101,8 @@ def build_linear(case: Case, device: torch.device) -> Built:
     scale = 2.0
     try:
         from .. import _dispatch
-        linear_case = lambda: _dispatch.linear_case(x.detach(), W, A, None, drop)  # noqa: E731
+        # fwd rows run under no_grad: the inference key, as the timed call will use
+        linear_case = lambda: _dispatch.linear_case(x.detach(), W, A, None, drop, train=mode != "fwd")  # noqa: E731
     except ImportError:  # pragma: no cover - trees without the dispatcher
         linear_case = None
     auto = auto_choice(OP, device, linear_case)

@@ -223,7 +223,8 @@ def sorsa_linear(
     p = p if training else 0.0
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     # auto on CUDA: fused or torch, timed once per shape bucket (see _dispatch)
-    impl = _backend.choose(OP, backend, x.device, lambda: _dispatch.linear_case(x2, weight, A, bias, p))
+    impl = _backend.choose(OP, backend, x.device, lambda: _dispatch.linear_case(
+        x2, weight, A, bias, p, train=_dispatch.wants_grad(x, weight, A, S, B, bias)))
     # The seed lives on the CPU, drawn from torch's CPU generator (torch.manual_seed governs
     # it): kernels and the torch path read it as a host int without a device sync, and every
     # call (layer, step) gets a fresh one, so masks are independent across layers and steps.
