@@ -31,16 +31,12 @@ max-autotune picks between Triton templates and ATen. It is consulted only by
   processes wrote) only when the decision was timed, clear of noise and no candidate ran out
   of memory: "not timed", "unclear" and out-of-memory decisions are made again by the next
   process.
-* Distributed: when ``torch.distributed`` is initialised with world size > 1, every rank
-  decides (times, or reads its cache) and then all ranks take rank 0's choice
-  (``broadcast_object_list``, once per key per process, in the device guard), so DDP/FSDP ranks
-  never run different backends. That is a collective inside the layer call: it assumes SPMD
-  training, where every rank reaches the same key at the same layer call for the first time
-  in the process (same shapes on all ranks, up to the M bucket). Ranks whose row counts fall in
-  different M buckets (e.g. per-rank dynamic padding) would not meet in the collective and
-  hang until the process group's timeout: pad to a fixed length there, or set
-  ``SORSA_KERNELS_AUTOTUNE=0``.
-* ``SORSA_KERNELS_AUTOTUNE=0``: no timing, no collective, always the fused path.
+* Distributed: every rank decides on its own; no collective is issued. A collective inside a
+  layer call would hang as soon as ranks reach different keys (per-rank dynamic padding puts
+  their row counts in different M buckets). Ranks may then run different backends for one
+  shape: outputs differ by rounding only, and DDP/FSDP keep the parameters identical anyway
+  (gradients are all-reduced before the optimizer step).
+* ``SORSA_KERNELS_AUTOTUNE=0``: no timing, always the fused path.
 * Under ``torch.compile`` tracing nothing is looked up, timed or communicated: traced graphs take
   the fused path (a constant of the graph). The timed choice is an eager-mode floor.
 """
@@ -80,7 +76,6 @@ _timer: Timer = _do_bench
 _lock = threading.Lock()
 _memory: Dict[str, dict] = {}
 _volatile: Set[str] = set()  # keys decided for this process only (never written to disk)
-_agreed: Set[str] = set()  # keys whose choice the ranks already agreed on in this process
 _loaded_from: Optional[str] = None
 
 
@@ -157,7 +152,6 @@ def _load() -> Dict[str, dict]:
     if _loaded_from != path:
         _memory.clear()
         _volatile.clear()
-        _agreed.clear()
         _memory.update(_read_disk(path))
         _loaded_from = path
     return _memory
@@ -183,18 +177,6 @@ def make_key(op: str, fields: Dict[str, Any], device: torch.device) -> str:
     arch = "x".join(map(str, torch.cuda.get_device_capability(device))) if device.type == "cuda" else device.type
     body = ",".join(f"{k}={fields[k]}" for k in sorted(fields))
     return f"{op}|{body}|arch={arch}|{_env_key(device)}"
-
-
-def _distributed() -> bool:
-    d = torch.distributed
-    return d.is_available() and d.is_initialized() and d.get_world_size() > 1
-
-
-def _rank0_choice(choice: str) -> str:
-    """Rank 0's choice on every rank (a collective: all ranks must call it for the same key)."""
-    obj = [choice]
-    torch.distributed.broadcast_object_list(obj, src=0)
-    return str(obj[0])
 
 
 def _err(exc: BaseException) -> str:
@@ -256,36 +238,24 @@ def decide(op: str, fused: str, key: str, fields: Dict[str, Any], bench: Bench,
     (the thunk of candidate ``name`` on random inputs of the real shapes), ``need_bytes`` being
     what those inputs and the worst candidate's intermediates take. See the module docstring."""
     if not autotune_enabled() or torch.compiler.is_compiling():
-        return fused  # never lock, read files, time or communicate inside a trace
-    spmd = _distributed()
+        return fused  # never lock, read files or time inside a trace
     with _lock:
         hit = _load().get(key)
-        agreed = key in _agreed
-    if hit is not None and (agreed or not spmd):
+    if hit is not None:
         return hit["choice"]
-    # Events, synchronisation, the L2 flush of the timer and NCCL's object broadcast act on the
-    # current device: make it the tensors' device, or a layer on cuda:1 would be timed on cuda:0.
+    # Events, synchronisation and the L2 flush of the timer act on the current device: make it
+    # the tensors' device, or a layer on cuda:1 would be timed on cuda:0.
     on_cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
     guard = torch.cuda.device(device) if on_cuda else contextlib.nullcontext()
     with guard:
-        if hit is None:
-            entry, persist = _measure(op, fused, fields, bench, on_cuda, device, need_bytes)
-        else:  # from this rank's disk cache; the ranks have not agreed on it in this process yet
-            entry, persist = dict(hit), False
-        if spmd:  # every rank reaches here for this key, also those that had it cached
-            mine = entry["choice"]
-            entry["choice"] = _rank0_choice(mine)
-            if entry["choice"] != mine:
-                entry["own_choice"] = mine  # what this rank's timing said
+        entry, persist = _measure(op, fused, fields, bench, on_cuda, device, need_bytes)
     with _lock:
         mem = _load()
         mem[key] = entry
-        if spmd:
-            _agreed.add(key)
         if persist:
             _volatile.discard(key)
             _save()
-        elif hit is None:
+        else:
             _volatile.add(key)
     return entry["choice"]
 
@@ -304,15 +274,13 @@ _FIELD_ORDER = ("M", "K", "N", "r", "dtype", "adapter_dtype", "dropout", "bias",
 
 def format_entry(d: Dict[str, Any]) -> str:
     """One line for ``sorsa-kernels info``: shape fields, choice, medians ± spread, notes."""
-    skip = {"key", "op", "choice", "ms", "spread_ms", "errors", "unclear", "reason", "persisted", "own_choice"}
+    skip = {"key", "op", "choice", "ms", "spread_ms", "errors", "unclear", "reason", "persisted"}
     fields = [k for k in _FIELD_ORDER if k in d] + sorted(k for k in d if k not in skip and k not in _FIELD_ORDER)
     ms, spread = d.get("ms") or {}, d.get("spread_ms") or {}
     times = ", ".join(f"{n} {t:.3g}" + (f"±{spread[n]:.2g}" if n in spread else "") + " ms" for n, t in ms.items())
     notes = [d["reason"]] if d.get("reason") else []
     if d.get("unclear"):
         notes.append("unclear (within noise)")
-    if d.get("own_choice"):
-        notes.append(f"rank 0's choice (this rank timed {d['own_choice']})")
     notes += [f"{n} failed: {e}" for n, e in (d.get("errors") or {}).items()]
     if d.get("persisted") is False:
         notes.append("this process only")
@@ -326,7 +294,6 @@ def clear(disk: bool = False) -> None:
     with _lock:
         _memory.clear()
         _volatile.clear()
-        _agreed.clear()
         _loaded_from = None
         if disk:
             try:
