@@ -291,29 +291,13 @@ def test_backward_launch_sequence(monkeypatch):
         assert launches == want, r
 
 
-def test_side_stream_forks_and_joins(monkeypatch):
-    """The fork/join of :func:`side_stream` with CUDA's stream API faked (no GPU here): the side
-    stream waits for the current one before the body, the body runs with the side stream
-    current, the current stream waits for the side one after, and tensors made in the body are
-    recorded on the current stream; the side stream is made once per device."""
-    events = []
-
+def _fake_cuda_streams(monkeypatch, events, current):
     class FakeStream:
         def __init__(self, name, device_index=0):
             self.name, self.device_index = name, device_index
 
         def wait_stream(self, other):
             events.append(f"{self.name} waits {other.name}")
-
-    class FakeTensor:
-        def record_stream(self, s):
-            events.append(f"record on {s.name}")
-
-    main, current = FakeStream("main"), []
-    monkeypatch.setattr(L, "_SIDE_STREAMS", {})
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream("side"))
 
     class StreamCtx:
         def __init__(self, s):
@@ -325,22 +309,50 @@ def test_side_stream_forks_and_joins(monkeypatch):
         def __exit__(self, *exc):
             current.pop()
 
+    main = FakeStream("main")
+    monkeypatch.setattr(L, "_SIDE_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream("side"))
     monkeypatch.setattr(torch.cuda, "stream", StreamCtx)
+
+
+def test_side_stream_forks_and_joins(monkeypatch):
+    """The fork/join of :func:`side_stream` with CUDA's stream API faked (no GPU here): the fork
+    is recorded on entry, ``run()`` makes the side stream current, the join happens on exit (also
+    when the body raises), tensors kept from the side are recorded on the current stream; the
+    side stream is made once per device."""
+    events, current = [], ["main"]
+    _fake_cuda_streams(monkeypatch, events, current)
+
+    class FakeTensor:
+        def record_stream(self, s):
+            events.append(f"record on {s.name}")
+
     dev = torch.device("cuda", 0)
     for _ in range(2):
         events.clear()
-        with L.side_stream(dev) as keep:
-            events.append(f"body on {current[-1]}")
-            t = keep(FakeTensor())
-            keep(None)
+        with L.side_stream(dev) as side:
+            events.append(f"main work on {current[-1]}")
+            with side.run():
+                events.append(f"side work on {current[-1]}")
+                t = side.keep(FakeTensor())
+                side.keep(None)
         assert isinstance(t, FakeTensor)
-        assert events == ["side waits main", "body on side", "main waits side", "record on main"]
+        assert events == ["side waits main", "main work on main", "side work on side", "main waits side",
+                          "record on main"]
     assert list(L._SIDE_STREAMS) == [0]
+    events.clear()
+    with pytest.raises(RuntimeError):
+        with L.side_stream(dev) as side:
+            raise RuntimeError("out of memory")
+    assert events == ["side waits main", "main waits side"]
     # in line while capturing a CUDA graph, with OVERLAP off, and off CUDA
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     events.clear()
-    with L.side_stream(dev) as keep:
-        assert keep(3) == 3
+    with L.side_stream(dev) as side:
+        with side.run():
+            assert side.keep(3) == 3
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(L, "OVERLAP", False)
     with L.side_stream(dev):
@@ -348,3 +360,27 @@ def test_side_stream_forks_and_joins(monkeypatch):
     with L.side_stream(torch.device("cpu")):
         pass
     assert events == []
+
+
+@pytest.mark.parametrize("r", [8, 70])  # dB from the one-pass kernel; dB as a second pass on the side
+def test_backward_forks_before_dx_so_da_db_overlap_it(monkeypatch, r):
+    """GPU review B1: the side stream must fork *before* the dX GEMM is queued, or dA/dB wait for
+    dX. The real linear_bwd with CUDA streams faked: fork < dX (current stream) < dA/dB (side) < join."""
+    events, current = [], ["main"]
+    _fake_cuda_streams(monkeypatch, events, current)
+    real_side, real_mm, real_tn = L.side_stream, L.mm, L.tn
+    monkeypatch.setattr(L, "side_stream", lambda device: real_side(torch.device("cuda", 0)))
+    monkeypatch.setattr(L, "mm", lambda *a, **kw: events.append(f"{'dX' if 'x2' in kw else 'shrink'} on "
+                                                                f"{current[-1]}") or real_mm(*a, **kw))
+    monkeypatch.setattr(L, "tn", lambda *a, **kw: events.append(f"tn on {current[-1]}") or real_tn(*a, **kw))
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: events.append("record"), raising=False)
+    o = operands((20,), 16, 24, r)
+    x, W, A, S, B, dy = (o[k].float() for k in ("x", "W", "A", "S", "B", "dy"))
+    y, xa = L.linear_fwd(x, W, A, S, B, None, 0.5, 0.0, None)
+    events.clear()
+    L.linear_bwd(dy, x, W, A, S, B, xa, 0.5, 0.0, None, True)
+    fork, dx, join = events.index("side waits main"), events.index("dX on main"), events.index("main waits side")
+    tns = [i for i, e in enumerate(events) if e.startswith("tn")]
+    assert fork < dx < min(tns) and max(tns) < join
+    assert all(events[i] == "tn on side" for i in tns) and len(tns) == (1 if r == 8 else 2)
+    assert events[join + 1:] == ["record", "record"]

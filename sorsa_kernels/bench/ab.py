@@ -68,9 +68,11 @@ def _with(flags: Dict[str, object], fn: Callable[[], None]) -> Callable[[], None
 
 
 def run_ab(device: torch.device, cases: Optional[Sequence[Tuple]] = None, dtype: Optional[torch.dtype] = None,
-           rounds: int = 5, min_sample_ms: float = 50.0) -> List[Dict[str, object]]:
+           rounds: int = 5, min_sample_ms: float = 50.0,
+           on_case: Optional[Callable[[List[Dict[str, object]]], None]] = None) -> List[Dict[str, object]]:
     """One row per (case, variant): ``case``, ``variant`` ("default" or "SWITCH=value"),
-    ``ms`` (median per call), ``ratio`` (median over rounds of variant / default in that round)."""
+    ``ms`` (median per call), ``ratio`` (median over rounds of variant / default in that round).
+    ``on_case(rows so far)`` is called after each case (so a timeout keeps finished cases)."""
     gpu = device.type == "cuda"
     cases = cases if cases is not None else (GPU_CASES if gpu else CPU_CASES)
     dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
@@ -86,6 +88,8 @@ def run_ab(device: torch.device, cases: Optional[Sequence[Tuple]] = None, dtype:
         for name, ms in samples.items():
             rows.append(dict(case=label, variant=name, ms=statistics.median(ms),
                              ratio=statistics.median(v / b for v, b in zip(ms, base))))
+        if on_case is not None:
+            on_case(rows)
     return rows
 
 
@@ -109,12 +113,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("the A/B compares GPU kernel schedules: it needs a CUDA GPU, or TRITON_INTERPRET=1 to run "
               "the same code on the CPU (tiny shapes, interpreter speed)", file=sys.stderr)
         return 2
-    rows = run_ab(dev, rounds=args.rounds)
-    print(table(rows), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                       "rows": rows}, f, indent=1)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+    def on_case(rows):  # print and write per case: a timeout keeps what finished
+        print(table(rows), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": name, "rows": rows}, f, indent=1)
+
+    run_ab(dev, rounds=args.rounds, on_case=on_case)
     return 0
 
 

@@ -449,38 +449,54 @@ def gdb(dy: torch.Tensor, Bd: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tens
 _SIDE_STREAMS: Dict[int, "torch.cuda.Stream"] = {}
 
 
-@contextlib.contextmanager
-def side_stream(device: torch.device) -> Iterator[Callable[[Optional[torch.Tensor]], Optional[torch.Tensor]]]:
-    """Run the body on a per-device side stream forked from the current stream and joined back
-    into it on exit, so its launches overlap work already queued on the current stream (the
-    backward queues the compute-bound dX GEMM first, then dA/dB here: their CTAs take the SMs
-    the persistent GEMM's last wave leaves idle). Yields ``keep(t)``: tensors made in the body
-    and used afterwards are passed through it, so the caching allocator does not hand their
-    memory to the side stream again before the current stream is done with them.
+class _Side:
+    """Handle yielded by :func:`side_stream`: ``run()`` makes the side stream current for the
+    launches inside it; ``keep(t)`` marks a tensor made there that is used after the join."""
 
-    In line (no side stream) for non-CUDA devices, with ``OVERLAP = False``, and while a CUDA
-    graph is being captured (no cross-stream allocator bookkeeping inside a capture).
-    """
-    if device.type != "cuda" or not OVERLAP or torch.cuda.is_current_stream_capturing():
-        yield lambda t: t
-        return
-    main = torch.cuda.current_stream(device)
-    side = _SIDE_STREAMS.get(main.device_index)
-    if side is None:
-        side = _SIDE_STREAMS.setdefault(main.device_index, torch.cuda.Stream(device=device))
-    made = []
+    def __init__(self, stream=None):
+        self.stream, self.made = stream, []
 
-    def keep(t):
-        made.append(t)
+    def run(self):
+        return contextlib.nullcontext() if self.stream is None else torch.cuda.stream(self.stream)
+
+    def keep(self, t):
+        if self.stream is not None:
+            self.made.append(t)
         return t
 
-    side.wait_stream(main)  # the body reads what the current stream made (dy, gs, x, s)
-    with torch.cuda.stream(side):
-        yield keep
-    main.wait_stream(side)
-    for t in made:
-        if t is not None:
-            t.record_stream(main)
+
+@contextlib.contextmanager
+def side_stream(device: torch.device) -> Iterator[_Side]:
+    """Fork a per-device side stream from the current stream on entry, join it back on exit.
+
+    The fork is recorded at entry, *before* the body queues its current-stream work, so the side
+    work (inside ``side.run()``) depends only on what was queued before the ``with``: the
+    backward enters after ``gs`` is ready, queues the dX GEMM on the current stream, then dA/dB
+    on the side stream, and the two run concurrently (their CTAs take the SMs the persistent
+    GEMM's last wave leaves idle). Tensors made on the side stream and used afterwards go
+    through ``side.keep(t)``: they are recorded on the current stream, so the caching allocator
+    does not hand their memory to the side stream again before the current stream is done.
+
+    In line (no side stream) for non-CUDA devices, with ``OVERLAP = False``, and while a CUDA
+    graph is being captured (no cross-stream allocator bookkeeping inside a capture). The join
+    also runs when the body raises.
+    """
+    if device.type != "cuda" or not OVERLAP or torch.cuda.is_current_stream_capturing():
+        yield _Side()
+        return
+    main = torch.cuda.current_stream(device)
+    stream = _SIDE_STREAMS.get(main.device_index)
+    if stream is None:
+        stream = _SIDE_STREAMS.setdefault(main.device_index, torch.cuda.Stream(device=device))
+    side = _Side(stream)
+    stream.wait_stream(main)  # fork: the side work reads what is queued so far (dy, gs, x, s)
+    try:
+        yield side
+    finally:
+        main.wait_stream(stream)  # join
+        for t in side.made:
+            if t is not None:
+                t.record_stream(main)
 
 
 def _skinny_parts(x: torch.Tensor, w: torch.Tensor, **drop) -> torch.Tensor:
@@ -570,13 +586,14 @@ def linear_bwd(dy, x, weight, A, S, B, xa, scale: float, p: float, seed, need_dx
     g, gs = reduce_scale(g_part, S, scale, dt)
     dS = (g * xa).sum(0) * scale
     dx = dA = dB = None
-    if need_dx:
-        dx = mm(dy, weight.t(), torch.empty_like(x, memory_format=torch.contiguous_format),
-                x2=gs, w2=A.to(dt).t(), seed=seed, p=p, drop_out=p > 0, drop_ld=K)
-    with side_stream(dy.device) as keep:
-        if need_dA:
-            dA = keep(tn(gs, x, seed=seed, p=p, drop_q=p > 0, drop_ld=K).to(A.dtype))
-        if need_dB:
-            dB = db_part.sum(0) if db_part is not None else tn(s, dy).t()
-            dB = keep(dB.to(B.dtype).contiguous())
+    with side_stream(dy.device) as side:  # forked here: before dX is queued
+        if need_dx:
+            dx = mm(dy, weight.t(), torch.empty_like(x, memory_format=torch.contiguous_format),
+                    x2=gs, w2=A.to(dt).t(), seed=seed, p=p, drop_out=p > 0, drop_ld=K)
+        with side.run():  # dA (and dB when it needs its own pass over dY) next to the dX GEMM
+            if need_dA:
+                dA = side.keep(tn(gs, x, seed=seed, p=p, drop_q=p > 0, drop_ld=K).to(A.dtype))
+            if need_dB:
+                dB = db_part.sum(0) if db_part is not None else tn(s, dy).t()
+                dB = side.keep(dB.to(B.dtype).contiguous())
     return dx, dA, dS.to(S.dtype), dB
