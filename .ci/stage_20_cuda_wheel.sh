@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# CI stage: the CUDA wheel (issue 14). In a separate venv with the CUDA 13.0 build of torch 2.14.1,
-# build dist/sorsa_kernels-*+cu130torch2.14.1-*.whl with scripts/build_wheel.sh; install it into a
+# CI stage: the CUDA wheel. `scripts/build_wheel.sh --torch 2.14.1` builds
+# dist/sorsa_kernels-*+cu130torch2.14.1-*.whl in its own venv (torch 2.14.1 + the CUDA 13.0 compiler
+# wheels); install it into a
 # fresh venv and check that the extension loads with its CUDA kernels, holds sm_80 and sm_90 code
 # (+ sm_90 PTX), and that a CUDA op on this GPU-less machine raises a clear error; then install it
 # next to another torch (2.13.0, CPU) and check the mismatch is a warning plus a working fallback,
@@ -16,15 +17,13 @@ step() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 # Quiet pip: its output only on failure (the registry's find-links print harmless warnings).
 pipq() { local log; log=$(mktemp); if ! "$@" -q > "$log" 2>&1; then cat "$log"; rm -f "$log"; return 1; fi; rm -f "$log"; }
 
-# The three venvs' torch installs are mostly disk I/O: run them side by side, then compile.
-step "three venvs in parallel: build (torch 2.14.1 + setuptools wheel ninja), run (torch 2.14.1), old (torch 2.13.0)"
-for v in build run old; do python3 -m venv "$W/$v"; done
+# The venvs' torch installs are mostly disk I/O: the two check venvs fill while the wheel builds.
+step "venvs in parallel: run (torch 2.14.1), old (torch 2.13.0); build_wheel.sh --torch 2.14.1 makes its own"
+for v in run old; do python3 -m venv "$W/$v"; done
 pipq "$W/run/bin/pip" install torch==2.14.1 & RUN_PID=$!
 pipq "$W/old/bin/pip" install torch==2.13.0 & OLD_PID=$!
-pipq "$W/build/bin/pip" install torch==2.14.1 numpy setuptools wheel ninja
-step "build venv ready"
 rm -f dist/sorsa_kernels-*.whl
-PYTHON="$W/build/bin/python" bash scripts/build_wheel.sh
+WHEEL_VENV="$W/build" bash scripts/build_wheel.sh --torch 2.14.1
 WHL=$(ls "$ROOT"/dist/sorsa_kernels-*+cu130torch2.14.1-cp3*-linux_x86_64.whl)
 if grep -nE "csrc/[^ :]+:[0-9]+(:[0-9]+)?: warning" build/wheel-build.log; then
   echo "FAIL: compiler warnings in our sources (csrc/)"; exit 1

@@ -167,7 +167,8 @@ def choose(op: str, backend: str, device: torch.device,
            ) -> str:
     """:func:`resolve`, plus the timed fused-vs-torch choice for ``backend="auto"`` on CUDA.
 
-    ``case()`` (called only when a choice is to be made) returns ``(fields, bench[, need_bytes])``:
+    ``case()`` (called only when a choice is to be made) returns a backend name when the op's
+    rule decides without timing, or ``(fields, bench[, need_bytes])``:
     the op's signature (bucketed dims, dtype, dropout on/off, bias, train), ``bench(name)``, which
     builds a thunk of candidate ``name`` on random inputs of those shapes (fwd+bwd when training,
     else forward only), and optionally the bytes that bench needs on the device; it returns
@@ -186,6 +187,8 @@ def choose(op: str, backend: str, device: torch.device,
     got = case()
     if got is None:
         return impl
+    if isinstance(got, str):  # decided by the op's rule (e.g. decode-sized rows), not timed
+        return got
     fields, bench, *need = got
     return _dispatch.decide(op, impl, _dispatch.make_key(op, fields, device), fields, bench, device=device,
                             need_bytes=need[0] if need else None)

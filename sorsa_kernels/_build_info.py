@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
+import sysconfig
 import warnings
 from typing import Optional
 
@@ -20,6 +22,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 RECORD = os.path.join(_HERE, "_C_build.json")
 # How to rebuild from a source checkout for the torch that is installed.
 REBUILD = "pip install --no-build-isolation --no-deps --force-reinstall <sorsa-kernels source dir>"
+# torch releases a CUDA wheel is built for (scripts/build_wheel.sh --torch V) -> the CUDA of its PyPI build.
+WHEEL_TORCH = {"2.11.0": "13.0", "2.14.1": "13.0", "2.15.0": "13.2"}
 
 
 class ExtensionMismatchWarning(UserWarning):
@@ -56,8 +60,24 @@ def mismatch(info: Optional[dict] = None) -> Optional[str]:
             f"(CUDA {info.get('torch_cuda') or 'none'}), but torch {torch.__version__} "
             f"(CUDA {torch.version.cuda or 'none'}) is installed, so it is not loaded: rsvd runs its torch "
             f"path, the Triton and torch paths are unaffected. Fix: install the torch it was built for "
-            f"(pip install torch=={base}), install the sorsa-kernels wheel built for torch {torch.__version__}, "
+            f"(pip install torch=={base}); {wheel_for_installed_torch(info)}; "
             f"or rebuild it for this torch: {REBUILD}")
+
+
+def wheel_for_installed_torch(info: Optional[dict] = None) -> str:
+    """Which sorsa-kernels wheel matches the running torch, as a sentence fragment: its file name
+    and the command that builds it, or the torch releases wheels exist for."""
+    info = build_info() if info is None else info
+    tv = torch.__version__.split("+")[0]
+    cuda = WHEEL_TORCH.get(tv)
+    if cuda is None or (torch.version.cuda is not None and torch.version.cuda != cuda):
+        return (f"no sorsa-kernels wheel is built for torch {torch.__version__} (wheels exist for torch "
+                f"{', '.join(WHEEL_TORCH)})")
+    base = str((info or {}).get("version", "")).split("+")[0] or "<version>"
+    py = "cp{}{}".format(*sys.version_info[:2])
+    plat = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+    name = f"sorsa_kernels-{base}+cu{cuda.replace('.', '')}torch{tv}-{py}-{py}-{plat}.whl"
+    return f"or install the wheel built for torch {tv}: {name} (bash scripts/build_wheel.sh --torch {tv})"
 
 
 def load_extension() -> tuple[bool, str]:

@@ -36,6 +36,14 @@ max-autotune picks between Triton templates and ATen. It is consulted only by
   their row counts in different M buckets). Ranks may then run different backends for one
   shape: outputs differ by rounding only, and DDP/FSDP keep the parameters identical anyway
   (gradients are all-reduced before the optimizer step).
+* No side effects on the user's call (timing runs inside it, on the first call of a key):
+  RNG states are forked around the timing (the bench's dropout draws its seeds from torch's
+  generators: ``manual_seed(3); m(x)`` must give the same mask whether or not this call timed,
+  and a reentrant checkpoint's recompute, which finds the key cached, must draw the seed its
+  forward drew); an enclosing checkpoint's saved-tensor hooks are shadowed by identity hooks
+  (a non-reentrant checkpoint would reject the bench's saved tensors and both candidates would
+  "fail"); during a CUDA-graph capture nothing is timed (events and syncs are illegal there):
+  the fused path is used and nothing is recorded, so the next eager call times the key.
 * ``SORSA_KERNELS_AUTOTUNE=0``: no timing, always the fused path.
 * Under ``torch.compile`` tracing nothing is looked up, timed or communicated: traced graphs take
   the fused path (a constant of the graph). The timed choice is an eager-mode floor.
@@ -49,7 +57,7 @@ import os
 import statistics
 import threading
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 
@@ -232,6 +240,27 @@ def _measure(op: str, fused: str, fields: Dict[str, Any], bench: Bench, on_cuda:
     return entry, clear and not oom
 
 
+def _capturing() -> bool:
+    try:
+        return bool(torch.cuda.is_current_stream_capturing())
+    except Exception:  # no CUDA runtime (CPU build)
+        return False
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@contextlib.contextmanager
+def _no_side_effects(device: Optional[torch.device]):
+    """Timing inside a user's call leaves no trace in it: the CPU generator (and ``device``'s)
+    come back as they were, and the saved-tensor hooks of an enclosing checkpoint are shadowed
+    (only the innermost hook pair applies) so the bench's autograd keeps its tensors itself."""
+    with torch.random.fork_rng(devices=[device] if device is not None else []), \
+            torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        yield
+
+
 def decide(op: str, fused: str, key: str, fields: Dict[str, Any], bench: Bench,
            device: Optional[torch.device] = None, need_bytes: Optional[int] = None) -> str:
     """Return ``fused`` or ``"torch"`` for this key: cached, else timed with ``bench(name)``
@@ -243,11 +272,13 @@ def decide(op: str, fused: str, key: str, fields: Dict[str, Any], bench: Bench,
         hit = _load().get(key)
     if hit is not None:
         return hit["choice"]
+    if device is not None and device.type == "cuda" and _capturing():
+        return fused  # no events/syncs inside a CUDA-graph capture; not recorded: eager times it later
     # Events, synchronisation and the L2 flush of the timer act on the current device: make it
     # the tensors' device, or a layer on cuda:1 would be timed on cuda:0.
     on_cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
     guard = torch.cuda.device(device) if on_cuda else contextlib.nullcontext()
-    with guard:
+    with guard, _no_side_effects(device if on_cuda else None):
         entry, persist = _measure(op, fused, fields, bench, on_cuda, device, need_bytes)
     with _lock:
         mem = _load()
@@ -303,9 +334,16 @@ def clear(disk: bool = False) -> None:
 
 
 # ----------------------------------------------------------------------------- the linear op's case
+# Rows at or below this go to the torch path by rule, untimed (decode steps): both paths then
+# read the same W_r bytes once (the adapter terms are tiny), so fusing saves nothing, while the
+# fused call costs more host work (~15 launches per fwd+bwd, descriptors) and the dispatcher's
+# lookup (~18 µs); the rule skips both. A choice by counting, not timing.
+DECODE_M = 32
+
+
 def linear_case(x2: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, bias: Optional[torch.Tensor],
                 p: float, train: Optional[bool] = None
-                ) -> Optional[Tuple[Dict[str, Any], Bench, int]]:
+                ) -> Union[None, str, Tuple[Dict[str, Any], Bench, int]]:
     """(fields, bench, need_bytes) for ``sorsa_linear`` on ``x2`` (M, K); None when M is symbolic
     (a dynamic-shape trace: the fused path is used and nothing is timed).
 
@@ -315,6 +353,8 @@ def linear_case(x2: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, bias: O
     M, K = x2.shape
     if not isinstance(M, int):
         return None
+    if M <= DECODE_M:
+        return "torch"
     N, r = weight.shape[0], A.shape[0]
     dt, adt, dev = x2.dtype, A.dtype, x2.device
     train = wants_grad(x2, weight, A, bias) if train is None else bool(train)

@@ -49,6 +49,11 @@ TWO_ITERATE_RR = True
 _backend.register(OP, "ext")
 # measured: LAPACK's small k×k steps beat the extension's on the CPU, so "auto" is torch there
 _backend.prefer(OP, "cpu", ())
+# not measured: on CUDA the extension's Cholesky is one 256-thread block per matrix working in
+# global memory, launched twice per iteration (~70 launches per rsvd), against cuSOLVER's batched
+# kernels through torch. Until a GPU run times both (gpu_check's init bench does, per backend),
+# "auto" takes torch there too; backend="ext" still forces the extension.
+_backend.prefer(OP, "cuda", ())
 if _backend.ext_status()[0]:
     @torch.library.register_fake("sorsa_kernels::jacobi_svd")
     def _(R, max_sweeps):

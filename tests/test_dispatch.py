@@ -21,6 +21,9 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.delenv(_dispatch.ENV_AUTOTUNE, raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FakeGPU H200")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    # tests that fake a CUDA device: the dispatcher forks that device's RNG around timing
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: torch.zeros(16, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *a, **k: None)
     _dispatch.clear()
     prev = _dispatch.set_timer(None)
     yield tmp_path
@@ -370,7 +373,8 @@ def test_sorsa_linear_tells_the_dispatcher_whether_a_backward_follows(monkeypatc
         seen.append(case()[0]["train"])
         return "torch"
     monkeypatch.setattr(_backend, "choose", spy)
-    x, w, A, S, B = torch.randn(5, 6), torch.randn(4, 6), torch.randn(2, 6), torch.rand(2), torch.randn(4, 2)
+    M = _dispatch.DECODE_M + 1  # above the decode rule, which decides without a case
+    x, w, A, S, B = torch.randn(M, 6), torch.randn(4, 6), torch.randn(2, 6), torch.rand(2), torch.randn(4, 2)
     grad = lambda t: t.clone().requires_grad_()  # noqa: E731
     L.sorsa_linear(x, w, grad(A), grad(S), grad(B))
     with torch.no_grad():
@@ -490,3 +494,85 @@ def test_info_prints_the_decisions(monkeypatch, isolated, capsys):
     assert "-> triton; not timed: needs" in big and "MiB free" in big
     legacy, = (ln for ln in lines if "M=64" in ln)
     assert legacy.endswith("-> torch (triton 3 ms, torch 2 ms)")
+
+
+# --- timing inside the user's call leaves no trace in it --------------------------------------
+_CASE = {}
+
+
+def _timed_choice(p=0.1):
+    """choose() for a fresh training key whose thunks really run (torch candidate for both: the
+    fused thunk cannot run on CPU tensors), with dropout: each run draws a seed from the CPU RNG.
+    The case's own tensors are made once, outside the caller's RNG stream."""
+    if p not in _CASE:
+        with torch.random.fork_rng():
+            _CASE[p] = _case(M=40, K=24, N=16, r=3, p=p, train=True)()
+    fields, bench, _ = _CASE[p]
+    _dispatch.set_timer(FakeTimer({"triton": 1.0, "torch": 2.0}, run=True))
+    return _backend.choose(OP, "auto", CUDA, lambda: (fields, lambda name: bench("torch")))
+
+
+def test_timing_does_not_move_the_rng():
+    """manual_seed(3); y1 = m(x); manual_seed(3); y2 = m(x) must agree on the first call of a
+    shape too: the bench's dropout seeds come from the forked generator."""
+    _needs_triton()
+    with torch.random.fork_rng():
+        _CASE.setdefault(0.1, _case(M=40, K=24, N=16, r=3, p=0.1, train=True)())
+    torch.manual_seed(3)
+    assert _timed_choice() == "triton"
+    after_timing = torch.randint(0, 2 ** 31 - 1, (4,))
+    torch.manual_seed(3)
+    assert torch.equal(torch.randint(0, 2 ** 31 - 1, (4,)), after_timing)
+
+
+def _step_with_choice(x):
+    """A layer-like function: the choice (timed on its first call), then a dropout seed drawn
+    from the CPU generator and used for the mask, as sorsa_linear does."""
+    _timed_choice()
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,)))
+    _step_with_choice.seeds.append(seed)
+    g = torch.Generator().manual_seed(seed)
+    return (x * (torch.rand(x.shape, generator=g) > 0.5)).sum()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpoint_recompute_draws_the_forward_seed_and_timing_runs(reentrant):
+    """Reentrant checkpointing restores the RNG before the recompute, which finds the key cached
+    and skips the timing: the seed drawn there must equal the forward's (else another mask and a
+    silently wrong gradient). Non-reentrant checkpointing's saved-tensor hooks must not reach the
+    bench (they raised CheckpointError in both candidates, and torch was cached for the process)."""
+    _needs_triton()
+    from torch.utils.checkpoint import checkpoint
+    _step_with_choice.seeds = []
+    x = torch.randn(6, 5, requires_grad=True)
+    torch.manual_seed(0)
+    checkpoint(_step_with_choice, x, use_reentrant=reentrant).backward()
+    assert len(_step_with_choice.seeds) == 2 and _step_with_choice.seeds[0] == _step_with_choice.seeds[1]
+    (entry,) = _dispatch.report()
+    assert entry["errors"] == {} and entry["choice"] == "triton", entry
+    # the gradient is the one of the mask the forward used
+    g = torch.Generator().manual_seed(_step_with_choice.seeds[0])
+    assert torch.equal(x.grad, (torch.rand(x.shape, generator=g) > 0.5).to(x.dtype))
+
+
+def test_no_timing_while_a_cuda_graph_is_captured(monkeypatch, isolated):
+    _needs_triton()
+    t = FakeTimer({"triton": 5.0, "torch": 1.0})
+    _dispatch.set_timer(t)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _backend.choose(OP, "auto", CUDA, _case()) == "triton"
+    assert t.calls == [] and _dispatch.report() == [] and _disk(isolated) == {}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert _backend.choose(OP, "auto", CUDA, _case()) == "torch"  # timed by the next eager call
+    assert len(t.calls) == 2 * _dispatch.ROUNDS
+
+
+@pytest.mark.parametrize("M", [1, 8, _dispatch.DECODE_M])
+def test_decode_sized_rows_go_to_torch_by_rule_untimed(M, isolated):
+    _needs_triton()
+    t = FakeTimer({"triton": 0.1, "torch": 9.0})
+    _dispatch.set_timer(t)
+    assert _backend.choose(OP, "auto", CUDA, _case(M=M)) == "torch"
+    assert t.calls == [] and _dispatch.report() == [] and _disk(isolated) == {}
+    assert _backend.choose(OP, "auto", CUDA, _case(M=_dispatch.DECODE_M + 1)) == "triton"  # timed above it
+    assert _backend.choose(OP, "triton", CUDA, _case(M=M)) == "triton"  # a forced backend is obeyed

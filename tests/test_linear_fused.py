@@ -384,3 +384,42 @@ def test_backward_forks_before_dx_so_da_db_overlap_it(monkeypatch, r):
     assert fork < dx < min(tns) and max(tns) < join
     assert all(events[i] == "tn on side" for i in tns) and len(tns) == (1 if r == 8 else 2)
     assert events[join + 1:] == ["record", "record"]
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_strided_bias_and_s_are_read_by_their_strides(tma, monkeypatch):
+    """bias = b2[::2] and S = S2[:, 0] are strided views; the kernels read vectors with unit
+    stride, so the launcher must hand them contiguous copies (it read every other element)."""
+    monkeypatch.setattr(L, "FORCE_TMA", tma)
+    o = operands((37,), 40, 48, 5, seed=11)
+    dt = torch.float16 if tma else torch.float32
+
+    def go(backend, dtype, strided):
+        x = o["x"].to(dtype).requires_grad_()
+        A, B = (o[k].to(dtype).requires_grad_() for k in "AB")
+        if strided:  # b2[::2] == b, S2[:, 0] == S, both non-contiguous leaves
+            b2 = torch.stack([o["b"], -3 * o["b"]], 1).reshape(-1).to(dtype).requires_grad_()
+            S2 = torch.stack([o["S"], 7 * o["S"] + 1], 1).to(dtype).requires_grad_()
+            b, S = b2[::2], S2[:, 0]
+            assert not b.is_contiguous() and not S.is_contiguous()
+        else:
+            b, S = (o[k].to(dtype).requires_grad_() for k in "bS")
+        y = sorsa_linear(x, o["W"].to(dtype), A, S, B, 0.7, b, backend=backend)
+        gx, gA, gS, gB, gb = torch.autograd.grad(y, (x, A, S, B, b), o["dy"].to(dtype))
+        return [y.detach(), gx, gA, gS, gB, gb]
+
+    ref = go("torch", torch.float64, False)
+    lowp = go("torch", dt, False)
+    got = go("triton", dt, True)
+    for name, g, lp, r in zip(NAMES, got, lowp, ref):
+        assert_tolerance(g, lp, r, name)
+
+
+def test_expanded_or_overlapping_operands_never_back_a_tma_descriptor():
+    base = torch.zeros(64, dtype=torch.float16)
+    assert L._tma_operand(base.view(1, 64).expand(8, 64)) is None       # row stride 0 (expanded x)
+    assert L._tma_operand(base.view(64, 1).expand(64, 8)) is None       # column stride 0
+    over = torch.as_strided(torch.zeros(200, dtype=torch.float16), (8, 64), (16, 1))
+    assert L._tma_operand(over) is None                                 # rows overlap
+    assert L._tma_operand(torch.zeros(8, 64, dtype=torch.float16)) is True
+    assert L._tma_operand(torch.zeros(64, 8, dtype=torch.float16).t()) is False

@@ -240,6 +240,8 @@ def test_auto_backend_is_decided_in_backend_module_and_reported():
         assert torch.equal(a, b)
     if HAS_EXT:  # a forced backend still runs the extension on the CPU
         assert _backend.resolve("rsvd", "ext", cpu) == "ext"
+    # on CUDA, auto takes torch (cuSOLVER) until a GPU run has timed the extension against it
+    assert _backend.auto_order("rsvd", "cuda") == ()
     # other ops keep the default order; a bad order entry is rejected
     assert _backend.auto_order("no_such_op", "cpu") == ("triton", "ext")
     with pytest.raises(ValueError, match="order entries"):

@@ -125,3 +125,30 @@ def test_build_info_is_exported():
     info = sorsa_kernels.build_info()
     rec = os.path.join(PKG, "_C_build.json")
     assert info == (json.load(open(rec)) if os.path.exists(rec) else None)
+
+
+@pytest.mark.parametrize("tv,cuda,expect", [
+    ("2.15.0+cu132", "13.2", "sorsa_kernels-0.1.0+cu132torch2.15.0-{py}-{py}-{plat}.whl (bash scripts/build_wheel.sh --torch 2.15.0)"),
+    ("2.11.0+cu130", "13.0", "sorsa_kernels-0.1.0+cu130torch2.11.0-{py}-{py}-{plat}.whl (bash scripts/build_wheel.sh --torch 2.11.0)"),
+    ("2.13.0+cpu", None, "no sorsa-kernels wheel is built for torch 2.13.0+cpu (wheels exist for torch 2.11.0, 2.14.1, 2.15.0)"),
+    ("2.15.0+cu126", "12.6", "no sorsa-kernels wheel is built for torch 2.15.0+cu126"),  # not the PyPI CUDA build
+])
+def test_mismatch_names_the_wheel_for_the_installed_torch(monkeypatch, tv, cuda, expect):
+    import sysconfig
+    from sorsa_kernels import _build_info as B
+    monkeypatch.setattr(B.torch, "__version__", tv)
+    monkeypatch.setattr(B.torch.version, "cuda", cuda)
+    py = "cp{}{}".format(*sys.version_info[:2])
+    plat = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+    msg = B.mismatch(_record("2.14.1+cu130") | {"version": "0.1.0+cu130torch2.14.1"})
+    assert expect.format(py=py, plat=plat) in msg, msg
+    assert "pip install torch==2.14.1" in msg and B.REBUILD in msg
+
+
+def test_build_wheel_script_knows_every_wheel_torch_and_refuses_others():
+    from sorsa_kernels import _build_info as B
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "build_wheel.sh")
+    res = subprocess.run(["bash", script, "--torch", "2.12.0"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "not a supported torch" in res.stdout, res.stdout + res.stderr
+    for v in B.WHEEL_TORCH:
+        assert f'"{v}"' in res.stdout, res.stdout

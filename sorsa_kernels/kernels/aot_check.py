@@ -12,9 +12,11 @@ specialisation with the installed Triton's own binder (``create_function_from_si
 ``GPUTarget("cuda", arch, 32)``. SM count and compute capability are patched per arch.
 
 Gates (exit status 1): a compile/ptxas error, register spills, shared memory over the arch's
-limit, an sm_90 fp16/bf16 tensor-core dot with a ≥ 64-row tile and no wgmma, and an sm_90
-launch given host tensor descriptors whose PTX has no TMA (``cp.async.bulk.tensor``).
-TMA presence is otherwise reported, not gated.
+limit, an sm_90 fp16/bf16 tensor-core dot with a ≥ 64-row tile and no wgmma, an sm_90
+launch given host tensor descriptors whose PTX has no TMA (``cp.async.bulk.tensor``), a launch
+that leaves ``enable_fp_fusion`` to Triton's default (it flips in 3.10), and any warning raised
+while compiling (Triton 3.9's deprecations become 3.10's errors). TMA presence is otherwise
+reported, not gated.
 
 Run: ``TRITON_INTERPRET=0 python -m sorsa_kernels.kernels.aot_check [--json PATH] [--markdown PATH]``.
 """
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -77,17 +80,19 @@ def _linear_cases(dtypes) -> List[Case]:
         for r in (16, 128):
             for p in (0.0, 0.05):
                 cases.append(_linear_case(f"linear {dt} 8192x4096x4096 r{r} p{p}", dt, 8192, 4096, 4096, r, p))
-    d0 = dtypes[0]
-    # ragged: nothing divisible by 16, odd r
-    cases.append(_linear_case(f"linear {d0} ragged 1000x4000x4097 r33 p0.05", d0, 1000, 4000, 4097, 33, 0.05))
-    # the other TMA_CONFIGS M buckets (medium 128 <= M < 1024, small M < 128), masked dX included
-    for M in (512, 64):
-        cases.append(_linear_case(f"linear {d0} {M}x4096x4096 r16 p0.05", d0, M, 4096, 4096, 16, 0.05))
-    # a narrow output (N = 64) with r = 48: the one-pass g/dB kernel at BLOCK_R = 64
-    cases.append(_linear_case(f"linear {d0} narrow 4096x4096x64 r48 p0.0", d0, 4096, 4096, 64, 48, 0.0))
-    # x rows 2²⁰ elements apart: row·stride passes 2³¹, the launcher must pick 64-bit offsets
-    cases.append(_linear_case(f"linear {d0} int64-offsets 4096x4096x4096 r16 p0.05", d0, 4096, 4096, 4096, 16,
-                              0.05, x_row_stride=1 << 20))
+    # every dtype: a dtype's programs differ (fp32: ieee dot, other tiles), and a spill found
+    # only in one dtype's ragged or narrow program is still a shipped spill
+    for d in dtypes:
+        # ragged: nothing divisible by 16, odd r
+        cases.append(_linear_case(f"linear {d} ragged 1000x4000x4097 r33 p0.05", d, 1000, 4000, 4097, 33, 0.05))
+        # the other TMA_CONFIGS M buckets (medium 128 <= M < 1024, small M < 128), masked dX included
+        for M in (512, 64):
+            cases.append(_linear_case(f"linear {d} {M}x4096x4096 r16 p0.05", d, M, 4096, 4096, 16, 0.05))
+        # a narrow output (N = 64) with r = 48: the one-pass g/dB kernel at BLOCK_R = 64
+        cases.append(_linear_case(f"linear {d} narrow 4096x4096x64 r48 p0.0", d, 4096, 4096, 64, 48, 0.0))
+        # x rows 2²⁰ elements apart: row·stride passes 2³¹, the launcher must pick 64-bit offsets
+        cases.append(_linear_case(f"linear {d} int64-offsets 4096x4096x4096 r16 p0.05", d, 4096, 4096, 4096, 16,
+                                  0.05, x_row_stride=1 << 20))
     return cases
 
 
@@ -171,6 +176,7 @@ class Unit:
     has_desc: bool
     spec: Tuple[Any, Any, Any, Any]  # (signature, constexprs, attrs, options dict)
     jit: Any = None
+    fp_fusion: Optional[bool] = None  # what the launcher passed (None: left to Triton's default)
     cases: List[str] = field(default_factory=list)
     dtypes: List[str] = field(default_factory=list)
 
@@ -220,7 +226,8 @@ def _units(cases: List[Case], archs: List[int]) -> Tuple[List[Unit], List[dict]]
                             conf = dict(cfg.kwargs) if cfg is not None else {
                                 k: v for k, v in launch.kwargs.items() if k.startswith(("BLOCK", "GROUP", "SPLIT"))}
                             u = units[key] = Unit(key, launch.jit.fn.__name__, arch, conf, opts["num_warps"],
-                                                  opts["num_stages"], has_desc, spec, launch.jit)
+                                                  opts["num_stages"], has_desc, spec, launch.jit,
+                                                  launch.kwargs.get("enable_fp_fusion"))
                         if case.name not in u.cases:
                             u.cases.append(case.name)
                         if case.dtype not in u.dtypes:
@@ -289,12 +296,21 @@ def compile_unit(i: int) -> dict:
     log = io.StringIO()
     t0 = time.time()
     try:
-        with contextlib.redirect_stdout(log):
+        from triton._utils import warn_once  # Triton >= 3.9: deprecations are warned once per process
+        warn_once.cache_clear()
+    except ImportError:
+        pass
+    try:
+        # any warning while compiling our kernel (Triton's deprecations: non-bool tl.where, and/or on
+        # tensors, an unset FP-fusion default) is a finding: the next Triton turns them into errors
+        with contextlib.redirect_stdout(log), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             k = triton.compile(ASTSource(u.jit, signature, constexprs, attrs), target=GPUTarget("cuda", u.arch, 32),
                                options=options)
     except Exception as exc:
         rec.update(ok=False, problems=[f"compile error: {str(exc).strip().splitlines()[0][:300]}"])
         return rec
+    rec["warnings"] = sorted({f"{w.category.__name__}: {str(w.message)[:200]}" for w in caught})
     rec["compile_s"] = round(time.time() - t0, 2)
     ptx = k.asm["ptx"]
     ptxlog = log.getvalue()
@@ -306,8 +322,12 @@ def compile_unit(i: int) -> dict:
     rec.update(registers=regs, spill_bytes=spill, shared=k.metadata.shared, smem_limit=SMEM_LIMIT[u.arch],
                wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx,
                cp_async=len(re.findall(r"cp\.async\.c[ag]\.", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
-               tc_dots=len(dots), sass_total=sum(sass.values()), sass=sass)
+               tc_dots=len(dots), sass_total=sum(sass.values()), sass=sass,
+               fp_fusion=u.fp_fusion, fma_f32=len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx)))
     p = rec["problems"]
+    if u.fp_fusion is None:
+        p.append("launched without enable_fp_fusion (Triton 3.10 changes its default)")
+    p.extend(f"warning while compiling: {w}" for w in rec["warnings"])
     if spill:
         p.append(f"register spills: {spill} B")
     if k.metadata.shared > SMEM_LIMIT[u.arch]:
@@ -343,42 +363,45 @@ def _kb(a: dict) -> str:
 
 
 def markdown(runs: Dict[str, List[dict]]) -> str:
-    """Compact table from one or more runs (Triton version -> records): one row per kernel ×
-    config × arch, max over the dtypes and shapes that hit it; ``a / b`` cells give each run."""
+    """One table from one or more runs (Triton version -> records): a row per kernel × config ×
+    arch (max over the dtypes and shapes that hit it), a column per Triton version."""
     rows: Dict[tuple, Dict[str, dict]] = {}
     for ver, records in runs.items():
         for r in records:
             if "registers" not in r:
                 continue
             a = rows.setdefault((r["kernel"], _fmt_cfg(r), r["arch"]), {}).setdefault(
-                ver, dict(regs=0, spill=0, smem=0, wgmma=False, tc=False, tma=False, cpa=0, sass=0, n=0, ok=True,
-                          dt=set()))
+                ver, dict(regs=0, spill=0, smem=0, wgmma=False, tma=False, cpa=0, sass=0, fma=0, ok=True, dt=set()))
             a["regs"] = max(a["regs"], r["registers"] or 0)
             a["spill"] = max(a["spill"], r["spill_bytes"])
             a["smem"] = max(a["smem"], r["shared"])
             a["wgmma"] |= r["wgmma"]
-            a["tc"] |= bool(r["tc_dots"])
             a["tma"] |= r["tma"]
             a["cpa"] = max(a["cpa"], r["cp_async"])
             a["sass"] = max(a["sass"], r["sass_total"])
-            a["n"] += 1
+            a["fma"] = max(a["fma"], r.get("fma_f32", 0))
             a["ok"] &= r["ok"]
             a["dt"].update(r["dtypes"])
-    vers = list(runs)
-    cell = lambda d, f: " / ".join(f(d[v]) if v in d else "–" for v in vers)  # noqa: E731
-    yn = lambda b: "yes" if b else "no"  # noqa: E731
+    vers = sorted(runs, key=lambda v: tuple(int(x) if x.isdigit() else 0 for x in v.split(".")))
     fails = {v: sum(not r["ok"] for r in runs[v]) for v in vers}
-    out = [f"Triton {' / '.join(vers)}: " + ", ".join(f"{len(runs[v])} programs ({fails[v]} failing)" for v in vers)
-           + ". Max over the dtypes and shapes that hit each row; a / b = each Triton version.", "",
-           "| kernel | config | arch | dtypes | regs | spill B | smem KB | wgmma | TMA | cp.async | SASS instr | ok |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(a: Optional[dict], arch: int) -> str:
+        if a is None:
+            return "–"
+        feats = [f"{a['regs']} reg", f"{a['spill']} spill", f"{_kb(a)} KB"]
+        feats += (["wgmma"] if a["wgmma"] else []) + (["TMA"] if a["tma"] else [])
+        feats += [f"{a['cpa']} cp.async"] if a["cpa"] else []
+        feats += [f"{a['sass']} SASS", f"{a['fma']} fma", "ok" if a["ok"] else "**FAIL**"]
+        return " · ".join(feats)
+
+    out = [f"Triton {', '.join(vers)}: " + ", ".join(f"{len(runs[v])} programs ({fails[v]} failing)" for v in vers)
+           + ". Max over the dtypes and shapes that hit each row; per version: registers, spill bytes, shared "
+           "memory, wgmma / TMA / cp.async present, SASS instructions, fma.rn.f32 in the PTX, gate.", "",
+           "| kernel | config | arch | dtypes | " + " | ".join(f"triton {v}" for v in vers) + " |",
+           "|---|---|---|---|" + "---|" * len(vers)]
     for (kern, cfg, arch), d in sorted(rows.items()):
         dts = ",".join(sorted(set().union(*(x["dt"] for x in d.values()))))
-        wg = cell(d, lambda a: yn(a["wgmma"])) if arch == 90 else "–"
-        out.append(f"| {kern} | {cfg} | sm_{arch} | {dts} | {cell(d, lambda a: str(a['regs']))} | "
-                   f"{cell(d, lambda a: str(a['spill']))} | {cell(d, lambda a: _kb(a))} | "
-                   f"{wg} | {cell(d, lambda a: yn(a['tma']))} | {cell(d, lambda a: str(a['cpa']))} | "
-                   f"{cell(d, lambda a: str(a['sass']))} | {cell(d, lambda a: 'ok' if a['ok'] else 'FAIL')} |")
+        out.append(f"| {kern} | {cfg} | sm_{arch} | {dts} | " + " | ".join(cell(d.get(v), arch) for v in vers) + " |")
     return "\n".join(out) + "\n"
 
 

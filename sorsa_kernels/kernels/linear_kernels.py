@@ -28,6 +28,21 @@ on the GPU the native low-precision dot is used.
 import triton
 import triton.language as tl
 
+# Floating-point contraction (``a·b + c`` as one FMA, one rounding) per kernel, passed at every
+# launch as ``enable_fp_fusion``: Triton's default flips from on (<= 3.9) to off (3.10), which
+# must not change our programs behind our back. On for all, chosen by counting (AOT, triton 3.8,
+# sm_80/sm_90, bf16 + fp32): with it off every linear program's SASS is identical (the fp32
+# ``ieee`` dot emits explicit FFMAs either way, tensor-core dots are unaffected, the epilogues have
+# no contractible a·b + c), so "on" keeps today's programs and costs nothing; where it does contract
+# (ortho_kernels) one rounding instead of two can only shrink the error the tolerance rule bounds.
+FP_FUSION = {
+    "sorsa_mm_kernel": True,
+    "sorsa_tn_kernel": True,
+    "sorsa_gdb_kernel": True,
+    "sorsa_mm_tma_kernel": True,
+    "sorsa_scale_kernel": True,
+}
+
 
 @triton.jit
 def _keep4(seed, rows, c0, ld4, thr, BN: tl.constexpr):

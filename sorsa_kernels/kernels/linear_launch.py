@@ -74,7 +74,7 @@ import torch
 import triton
 
 from .._backend import triton_interpret
-from .linear_kernels import (sorsa_gdb_kernel, sorsa_mm_kernel, sorsa_mm_tma_kernel, sorsa_scale_kernel,
+from .linear_kernels import (FP_FUSION, sorsa_gdb_kernel, sorsa_mm_kernel, sorsa_mm_tma_kernel, sorsa_scale_kernel,
                              sorsa_tn_kernel)
 
 try:  # host-side tensor descriptors: triton >= 3.4 (3.6 on the H200 image, 3.8 here)
@@ -96,10 +96,11 @@ CONFIGS = {
     ("main_drop", False): [_cfg(64, 128, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
     ("main_drop", True): [_cfg(32, 64, 32, 4, 3)],
     ("skinny", False): [_cfg(64, 32, 64, 8, 3), _cfg(64, 64, 64, 4, 3), _cfg(64, 128, 64, 8, 3)],
-    ("skinny", True): [_cfg(32, 32, 32, 4, 2)],
+    ("skinny", True): [_cfg(32, 32, 16, 4, 3)],  # 32×32×32/2 stages spilled 4 B (sm_90, triton 3.9)
     ("tn", False): [_cfg(32, 128, 32, 4, 3, tn=True), _cfg(64, 128, 32, 4, 3, tn=True),
                     _cfg(128, 128, 32, 8, 3, tn=True)],
-    ("tn", True): [_cfg(32, 64, 16, 4, 3, tn=True), _cfg(64, 64, 16, 4, 3, tn=True),
+    # fp32 64×64 at 4 warps spilled 8 B on sm_80 under triton 3.6: 8 warps
+    ("tn", True): [_cfg(32, 64, 16, 4, 3, tn=True), _cfg(64, 64, 16, 8, 3, tn=True),
                    _cfg(128, 64, 16, 8, 3, tn=True)],
 }
 ROLE_FLAGS = {
@@ -149,7 +150,7 @@ SPLIT_M_GRAIN = 64  # every split of M is a multiple of every TN config's BLOCK_
 # GDB_TILE elements: bf16 256×64 spilled 28 B on sm_90 and 180 B on sm_80, 128×64 still 8 B on
 # sm_80, AOT check) and r is capped (the cost rule picks r <= 17 at N = 4096 anyway).
 GDB_CONFIGS = {False: (64, 256, 8, 3), True: (32, 128, 8, 2)}
-GDB_TILE = {False: 256 * 16, True: 128 * 32}
+GDB_TILE = {False: 256 * 16, True: 64 * 32}  # fp32 64×64 spilled 80 B on sm_80 (triton 3.8)
 GDB_MAX_R = 64
 INTERP_GDB = dict(BLOCK_M=16, BLOCK_N=16)
 # Tests force the one-pass (True) or two-pass (False) backward; None = the cost rule.
@@ -243,9 +244,11 @@ def _tma_operand(t: torch.Tensor) -> Optional[bool]:
     es = t.element_size()
     if t.data_ptr() % 16 or t.dim() != 2:
         return None
-    if t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0:
+    # the other stride must step past a whole row/column: an expanded view (stride 0) or
+    # overlapping rows cannot back a descriptor (TMA needs distinct, 16-byte aligned rows)
+    if t.stride(1) == 1 and t.stride(0) >= max(t.shape[1], 1) and (t.stride(0) * es) % 16 == 0:
         return True
-    if t.stride(0) == 1 and (t.stride(1) * es) % 16 == 0:
+    if t.stride(0) == 1 and t.stride(1) >= max(t.shape[0], 1) and (t.stride(1) * es) % 16 == 0:
         return False
     return None
 
@@ -299,7 +302,8 @@ def _mm_tma(x1, w1, x2, w2, bias, out, seed: int = 0, p: float = 0.0, drop_out: 
         sorsa_mm_tma_kernel[grid](*descs, M, N, K, R, _m_bucket(M), seed, *_drop_args(p, drop_ld),
                                   HAS_BIAS=bias is not None, W_T=w_t, B_T=b_t, UPCAST=_upcast(x1.dtype),
                                   EPI_SUB=epi_sub, DROP_OUT=drop_out,
-                                  FLATTEN=TMA_FLATTEN and not drop_out and R <= BK, **meta, **launch)
+                                  FLATTEN=TMA_FLATTEN and not drop_out and R <= BK,
+                                  enable_fp_fusion=FP_FUSION["sorsa_mm_tma_kernel"], **meta, **launch)
     return out
 
 
@@ -339,7 +343,8 @@ def mm(
             out3.stride(0), out3.stride(1), out3.stride(2),
             thr, inv_keep, ld4)
     flags = dict(HAS_SEG2=has2, HAS_BIAS=bias is not None, DROP_IN=drop_in, DROP_OUT=drop_out,
-                 BIG=big, UPCAST=_upcast(x1.dtype), PREC=_prec(x1.dtype))
+                 BIG=big, UPCAST=_upcast(x1.dtype), PREC=_prec(x1.dtype),
+                 enable_fp_fusion=FP_FUSION["sorsa_mm_kernel"])
     progs = num_sms(x1.device)  # persistent: at most one program per SM
 
     def grid(meta):
@@ -382,7 +387,8 @@ def tn(p_mat: torch.Tensor, q: torch.Tensor, *, seed: Optional[torch.Tensor] = N
             p_mat.stride(0), p_mat.stride(1), q.stride(0), q.stride(1),
             part.stride(0), part.stride(1), part.stride(2),
             *_drop_args(p, drop_ld))
-    flags = dict(DROP_Q=drop_q, BIG=big, UPCAST=_upcast(q.dtype), PREC=_prec(q.dtype))
+    flags = dict(DROP_Q=drop_q, BIG=big, UPCAST=_upcast(q.dtype), PREC=_prec(q.dtype),
+                 enable_fp_fusion=FP_FUSION["sorsa_tn_kernel"])
     cfg = INTERP_TN if interp else PINNED["tn"][q.dtype == torch.float32][_tn_block_a(DA)].all_kwargs()
     meta = {k: cfg[k] for k in ("BLOCK_A", "BLOCK_B", "BLOCK_M")}
     launch = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
@@ -442,7 +448,8 @@ def gdb(dy: torch.Tensor, Bd: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tens
             dy.stride(0), dy.stride(1), Bd.stride(0), Bd.stride(1), s.stride(0), s.stride(1),
             g_part.stride(0), g_part.stride(1), g_part.stride(2),
             db_part.stride(0), db_part.stride(1), db_part.stride(2),
-            BIG=big, UPCAST=_upcast(dy.dtype), PREC=_prec(dy.dtype), **meta, **launch)
+            BIG=big, UPCAST=_upcast(dy.dtype), PREC=_prec(dy.dtype),
+            enable_fp_fusion=FP_FUSION["sorsa_gdb_kernel"], **meta, **launch)
     return g_part, db_part
 
 
@@ -521,6 +528,7 @@ def reduce_scale(part: torch.Tensor, S: torch.Tensor, scale: float,
     with a 16-byte row stride (:func:`padded_rows`, TMA-legal). Replaces the sum, the two
     multiplies and the cast-copy that used to follow every skinny GEMM."""
     splits, M, R = part.shape
+    S = S.contiguous()  # read with unit stride by the kernel (S[:, 0] of a matrix is a strided view)
     out = padded_rows(M, R, dtype, part.device)
     xa = part[0] if splits == 1 else torch.empty((M, R), dtype=torch.float32, device=part.device)
     if M == 0 or R == 0:
@@ -532,7 +540,8 @@ def reduce_scale(part: torch.Tensor, S: torch.Tensor, scale: float,
     with device_guard(part.device):
         sorsa_scale_kernel[grid](part, S, out, xa, splits, M, R, float(scale),
                                  part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),
-                                 xa.stride(0), xa.stride(1), WRITE_XA=splits > 1, BIG=_big(part, out), **meta, **launch)
+                                 xa.stride(0), xa.stride(1), WRITE_XA=splits > 1, BIG=_big(part, out),
+                                 enable_fp_fusion=FP_FUSION["sorsa_scale_kernel"], **meta, **launch)
     return xa, out
 
 
@@ -557,7 +566,8 @@ def linear_fwd(x, weight, A, S, B, bias, scale: float, p: float, seed) -> Tuple[
     seed = _seed_int(seed)
     xa, s = reduce_scale(_skinny_parts(x, A.to(dt), seed=seed, p=p, drop_in=p > 0, drop_ld=K), S, scale, dt)
     y = torch.empty((M, weight.shape[0]), dtype=dt, device=x.device)
-    mm(x, weight, y, x2=s, w2=_rank_weight(B, dt), bias=None if bias is None else bias.to(dt))
+    # the kernels read bias (and S, in reduce_scale) with unit stride: a strided view is copied
+    mm(x, weight, y, x2=s, w2=_rank_weight(B, dt), bias=None if bias is None else bias.to(dt).contiguous())
     return y, xa
 
 

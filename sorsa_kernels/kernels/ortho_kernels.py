@@ -23,6 +23,16 @@ products on the GPU). ``UPCAST`` feeds fp32 to ``tl.dot`` under the interpreter 
 import triton
 import triton.language as tl
 
+# FP contraction per kernel, passed at every launch (why: linear_kernels.FP_FUSION). The one
+# program it changes is the finalize kernel: its Σ E² takes 16 FFMA with fusion, 16 FMUL + 16 FADD
+# without (one rounding per term instead of two); the Gram and gradient programs compile to the
+# same SASS either way (AOT count, triton 3.8, sm_80/sm_90).
+FP_FUSION = {
+    "ortho_gram_kernel": True,
+    "ortho_finalize_kernel": True,
+    "ortho_grad_kernel": True,
+}
+
 # META row (int64, 13 columns; see ortho_launch.META_FIELDS): 0 data offset in elements from
 # the launch's BASE pointer (a real pointer argument: Triton knows its alignment, which a
 # pointer read from a table would not carry), 1 r, 2 L,
@@ -142,10 +152,14 @@ def ortho_finalize_kernel(META, WORK, WS, E, NSQ, max_tiles, BLOCK_R: tl.constex
     g = tl.where(ri[:, None] == rj[None, :], g - 1.0, g)
     g = tl.where(mask, g, 0.0)
     tl.store(e + idx, g, mask=mask)
-    # E is symmetric: the lower-triangle tile is the mirror of this one
-    tl.store(e + rj[None, :] * r + ri[:, None], g, mask=mask & (ti != tj))
-    w = tl.where(ti != tj, 2.0, 1.0)
-    tl.store(NSQ + mat * max_tiles + slot, w * tl.sum(tl.sum(g * g, axis=1), axis=0))
+    nsq = tl.sum(tl.sum(g * g, axis=1), axis=0)
+    # E is symmetric: the lower-triangle tile is the mirror of this one. A scalar branch, not
+    # `mask & (ti != tj)`: Triton 3.9's interpreter broadcasts a scalar comparison of int64
+    # values as an int64 block, which it refuses as a mask.
+    if ti != tj:
+        tl.store(e + rj[None, :] * r + ri[:, None], g, mask=mask)
+        nsq = 2.0 * nsq
+    tl.store(NSQ + mat * max_tiles + slot, nsq)
 
 
 @triton.jit

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
-from .ortho_kernels import NF, ortho_finalize_kernel, ortho_grad_kernel, ortho_gram_kernel
+from .ortho_kernels import FP_FUSION, NF, ortho_finalize_kernel, ortho_grad_kernel, ortho_gram_kernel
 
 META_FIELDS = ("offset", "r", "L", "s_r", "s_l", "ws_off", "e_off", "split_len", "nsplit",
                "grad_ptr", "g_r", "g_l", "accum")
@@ -263,9 +263,11 @@ def ortho_triton_forward(mats: Sequence[torch.Tensor], is_b: Sequence[bool]):
         E = torch.empty(g.e_size, dtype=torch.float32, device=plan.device)
         nsq = torch.zeros((len(g.idx), g.max_tiles), dtype=torch.float32, device=plan.device)
         ortho_gram_kernel[(g.w1.shape[0],)](mats[g.idx[0]], g.meta, g.w1, ws, DT=g.tl_dtype, UPCAST=g.upcast,
-                                            num_warps=gw, num_stages=gs, **gram_c)
+                                            num_warps=gw, num_stages=gs,
+                                            enable_fp_fusion=FP_FUSION["ortho_gram_kernel"], **gram_c)
         ortho_finalize_kernel[(g.w2.shape[0],)](g.meta, g.w2, ws, E, nsq, g.max_tiles,
-                                                num_warps=fw, num_stages=fs, **fin_c)
+                                                num_warps=fw, num_stages=fs,
+                                                enable_fp_fusion=FP_FUSION["ortho_finalize_kernel"], **fin_c)
         norms.index_copy_(0, g.vidx, nsq.sum(1).sqrt())
         Es.append(E)
     return norms, (plan, Es)
@@ -344,7 +346,8 @@ def ortho_triton_backward(mats: Sequence[torch.Tensor], state, coef: torch.Tenso
             g.meta[:, 9:13].copy_(_upload(rows, plan.device))
         g.grad_key = key
         ortho_grad_kernel[(g.w3.shape[0],)](mats[g.idx[0]], g.meta, g.w3, E, coef[g.vidx].contiguous(),
-                                            DT=g.tl_dtype, num_warps=dw, num_stages=ds, **grad_c)
+                                            DT=g.tl_dtype, num_warps=dw, num_stages=ds,
+                                            enable_fp_fusion=FP_FUSION["ortho_grad_kernel"], **grad_c)
     for gr, tmp in fixups:
         gr.add_(tmp)
     if inplace:
