@@ -12,25 +12,28 @@
 # Wheels are made for the torch releases in sorsa_kernels/_build_info.py WHEEL_TORCH (2.11.0 and 2.14.1:
 # CUDA 13.0; 2.15.0: CUDA 13.2). With --torch the compiler is nvidia-cuda-nvcc (+ nvvm, crt) from PyPI at
 # torch's CUDA major.minor, so nvcc always matches the torch; the venv is reused when present.
+
 # (On the project's build machine pip is capped at torch 2.14.1: prefix PIP_CONFIG_FILE=/dev/null for 2.15.0.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 T0=$(date +%s)
 TORCH_VER=""
+die() { echo "build_wheel.sh: $1" >&2; exit "${2:-1}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --torch) TORCH_VER="${2:?--torch needs a version, e.g. --torch 2.15.0}"; shift 2 ;;
+    --torch) [ $# -ge 2 ] && [ -n "$2" ] || die "--torch needs a version, e.g. --torch 2.15.0" 2
+             TORCH_VER="$2"; shift 2 ;;
     --torch=*) TORCH_VER="${1#--torch=}"; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-    *) echo "build_wheel.sh: unknown argument '$1' (expected --torch VERSION)"; exit 2 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument '$1' (expected --torch VERSION; --help)" 2 ;;
   esac
 done
 
 if [ -n "$TORCH_VER" ]; then
   KNOWN=$(sed -n 's/^WHEEL_TORCH = {\(.*\)}.*/\1/p' sorsa_kernels/_build_info.py)
-  echo "$KNOWN" | grep -q "\"$TORCH_VER\"" || {
-    echo "build_wheel.sh: --torch $TORCH_VER is not a supported torch (wheels are built for: $KNOWN)"; exit 2; }
+  PRETTY=$(echo "$KNOWN" | sed 's/"\([0-9.]*\)": "\([0-9.]*\)"/\1 (CUDA \2)/g')
+  echo "$KNOWN" | grep -q "\"$TORCH_VER\"" || die "--torch $TORCH_VER is not a supported torch (wheels are built for: $PRETTY)" 2
   VENV=${WHEEL_VENV:-$ROOT/build/wheel-venv-$TORCH_VER}
   PY="$VENV/bin/python"
   if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VER')" 2>/dev/null; then

@@ -65,19 +65,23 @@ def mismatch(info: Optional[dict] = None) -> Optional[str]:
 
 
 def wheel_for_installed_torch(info: Optional[dict] = None) -> str:
-    """Which sorsa-kernels wheel matches the running torch, as a sentence fragment: its file name
-    and the command that builds it, or the torch releases wheels exist for."""
+    """What fits the running torch instead, as a clause for the mismatch message: the wheel built
+    for it (file name and the command that builds it), or why none exists."""
     info = build_info() if info is None else info
     tv = torch.__version__.split("+")[0]
     cuda = WHEEL_TORCH.get(tv)
-    if cuda is None or (torch.version.cuda is not None and torch.version.cuda != cuda):
+    if torch.version.cuda is None:
+        return (f"no CUDA wheel fits a CPU-only build of torch ({torch.__version__}): install a CUDA build "
+                f"of torch, or rebuild for this one")
+    if cuda is None or torch.version.cuda != cuda:
         return (f"no sorsa-kernels wheel is built for torch {torch.__version__} (wheels exist for torch "
-                f"{', '.join(WHEEL_TORCH)})")
+                + ", ".join(f"{v} with CUDA {c}" for v, c in WHEEL_TORCH.items()) + ")")
     base = str((info or {}).get("version", "")).split("+")[0] or "<version>"
     py = "cp{}{}".format(*sys.version_info[:2])
     plat = sysconfig.get_platform().replace("-", "_").replace(".", "_")
     name = f"sorsa_kernels-{base}+cu{cuda.replace('.', '')}torch{tv}-{py}-{py}-{plat}.whl"
-    return f"or install the wheel built for torch {tv}: {name} (bash scripts/build_wheel.sh --torch {tv})"
+    return (f"or use the wheel for torch {tv}: build it with `bash scripts/build_wheel.sh --torch {tv}` "
+            f"from the source tree, then pip install dist/{name}")
 
 
 def load_extension() -> tuple[bool, str]:

@@ -42,8 +42,12 @@ max-autotune picks between Triton templates and ATen. It is consulted only by
   and a reentrant checkpoint's recompute, which finds the key cached, must draw the seed its
   forward drew); an enclosing checkpoint's saved-tensor hooks are shadowed by identity hooks
   (a non-reentrant checkpoint would reject the bench's saved tensors and both candidates would
-  "fail"); during a CUDA-graph capture nothing is timed (events and syncs are illegal there):
-  the fused path is used and nothing is recorded, so the next eager call times the key.
+  "fail"); during a CUDA-graph capture of the current stream, under a torch dispatch or function
+  mode (selective activation checkpointing counts op calls: the bench's would shift the
+  recompute's cached outputs) and inside torch.func transforms nothing is timed: the fused path
+  is used and nothing is recorded, so a later plain eager call times the key. Known limits: a
+  capture on another stream or thread is not visible here (torch has no "any capture" query), and
+  the forked RNG is process-global, so another thread's draws during a timing are rewound.
 * ``SORSA_KERNELS_AUTOTUNE=0``: no timing, always the fused path.
 * Under ``torch.compile`` tracing nothing is looked up, timed or communicated: traced graphs take
   the fused path (a constant of the graph). The timed choice is an eager-mode floor.
@@ -247,8 +251,32 @@ def _capturing() -> bool:
         return False
 
 
+def _cannot_time_here() -> Optional[str]:
+    """Why timing must not run inside the current call (None: it may). Timing would run the bench
+    inside whatever intercepts this call: under a torch dispatch mode (selective activation
+    checkpointing counts the op's calls and would hand the recompute the bench's outputs, a
+    silently wrong gradient; FakeTensor, FSDP or profiler modes), a torch function mode, or a
+    torch.func transform (which forbids saved-tensor hooks)."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+        if _get_current_dispatch_mode_stack():
+            return "a torch dispatch mode is active"
+    except ImportError:  # pragma: no cover - private API moved
+        pass
+    if torch._C._is_torch_function_mode_enabled() and torch.overrides._get_current_function_mode_stack():
+        return "a torch function mode is active"
+    try:
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return "inside a torch.func transform"
+    except AttributeError:  # pragma: no cover
+        pass
+    return None
+
+
 def _keep(t: torch.Tensor) -> torch.Tensor:
-    return t
+    # detached: an identity pack hook on a tensor a node saves from its own output makes an
+    # uncollectable reference cycle (torch's saved_tensors_hooks docs); a failed bench would leak it
+    return t.detach()
 
 
 @contextlib.contextmanager
@@ -272,14 +300,17 @@ def decide(op: str, fused: str, key: str, fields: Dict[str, Any], bench: Bench,
         hit = _load().get(key)
     if hit is not None:
         return hit["choice"]
-    if device is not None and device.type == "cuda" and _capturing():
-        return fused  # no events/syncs inside a CUDA-graph capture; not recorded: eager times it later
+    if _cannot_time_here() is not None:
+        return fused  # not recorded: a later plain eager call of this key times it
     # Events, synchronisation and the L2 flush of the timer act on the current device: make it
     # the tensors' device, or a layer on cuda:1 would be timed on cuda:0.
     on_cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
     guard = torch.cuda.device(device) if on_cuda else contextlib.nullcontext()
-    with guard, _no_side_effects(device if on_cuda else None):
-        entry, persist = _measure(op, fused, fields, bench, on_cuda, device, need_bytes)
+    with guard:
+        if device is not None and device.type == "cuda" and _capturing():
+            return fused  # no events/syncs in a CUDA-graph capture of the tensors' device's stream
+        with _no_side_effects(device if on_cuda else None):
+            entry, persist = _measure(op, fused, fields, bench, on_cuda, device, need_bytes)
     with _lock:
         mem = _load()
         mem[key] = entry

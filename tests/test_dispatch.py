@@ -576,3 +576,56 @@ def test_decode_sized_rows_go_to_torch_by_rule_untimed(M, isolated):
     assert t.calls == [] and _dispatch.report() == [] and _disk(isolated) == {}
     assert _backend.choose(OP, "auto", CUDA, _case(M=_dispatch.DECODE_M + 1)) == "triton"  # timed above it
     assert _backend.choose(OP, "triton", CUDA, _case(M=M)) == "triton"  # a forced backend is obeyed
+
+
+def test_selective_checkpoint_region_is_not_timed_and_grads_stay_right(isolated):
+    """Selective activation checkpointing is a torch dispatch mode that counts the op's calls: a
+    bench run inside it shifted the recompute's cached outputs (dA off by 1e3). Inside any
+    dispatch mode nothing is timed or recorded; the next plain call times the key."""
+    _needs_triton()
+    import functools
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+    LIN, MM = torch.ops.sorsa_kernels.linear_fwd.default, torch.ops.aten.mm.default
+
+    def policy(ctx, op, *a, **k):
+        return CheckpointPolicy.MUST_SAVE if op in (LIN, MM) else CheckpointPolicy.PREFER_RECOMPUTE
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 32, generator=g, requires_grad=True)
+    W = torch.randn(48, 32, generator=g)
+    A, S, B = (torch.randn(*s, generator=g, requires_grad=True) for s in ((4, 32), (4,), (48, 4)))
+    t = FakeTimer({"triton": 2.0, "torch": 1.0}, run=True)
+    _dispatch.set_timer(t)
+
+    def layer(x):
+        # what sorsa_linear does on CUDA with backend="auto": choose() (timing on a miss), then the op
+        _backend.choose(OP, "auto", CUDA, lambda: _dispatch.linear_case(x, W, A, None, 0.0, train=True))
+        from sorsa_kernels.ops import sorsa_linear
+        return sorsa_linear(x, W, A, S, B, 0.5, backend="torch").relu().mm(torch.ones(48, 8)).square().sum()
+
+    def grads(ckpt):
+        for v in (x, A, S, B):
+            v.grad = None
+        ctx = functools.partial(create_selective_checkpoint_contexts, policy)
+        (checkpoint(layer, x, use_reentrant=False, context_fn=ctx) if ckpt else layer(x)).backward()
+        return [v.grad.clone() for v in (x, A, S, B)]
+    with torch.random.fork_rng():
+        sac = grads(True)                     # first call of the key, inside the SAC region
+    assert t.calls == [] and _dispatch.report() == []
+    ref = grads(False)                        # plain eager: now it is timed
+    assert len(t.calls) == 2 * _dispatch.ROUNDS
+    for a, b in zip(sac, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_func_transform_call_is_not_timed():
+    """torch.func.grad forbids saved-tensor hooks: timing (which shadows them) must not run there."""
+    _needs_triton()
+    t = FakeTimer({"triton": 2.0, "torch": 1.0})
+    _dispatch.set_timer(t)
+    case = _case(M=40, K=24, N=16, r=3, train=True)
+
+    def f(x):
+        _backend.choose(OP, "auto", CUDA, case)
+        return (x * 2).sum()
+    torch.func.grad(f)(torch.randn(3))
+    assert t.calls == [] and _dispatch.report() == []

@@ -423,3 +423,34 @@ def test_expanded_or_overlapping_operands_never_back_a_tma_descriptor():
     assert L._tma_operand(over) is None                                 # rows overlap
     assert L._tma_operand(torch.zeros(8, 64, dtype=torch.float16)) is True
     assert L._tma_operand(torch.zeros(64, 8, dtype=torch.float16).t()) is False
+
+
+def test_flattened_tma_out_of_shared_memory_relaunches_nested_once(monkeypatch):
+    """The flattened TMA variant leaves 3 KB of sm_90's shared memory (AOT): if a Triton update
+    pushes it over, the launch raises OutOfResources before running; the launcher relaunches the
+    nested loop (same result) and keeps doing so for that tile in this process."""
+    from triton.runtime.errors import OutOfResources
+    monkeypatch.setattr(L, "FORCE_TMA", True)
+    monkeypatch.setattr(L, "_FLATTEN_TOO_BIG", set())
+    real = L.sorsa_mm_tma_kernel
+    flats = []
+
+    class TooBigWhenFlat:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                flats.append(kw["FLATTEN"])
+                if kw["FLATTEN"]:
+                    raise OutOfResources(229416 + 8192, 232448, "shared memory")
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(L, "sorsa_mm_tma_kernel", TooBigWhenFlat())
+    o = operands((40,), 32, 48, 4, seed=5)
+    ref = run(lambda *a: sorsa_linear(*a[:5], 0.5, a[5], backend="torch"), o, torch.float64)
+    lowp = run(lambda *a: sorsa_linear(*a[:5], 0.5, a[5], backend="torch"), o, torch.float16)
+    with torch.no_grad():
+        for _ in range(2):
+            y = sorsa_linear(*(o[k].to(torch.float16) for k in ("x", "W", "A", "S", "B")), 0.5,
+                             o["b"].to(torch.float16), backend="triton")
+            assert_tolerance(y, lowp[0], ref[0], "y")
+    assert flats == [True, False, False], flats  # one failed flattened launch, then nested only
+    assert L._FLATTEN_TOO_BIG == {(16, 32, 16)}

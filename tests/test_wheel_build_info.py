@@ -128,9 +128,13 @@ def test_build_info_is_exported():
 
 
 @pytest.mark.parametrize("tv,cuda,expect", [
-    ("2.15.0+cu132", "13.2", "sorsa_kernels-0.1.0+cu132torch2.15.0-{py}-{py}-{plat}.whl (bash scripts/build_wheel.sh --torch 2.15.0)"),
-    ("2.11.0+cu130", "13.0", "sorsa_kernels-0.1.0+cu130torch2.11.0-{py}-{py}-{plat}.whl (bash scripts/build_wheel.sh --torch 2.11.0)"),
-    ("2.13.0+cpu", None, "no sorsa-kernels wheel is built for torch 2.13.0+cpu (wheels exist for torch 2.11.0, 2.14.1, 2.15.0)"),
+    ("2.15.0+cu132", "13.2", "`bash scripts/build_wheel.sh --torch 2.15.0` from the source tree, then pip install "
+                             "dist/sorsa_kernels-0.1.0+cu132torch2.15.0-{py}-{py}-{plat}.whl"),
+    ("2.11.0+cu130", "13.0", "`bash scripts/build_wheel.sh --torch 2.11.0` from the source tree, then pip install "
+                             "dist/sorsa_kernels-0.1.0+cu130torch2.11.0-{py}-{py}-{plat}.whl"),
+    ("2.15.0+cpu", None, "no CUDA wheel fits a CPU-only build of torch (2.15.0+cpu)"),  # never the cu132 wheel
+    ("2.13.0+cu130", "13.0", "no sorsa-kernels wheel is built for torch 2.13.0+cu130 (wheels exist for torch "
+                             "2.11.0 with CUDA 13.0, 2.14.1 with CUDA 13.0, 2.15.0 with CUDA 13.2)"),
     ("2.15.0+cu126", "12.6", "no sorsa-kernels wheel is built for torch 2.15.0+cu126"),  # not the PyPI CUDA build
 ])
 def test_mismatch_names_the_wheel_for_the_installed_torch(monkeypatch, tv, cuda, expect):
@@ -149,6 +153,10 @@ def test_build_wheel_script_knows_every_wheel_torch_and_refuses_others():
     from sorsa_kernels import _build_info as B
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "build_wheel.sh")
     res = subprocess.run(["bash", script, "--torch", "2.12.0"], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and "not a supported torch" in res.stdout, res.stdout + res.stderr
-    for v in B.WHEEL_TORCH:
-        assert f'"{v}"' in res.stdout, res.stdout
+    assert res.returncode == 2 and "not a supported torch" in res.stderr, res.stdout + res.stderr
+    for v, cuda in B.WHEEL_TORCH.items():
+        assert f"{v} (CUDA {cuda})" in res.stderr, res.stderr
+    res = subprocess.run(["bash", script, "--torch"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--torch needs a version" in res.stderr, res.stderr
+    res = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "--torch 2.15.0" in res.stdout and "set -euo" not in res.stdout, res.stdout

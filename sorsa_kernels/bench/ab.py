@@ -5,7 +5,8 @@ Each switch is a module flag of :mod:`sorsa_kernels.kernels.linear_launch` (read
 * ``TMA_FLATTEN``: the sm_90 TMA GEMM's flattened persistent loop (vs the nested loop);
 * ``OVERLAP``: dA (and a second-pass dB) on a side stream next to the dX GEMM (vs in line);
 * ``ONE_PASS_DY``: ``g = dY·B`` and ``dB = dYᵀ·s`` in one pass over dY (vs two; ``None`` is the
-  shipped byte-count rule).
+  shipped byte-count rule);
+* ``RESERVE_SMS``: SMs the persistent dX GEMM leaves free for the side stream (0 vs 16).
 
 For each case the shipped defaults and one variant per switch (that switch flipped, the others
 at their defaults) run fwd+bwd interleaved (:func:`sorsa_kernels.bench.timing.time_interleaved`);
@@ -29,12 +30,12 @@ from ..kernels import linear_launch as L
 from ..ops.linear import sorsa_linear
 from .timing import time_interleaved
 
-DEFAULTS = {"TMA_FLATTEN": True, "OVERLAP": True, "ONE_PASS_DY": None}
-FLIPPED = {"TMA_FLATTEN": False, "OVERLAP": False, "ONE_PASS_DY": False}
+DEFAULTS = {"TMA_FLATTEN": True, "OVERLAP": True, "ONE_PASS_DY": None, "RESERVE_SMS": 0}
+FLIPPED = {"TMA_FLATTEN": False, "OVERLAP": False, "ONE_PASS_DY": False, "RESERVE_SMS": 16}
 # (M, K, N, r, p, switches that matter there): r = 16 takes every switch; r = 128 keeps the nested
 # loop and two passes over dY (so only OVERLAP changes anything there)
-GPU_CASES = [(8192, 4096, 4096, 16, 0.0, ("TMA_FLATTEN", "OVERLAP", "ONE_PASS_DY")),
-             (8192, 4096, 4096, 128, 0.05, ("OVERLAP",))]
+GPU_CASES = [(8192, 4096, 4096, 16, 0.0, ("TMA_FLATTEN", "OVERLAP", "ONE_PASS_DY", "RESERVE_SMS")),
+             (8192, 4096, 4096, 128, 0.05, ("OVERLAP", "RESERVE_SMS"))]
 CPU_CASES = [(48, 40, 56, 8, 0.1, ("TMA_FLATTEN", "OVERLAP", "ONE_PASS_DY"))]
 
 

@@ -14,9 +14,10 @@ specialisation with the installed Triton's own binder (``create_function_from_si
 Gates (exit status 1): a compile/ptxas error, register spills, shared memory over the arch's
 limit, an sm_90 fp16/bf16 tensor-core dot with a ≥ 64-row tile and no wgmma, an sm_90
 launch given host tensor descriptors whose PTX has no TMA (``cp.async.bulk.tensor``), a launch
-that leaves ``enable_fp_fusion`` to Triton's default (it flips in 3.10), and any warning raised
-while compiling (Triton 3.9's deprecations become 3.10's errors). TMA presence is otherwise
-reported, not gated.
+that leaves ``enable_fp_fusion`` to Triton's default (it flips in 3.10), any warning raised
+while compiling (Triton 3.9's deprecations become 3.10's errors), and less than ``SMEM_HEADROOM``
+of shared memory left below the limit (unless the launcher falls back on OutOfResources). TMA
+presence is otherwise reported, not gated.
 
 Run: ``TRITON_INTERPRET=0 python -m sorsa_kernels.kernels.aot_check [--json PATH] [--markdown PATH]``.
 """
@@ -42,6 +43,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 # Shared memory per block a kernel may opt into (bytes): A100 163 KB, H100/H200 227 KB.
 SMEM_LIMIT = {80: 166912, 90: 232448}
+# Room every program must leave below the limit: a Triton update that adds scratch space (barriers,
+# reduction or layout-conversion buffers) must not make a shipped program fail at launch. Programs
+# whose launcher relaunches a leaner variant on OutOfResources (linear_kernels.SMEM_FALLBACK) are
+# reported, not failed.
+SMEM_HEADROOM = 8 * 1024
 # What the launchers see for each arch (SM count, capability): A100, H100/H200 SXM.
 ARCH_DEVICE = {80: (108, (8, 0)), 90: (132, (9, 0))}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -330,8 +336,15 @@ def compile_unit(i: int) -> dict:
     p.extend(f"warning while compiling: {w}" for w in rec["warnings"])
     if spill:
         p.append(f"register spills: {spill} B")
+    rec["smem_headroom"] = SMEM_LIMIT[u.arch] - k.metadata.shared
     if k.metadata.shared > SMEM_LIMIT[u.arch]:
         p.append(f"shared memory {k.metadata.shared} B > {SMEM_LIMIT[u.arch]} B")
+    elif rec["smem_headroom"] < SMEM_HEADROOM:
+        flag = _smem_fallback(u)
+        if flag is None:
+            p.append(f"shared memory headroom {rec['smem_headroom']} B < {SMEM_HEADROOM} B")
+        else:
+            rec["smem_fallback"] = f"headroom {rec['smem_headroom']} B: the launcher relaunches with {flag}=False"
     # wgmma needs ≥ 64 rows per warpgroup: a 16/32-row tile legitimately falls back to mma.sync
     if u.arch == 90 and any(int(m) >= 64 for m, _ in dots) and not rec["wgmma"]:
         p.append("fp16/bf16 dot with a >= 64-row tile but no wgmma in the sm_90 PTX")
@@ -339,6 +352,19 @@ def compile_unit(i: int) -> dict:
         p.append("launched with tensor descriptors but no TMA (cp.async.bulk.tensor) in the sm_90 PTX")
     rec["ok"] = not p
     return rec
+
+
+def _smem_fallback(u: Unit) -> Optional[str]:
+    """The constexpr whose True value this program has and whose launcher falls back without it
+    on OutOfResources (``linear_kernels.SMEM_FALLBACK``), else None."""
+    from .linear_kernels import SMEM_FALLBACK
+    flag = SMEM_FALLBACK.get(u.kernel)
+    if flag is None or flag not in u.jit.arg_names:
+        return None
+    idx = u.jit.arg_names.index(flag)
+    constexprs = u.spec[1]
+    val = constexprs.get((idx,), constexprs.get(idx, constexprs.get(flag)))
+    return flag if val is True else None
 
 
 def _attr_names(params, attrs, attr: str) -> List[str]:

@@ -77,6 +77,8 @@ from .._backend import triton_interpret
 from .linear_kernels import (FP_FUSION, sorsa_gdb_kernel, sorsa_mm_kernel, sorsa_mm_tma_kernel, sorsa_scale_kernel,
                              sorsa_tn_kernel)
 
+from triton.runtime.errors import OutOfResources
+
 try:  # host-side tensor descriptors: triton >= 3.4 (3.6 on the H200 image, 3.8 here)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older triton: the pointer path everywhere
@@ -135,6 +137,9 @@ TMA_CONFIGS = {
 # masked variant is at 255 registers, so those keep the nested loop). Chosen from the
 # tutorial's Hopper setting and the AOT compile, not timed; False restores the nested loop.
 TMA_FLATTEN = True
+# (BLOCK_M, BLOCK_N, BLOCK_K) tiles whose flattened variant did not fit in shared memory at launch
+# in this process (see _mm_tma): they take the nested loop from then on.
+_FLATTEN_TOO_BIG: set = set()
 # Tests force the TMA kernel under the interpreter (it runs host descriptors there too).
 FORCE_TMA = False
 # The interpreter runs numpy: one small config keeps the tests fast and hits ragged edges.
@@ -157,6 +162,12 @@ INTERP_GDB = dict(BLOCK_M=16, BLOCK_N=16)
 ONE_PASS_DY: Optional[bool] = None
 # dA (and the two-pass dB) run on a side stream next to the dX GEMM; False runs them in line.
 OVERLAP = True
+# SMs the persistent dX GEMM leaves free while the side stream has work (its 132 programs would
+# otherwise hold every SM, so dA/dB, and DDP's NCCL kernels, wait for its last wave). 0 by counting,
+# not timing (bf16 8192×4096×4096 on an H200): dX runs 7.76 waves, its last leaves ~24 % of the SMs
+# idle for ~45 µs, room for dA's ~16–20 µs read of x; reserving k SMs costs dX k/132 of its ~350 µs
+# (k = 8: ~21 µs) for work that the tail already hides. bench.ab times RESERVE_SMS = 16 against it.
+RESERVE_SMS = 0
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -178,6 +189,12 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter / meta: a small persistent grid
     return _cuda_props(device.index if device.index is not None else torch.cuda.current_device()).multi_processor_count
+
+
+def _programs(device: torch.device, reserve_sms: int) -> int:
+    """Programs of a persistent grid: one per SM, less ``reserve_sms`` left free for other streams."""
+    n = num_sms(device)
+    return max(1, n - min(max(reserve_sms, 0), n - 1))
 
 
 def device_capability(device: torch.device) -> Tuple[int, int]:
@@ -275,7 +292,7 @@ def _tma_config(M: int) -> dict:
 
 
 def _mm_tma(x1, w1, x2, w2, bias, out, seed: int = 0, p: float = 0.0, drop_out: bool = False,
-            drop_ld: int = 0) -> torch.Tensor:
+            drop_ld: int = 0, reserve_sms: int = 0) -> torch.Tensor:
     """Launch ``sorsa_mm_tma_kernel``: ``out = x1·w1ᵀ + drop_out(x2·w2ᵀ) + bias`` (see ``mm``)."""
     M, K = x1.shape
     N, R = w1.shape[0], x2.shape[1]
@@ -297,13 +314,26 @@ def _mm_tma(x1, w1, x2, w2, bias, out, seed: int = 0, p: float = 0.0, drop_out: 
              desc(w2, [BK, BN], True) if b_t else desc(w2, [BN, BK]),
              bias if bias is not None else out,
              desc(out, [BM, BN // 2 if epi_sub else BN]))
-    grid = (min(num_sms(x1.device), triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
-    with device_guard(x1.device):
+    grid = (min(_programs(x1.device, reserve_sms), triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
+    flatten = TMA_FLATTEN and not drop_out and R <= BK and (BM, BN, BK) not in _FLATTEN_TOO_BIG
+
+    def run(flat: bool):
         sorsa_mm_tma_kernel[grid](*descs, M, N, K, R, _m_bucket(M), seed, *_drop_args(p, drop_ld),
                                   HAS_BIAS=bias is not None, W_T=w_t, B_T=b_t, UPCAST=_upcast(x1.dtype),
-                                  EPI_SUB=epi_sub, DROP_OUT=drop_out,
-                                  FLATTEN=TMA_FLATTEN and not drop_out and R <= BK,
+                                  EPI_SUB=epi_sub, DROP_OUT=drop_out, FLATTEN=flat,
                                   enable_fp_fusion=FP_FUSION["sorsa_mm_tma_kernel"], **meta, **launch)
+
+    with device_guard(x1.device):
+        try:
+            run(flatten)
+        except OutOfResources:
+            # The flattened loop uses 229,416 of sm_90's 232,448 B of shared memory (AOT): a Triton
+            # that adds scratch space fails it at launch (nothing ran). The nested loop (181 KB)
+            # computes the same tile; remembered for the process so the failure is paid once.
+            if not flatten:
+                raise
+            _FLATTEN_TOO_BIG.add((BM, BN, BK))
+            run(False)
     return out
 
 
@@ -312,7 +342,7 @@ def mm(
     x2: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None, seed: Union[int, torch.Tensor, None] = None,
     p: float = 0.0, drop_in: bool = False, drop_out: bool = False, drop_ld: int = 0,
-    k_splits: int = 1,
+    k_splits: int = 1, reserve_sms: int = 0,
 ) -> torch.Tensor:
     """``out = drop_in(x1)·w1ᵀ + drop_out(x2·w2ᵀ) + bias``; x1 (M,K), w1 (N,K), x2 (M,R), w2 (N,R).
 
@@ -322,6 +352,7 @@ def mm(
     M, K = x1.shape
     N = w1.shape[0]
     has2 = x2 is not None
+    bias = None if bias is None else bias.contiguous()  # both kernels read it with unit stride
     R = x2.shape[1] if has2 else 0
     x2_, w2_ = (x2, w2) if has2 else (x1, w1)
     if M == 0 or N == 0:
@@ -329,7 +360,7 @@ def mm(
     # a mask whose Philox counter needs int64 (x with >= 2^33 elements) takes the pointer kernel
     if (k_splits == 1 and _use_tma(x1, w1, x2, w2, out) and not drop_in
             and not (drop_out and _big(extra=M * drop_ld))):
-        return _mm_tma(x1, w1, x2, w2, bias, out, _seed_int(seed), p, drop_out, drop_ld)
+        return _mm_tma(x1, w1, x2, w2, bias, out, _seed_int(seed), p, drop_out, drop_ld, reserve_sms)
     out3 = out if out.dim() == 3 else out.unsqueeze(0)
     k_per = triton.cdiv(triton.cdiv(K, k_splits), 64) * 64  # a multiple of every BLOCK_K
     splits = triton.cdiv(K, k_per)
@@ -345,7 +376,7 @@ def mm(
     flags = dict(HAS_SEG2=has2, HAS_BIAS=bias is not None, DROP_IN=drop_in, DROP_OUT=drop_out,
                  BIG=big, UPCAST=_upcast(x1.dtype), PREC=_prec(x1.dtype),
                  enable_fp_fusion=FP_FUSION["sorsa_mm_kernel"])
-    progs = num_sms(x1.device)  # persistent: at most one program per SM
+    progs = _programs(x1.device, reserve_sms)  # persistent: at most one program per SM
 
     def grid(meta):
         return (min(progs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])), splits)
@@ -566,8 +597,7 @@ def linear_fwd(x, weight, A, S, B, bias, scale: float, p: float, seed) -> Tuple[
     seed = _seed_int(seed)
     xa, s = reduce_scale(_skinny_parts(x, A.to(dt), seed=seed, p=p, drop_in=p > 0, drop_ld=K), S, scale, dt)
     y = torch.empty((M, weight.shape[0]), dtype=dt, device=x.device)
-    # the kernels read bias (and S, in reduce_scale) with unit stride: a strided view is copied
-    mm(x, weight, y, x2=s, w2=_rank_weight(B, dt), bias=None if bias is None else bias.to(dt).contiguous())
+    mm(x, weight, y, x2=s, w2=_rank_weight(B, dt), bias=None if bias is None else bias.to(dt))
     return y, xa
 
 
@@ -598,8 +628,10 @@ def linear_bwd(dy, x, weight, A, S, B, xa, scale: float, p: float, seed, need_dx
     dx = dA = dB = None
     with side_stream(dy.device) as side:  # forked here: before dX is queued
         if need_dx:
+            side_work = side.stream is not None and (need_dA or (need_dB and db_part is None))
             dx = mm(dy, weight.t(), torch.empty_like(x, memory_format=torch.contiguous_format),
-                    x2=gs, w2=A.to(dt).t(), seed=seed, p=p, drop_out=p > 0, drop_ld=K)
+                    x2=gs, w2=A.to(dt).t(), seed=seed, p=p, drop_out=p > 0, drop_ld=K,
+                    reserve_sms=RESERVE_SMS if side_work else 0)
         with side.run():  # dA (and dB when it needs its own pass over dY) next to the dX GEMM
             if need_dA:
                 dA = side.keep(tn(gs, x, seed=seed, p=p, drop_q=p > 0, drop_ld=K).to(A.dtype))
