@@ -7,7 +7,9 @@ max-autotune picks between Triton templates and ATen. It is consulted only by
 
 * Key: op, shape bucket (M rounded up to a power of two; the other dims exact: they are the
   model's), dtype, dropout on/off, bias, ``train`` (grad enabled and some operand requires grad:
-  the call will be followed by a backward), GPU arch, torch/triton/package versions, GPU name.
+  the call will be followed by a backward), x's memory layout (:func:`x_layout`: aligned rows
+  take TMA/cp.async, offset views or column-major x the synchronous-load path, and the bench
+  lays its x out the same way), GPU arch, torch/triton/package versions, GPU name.
 * Timing: the op's case gives ``bench(name)``, a thunk of candidate ``name`` on random inputs
   of the real shapes (fwd+bwd for ``train`` keys, forward only under ``torch.no_grad()`` for
   inference keys; both candidates share one set of inputs). The two candidates are timed
@@ -331,7 +333,7 @@ def report() -> List[Dict[str, Any]]:
         return [dict(key=k, persisted=k not in _volatile, **v) for k, v in sorted(mem.items())]
 
 
-_FIELD_ORDER = ("M", "K", "N", "r", "dtype", "adapter_dtype", "dropout", "bias", "train")
+_FIELD_ORDER = ("M", "K", "N", "r", "dtype", "adapter_dtype", "dropout", "bias", "train", "x_layout")
 
 
 def format_entry(d: Dict[str, Any]) -> str:
@@ -390,15 +392,17 @@ def linear_case(x2: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, bias: O
     dt, adt, dev = x2.dtype, A.dtype, x2.device
     train = wants_grad(x2, weight, A, bias) if train is None else bool(train)
     has_bias = bias is not None
+    layout = x_layout(x2)
     fields = dict(M=bucket(M), K=K, N=N, r=r, dtype=str(dt).replace("torch.", ""),
-                  adapter_dtype=str(adt).replace("torch.", ""), dropout=p > 0, bias=has_bias, train=train)
+                  adapter_dtype=str(adt).replace("torch.", ""), dropout=p > 0, bias=has_bias, train=train,
+                  x_layout=layout)
     shared: List[Any] = [None]  # weak reference to the inputs both candidates' thunks use
 
     def bench(name: str) -> Callable[[], Any]:
         inputs = shared[0]() if shared[0] is not None else None
         if inputs is None:
             with torch.inference_mode(False):  # normal tensors even if the call came under inference_mode
-                inputs = _LinearInputs(M, K, N, r, dt, adt, dev, has_bias, train)
+                inputs = _LinearInputs(M, K, N, r, dt, adt, dev, has_bias, train, layout)
             shared[0] = weakref.ref(inputs)  # freed with the last thunk, not kept by this closure
         return _linear_thunk(name, inputs, p, train)
 
@@ -427,13 +431,35 @@ def linear_bench_bytes(M: int, K: int, N: int, r: int, dt: torch.dtype, adt: tor
     return int(total) + (32 << 20)  # + cuBLAS/Triton workspaces
 
 
-class _LinearInputs:
-    """Random (never zero) inputs of the real shapes, shared by both candidates' thunks."""
+def x_layout(x: torch.Tensor) -> str:
+    """How ``x`` (M, K) lies in memory, as far as the fused kernels care: ``rows16`` (row-major,
+    16-byte aligned start and rows: TMA-legal on sm_90, cp.async elsewhere), ``rows`` (row-major,
+    unaligned), ``cols`` (column-major), ``strided`` (anything else). Part of the key, and the
+    bench's x is laid out the same way: an offset view must not be timed as a contiguous tensor."""
+    es = x.element_size()
+    if x.stride(1) == 1 or x.shape[1] <= 1:
+        aligned = x.data_ptr() % 16 == 0 and (x.stride(0) * es) % 16 == 0
+        return "rows16" if aligned else "rows"
+    if x.stride(0) == 1:
+        return "cols"
+    return "strided"
 
-    def __init__(self, M, K, N, r, dt, adt, dev, has_bias, train):
+
+class _LinearInputs:
+    """Random (never zero) inputs of the real shapes and x's layout, shared by both candidates' thunks."""
+
+    def __init__(self, M, K, N, r, dt, adt, dev, has_bias, train, layout="rows16"):
         g = torch.Generator(device=dev).manual_seed(0)
         rnd = lambda *s, dtype=dt: torch.randn(*s, generator=g, device=dev, dtype=dtype)  # noqa: E731
-        self.x = rnd(M, K).requires_grad_(train)
+        if layout == "cols":
+            x = rnd(K, M).t()
+        elif layout == "strided":
+            x = rnd(M, 2 * K)[:, ::2]
+        elif layout == "rows" and (K * torch.empty((), dtype=dt).element_size()) % 16 == 0:
+            x = rnd(M * K + 1)[1:].view(M, K)  # aligned rows, unaligned start: an offset view
+        else:
+            x = rnd(M, K)
+        self.x = x.detach().requires_grad_(train)
         self.w = rnd(N, K).mul_(K ** -0.5)
         self.a, self.s, self.b = (rnd(r, K, dtype=adt).requires_grad_(train), rnd(r, dtype=adt).requires_grad_(train),
                                   rnd(N, r, dtype=adt).requires_grad_(train))

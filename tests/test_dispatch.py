@@ -629,3 +629,28 @@ def test_torch_func_transform_call_is_not_timed():
         return (x * 2).sum()
     torch.func.grad(f)(torch.randn(3))
     assert t.calls == [] and _dispatch.report() == []
+
+
+@pytest.mark.parametrize("view,layout", [
+    (lambda b: b[:, :64].contiguous(), "rows16"),
+    (lambda b: b.reshape(-1)[8:8 + 40 * 64].view(40, 64), "rows16"),    # offset by 16 bytes: still aligned
+    (lambda b: b.reshape(-1)[1:1 + 40 * 64].view(40, 64), "rows"),      # offset view: unaligned start
+    (lambda b: b[:, :64].t().contiguous().t(), "cols"),                  # column-major
+    (lambda b: b[:, ::2], "strided"),
+])
+def test_x_layout_is_in_the_key_and_the_bench_copies_it(view, layout):
+    """The fused path takes TMA/cp.async only for aligned row-major x; an offset view or a
+    column-major x runs another program, so it is its own key and is timed on an x laid out
+    the same way (it was timed on a contiguous x)."""
+    _needs_triton()
+    x = view(torch.randn(40, 128))
+    assert x.shape == (40, 64) and _dispatch.x_layout(x) == layout
+    w, A = torch.randn(48, 64), torch.randn(4, 64)
+    fields, bench, _ = _dispatch.linear_case(x, w, A, None, 0.0, train=False)
+    assert fields["x_layout"] == layout
+    thunk = bench("torch")
+    cells = [c.cell_contents for c in thunk.__closure__]
+    inputs, = (c for c in cells if isinstance(c, _dispatch._LinearInputs))
+    assert inputs.x.shape == (40, 64) and _dispatch.x_layout(inputs.x) == layout
+    keys = {_dispatch.make_key(OP, dict(fields, x_layout=v), CUDA) for v in ("rows16", "rows", "cols", "strided")}
+    assert len(keys) == 4

@@ -15,7 +15,8 @@ Gates (exit status 1): a compile/ptxas error, register spills, shared memory ove
 limit, an sm_90 fp16/bf16 tensor-core dot with a ≥ 64-row tile and no wgmma, an sm_90
 launch given host tensor descriptors whose PTX has no TMA (``cp.async.bulk.tensor``), a launch
 that leaves ``enable_fp_fusion`` to Triton's default (it flips in 3.10), any warning raised
-while compiling (Triton 3.9's deprecations become 3.10's errors), and less than ``SMEM_HEADROOM``
+while compiling (Triton 3.9's deprecations become 3.10's errors), a ``tl.dot`` in a loop fed by
+neither cp.async nor TMA (an unpipelined main loop), and less than ``SMEM_HEADROOM``
 of shared memory left below the limit (unless the launcher falls back on OutOfResources). TMA
 presence is otherwise reported, not gated.
 
@@ -350,8 +351,46 @@ def compile_unit(i: int) -> dict:
         p.append("fp16/bf16 dot with a >= 64-row tile but no wgmma in the sm_90 PTX")
     if u.arch == 90 and u.has_desc and not rec["tma"]:
         p.append("launched with tensor descriptors but no TMA (cp.async.bulk.tensor) in the sm_90 PTX")
+    # a dot fed inside a loop by neither cp.async nor TMA waits on every load: not pipelined. A
+    # defect when every pointer and stride is 16-byte divisible; with an unaligned operand (a row
+    # stride of 4097 bf16) cp.async is impossible, and that is reported, not failed.
+    if _dot_in_loop(k.asm.get("ttir", "")) and not rec["cp_async"] and not rec["tma"] and u.num_stages > 1:
+        unaligned = _unaligned_operands(u, signature, rec["divisible_16"])
+        if unaligned:
+            rec["unpipelined_because"] = "operands not 16-byte divisible: " + ", ".join(unaligned)
+        else:
+            p.append("a tl.dot inside a loop is fed by neither cp.async nor TMA (loads not pipelined)")
     rec["ok"] = not p
     return rec
+
+
+def _unaligned_operands(u: Unit, signature: Dict[str, Any], divisible: List[str]) -> List[str]:
+    """The main loop's operand arguments (``linear_kernels.PIPELINE_OPERANDS``; else every pointer
+    and ``s_*`` stride) that the specialisation could not prove 16-divisible (runtime values equal
+    to 1 are constants and do not count)."""
+    from .linear_kernels import PIPELINE_OPERANDS
+    names = PIPELINE_OPERANDS.get(u.kernel)
+    out = []
+    for name, ty in signature.items():
+        if ty == "constexpr" or name in divisible:
+            continue
+        if (name in names) if names else (str(ty).startswith("*") or name.startswith("s_")):
+            out.append(name)
+    return out
+
+
+def _dot_in_loop(ttir: str) -> bool:
+    """Whether the TTIR has a ``tt.dot`` inside an ``scf.for`` (the loops the pipeliner serves)."""
+    depth, loops = 0, []
+    for line in ttir.splitlines():
+        if "scf.for" in line:
+            loops.append(depth)
+        if "tt.dot" in line and loops:
+            return True
+        depth += line.count("{") - line.count("}")
+        while loops and depth <= loops[-1]:
+            loops.pop()
+    return False
 
 
 def _smem_fallback(u: Unit) -> Optional[str]:

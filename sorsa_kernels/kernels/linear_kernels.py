@@ -3,13 +3,15 @@
 These kernels cover every GEMM of the op:
 
 * ``sorsa_mm_kernel`` (persistent: a grid of at most #SMs programs walks the output tiles in
-  grouped order): ``C = drop_in(X1)·W1ᵀ + drop_out(X2·W2ᵀ) + bias``. Without an output mask
-  the rank-r segment is *the tail of the same K loop*: the last ``cdiv(R, BLOCK_K)`` steps
-  read ``[X2 | W2]`` instead of ``[X1 | W1]`` (a scalar switch of base pointer and strides),
-  so the software pipeline never drains between the two (LoRAFusion's ``[x | s]·[W_r | B]ᵀ``
-  without materialising the concatenation). Forward ``y``, the shrink ``x·Aᵀ`` (split-K
-  partials), ``dY·B`` and ``dX = dY·W_r + drop(gs·A)`` are all instances (operands are
-  addressed by strides, so transposed views cost nothing).
+  grouped order): ``C = drop_in(X1)·W1ᵀ + drop_out(X2·W2ᵀ) + bias``. The rank-r segment is
+  its own short loop after the main K loop, accumulating into the same fp32 tile (or, with an
+  output mask, into a second one that is masked and added). It was the tail of the main loop
+  through a scalar switch of base pointers and strides; Triton then could not software-pipeline
+  the loop at all (sm_90 128×128×64: synchronous loads, no cp.async, 32 KB smem), so inputs that
+  cannot use TMA ran at an estimated half of cuBLAS. Two loops pipeline each (AOT counts in
+  BENCHMARKS.md). Forward ``y``, the shrink ``x·Aᵀ`` (split-K partials), ``dY·B`` and
+  ``dX = dY·W_r + drop(gs·A)`` are all instances (operands are addressed by strides, so
+  transposed views cost nothing).
 * ``sorsa_tn_kernel``: ``C[s] = P[m_s]ᵀ·drop(Q[m_s])`` over a slice ``m_s`` of the long
   M dimension (split-M, partials summed afterwards in a fixed order → deterministic):
   ``dA``, and ``dB`` for large r, whose outputs are too small to fill the GPU otherwise.
@@ -35,6 +37,14 @@ import triton.language as tl
 # ``ieee`` dot emits explicit FFMAs either way, tensor-core dots are unaffected, the epilogues have
 # no contractible a·b + c), so "on" keeps today's programs and costs nothing; where it does contract
 # (ortho_kernels) one rounding instead of two can only shrink the error the tolerance rule bounds.
+# Arguments of the main (long) loop's operands: when the specialisation proves them 16-divisible,
+# the AOT check requires that loop's loads to be pipelined (cp.async/TMA); when it cannot (a row
+# stride of 4097), synchronous loads are unavoidable and only reported.
+PIPELINE_OPERANDS = {
+    "sorsa_mm_kernel": ("X1", "W1", "s_x1m", "s_x1k", "s_w1n", "s_w1k"),
+    "sorsa_tn_kernel": ("P", "Q", "s_pm", "s_pa", "s_qm", "s_qb"),
+    "sorsa_gdb_kernel": ("DY", "SX", "s_ym", "s_yn", "s_sm", "s_sr"),
+}
 # Programs allowed under the AOT check's shared-memory headroom because their launcher catches
 # OutOfResources and relaunches without the named constexpr (kernel -> constexpr that is then off).
 SMEM_FALLBACK = {"sorsa_mm_tma_kernel": "FLATTEN"}
@@ -91,11 +101,6 @@ def sorsa_mm_kernel(
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     k_steps = tl.cdiv(k_hi - k_lo, BLOCK_K)
-    # the rank-r segment joins the K loop unless its product needs its own output mask
-    FUSED: tl.constexpr = HAS_SEG2 and not DROP_OUT
-    r_steps = 0
-    if FUSED:
-        r_steps = tl.cdiv(R, BLOCK_K)
     rk = tl.arange(0, BLOCK_K)
     c_split = C + split.to(tl.int64) * s_cs
     for tile in tl.range(pid, num_tiles, tl.num_programs(0)):
@@ -109,38 +114,28 @@ def sorsa_mm_kernel(
         n_ok = rn[None, :] < N
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for step in range(0, k_steps + r_steps):
-            if FUSED:  # scalar switch to the [X2 | W2] segment for the last r_steps steps
-                main = step < k_steps
-                k0 = tl.where(main, k_lo + step * BLOCK_K, (step - k_steps) * BLOCK_K)
-                k_end = tl.where(main, k_hi, R)
-                xa_ = tl.where(main, X1, X2)
-                wa_ = tl.where(main, W1, W2)
-                sxm = tl.where(main, s_x1m, s_x2m)
-                sxk = tl.where(main, s_x1k, s_x2r)
-                swn = tl.where(main, s_w1n, s_w2n)
-                swk = tl.where(main, s_w1k, s_w2r)
-            else:
-                k0 = k_lo + step * BLOCK_K
-                k_end = k_hi
-                xa_, wa_, sxm, sxk, swn, swk = X1, W1, s_x1m, s_x1k, s_w1n, s_w1k
-            kk = k0 + rk
+        for step in range(0, k_steps):  # main K loop: fixed operands, software-pipelined (cp.async)
+            kk = k_lo + step * BLOCK_K + rk
             if BIG:
                 kk = kk.to(tl.int64)
-            k_ok = kk < k_end
-            a = tl.load(xa_ + rm[:, None] * sxm + kk[None, :] * sxk, mask=m_ok & k_ok[None, :], other=0.0)
+            k_ok = kk < k_hi
+            a = tl.load(X1 + rm[:, None] * s_x1m + kk[None, :] * s_x1k, mask=m_ok & k_ok[None, :], other=0.0)
             if DROP_IN:
-                keep = _keep4(seed, rm[:, None], k0, drop_ld4, thr, BLOCK_K)
+                keep = _keep4(seed, rm[:, None], k_lo + step * BLOCK_K, drop_ld4, thr, BLOCK_K)
                 a = tl.where(keep, a.to(tl.float32) * inv_keep, 0.0).to(a.dtype)
-            b = tl.load(wa_ + rn[None, :] * swn + kk[:, None] * swk, mask=n_ok & k_ok[:, None], other=0.0)
+            b = tl.load(W1 + rn[None, :] * s_w1n + kk[:, None] * s_w1k, mask=n_ok & k_ok[:, None], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PREC)
 
-        if HAS_SEG2 and DROP_OUT:
-            # dX's rank-r term is masked element-wise, so it needs its own accumulator
-            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_SEG2:
+            # rank-r segment, its own loop (pipelined too). With an output mask (dX's masked
+            # term) it needs its own accumulator; otherwise it adds straight into acc.
+            if DROP_OUT:
+                acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            else:
+                acc2 = acc
             for r0 in range(0, R, BLOCK_K):
                 kk = r0 + rk
                 a = tl.load(X2 + rm[:, None] * s_x2m + kk[None, :] * s_x2r, mask=m_ok & (kk[None, :] < R), other=0.0)
@@ -149,8 +144,11 @@ def sorsa_mm_kernel(
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
                 acc2 = tl.dot(a, b, acc2, input_precision=PREC)
-            keep = _keep4(seed, rm[:, None], pid_n * BLOCK_N, drop_ld4, thr, BLOCK_N)
-            acc += tl.where(keep, acc2 * inv_keep, 0.0)
+            if DROP_OUT:
+                keep = _keep4(seed, rm[:, None], pid_n * BLOCK_N, drop_ld4, thr, BLOCK_N)
+                acc += tl.where(keep, acc2 * inv_keep, 0.0)
+            else:
+                acc = acc2
 
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
