@@ -4,6 +4,7 @@
   sorsa-kernels bench              the main job: ours vs sorsa 1.0.1 vs the floor, every op
   sorsa-kernels bench --quick      a short smoke run (CI)
   sorsa-kernels bench --full       a wider sweep
+  sorsa-kernels check              every fused op vs the torch path and float64, one subprocess per case (GPU)
 """
 from __future__ import annotations
 
@@ -85,8 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sorsa-kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"sorsa-kernels {__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{info,bench}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{info,bench,check}")
     sub.add_parser("info", help="what will run on this machine: versions, GPU, backends, extension")
+    sub.add_parser("check", add_help=False, help="every fused op vs the torch path and float64, each case in a "
+                                                 "subprocess (needs a GPU; --help for options)")
     b = sub.add_parser("bench", help="benchmark ours vs sorsa 1.0.1 vs the floor on this machine",
                        description="Times every op (ours, sorsa 1.0.1, the floor) interleaved in rounds and "
                                    "prints a verdict table, then the details. Default: about 2 minutes on a "
@@ -108,6 +111,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check"]:  # its own options: sorsa_kernels.check parses them
+        from . import check
+        return check.main(argv[1:])
     p = _parser()
     a = p.parse_args(argv)
     if a.cmd == "info":

@@ -365,10 +365,14 @@ def compile_unit(i: int) -> dict:
 
 
 def _unaligned_operands(u: Unit, signature: Dict[str, Any], divisible: List[str]) -> List[str]:
-    """The main loop's operand arguments (``linear_kernels.PIPELINE_OPERANDS``; else every pointer
-    and ``s_*`` stride) that the specialisation could not prove 16-divisible (runtime values equal
-    to 1 are constants and do not count)."""
+    """Why the main loop's operands cannot be proven 16-byte aligned (empty: they can): a kernel's
+    own ``VEC`` constexpr when it has one (1: unaligned), else its ``linear_kernels.PIPELINE_OPERANDS``
+    (or every pointer and ``s_*`` stride) that the specialisation could not prove 16-divisible."""
     from .linear_kernels import PIPELINE_OPERANDS
+    if "VEC" in u.jit.arg_names:  # the kernel's own alignment flag (ortho kernels: strides come from a table)
+        idx = u.jit.arg_names.index("VEC")
+        vec = u.spec[1].get((idx,), u.spec[1].get(idx))
+        return [] if vec is not None and vec > 1 else ["VEC=1 (the launcher found no 16-byte alignment)"]
     names = PIPELINE_OPERANDS.get(u.kernel)
     out = []
     for name, ty in signature.items():
