@@ -27,6 +27,8 @@ BACKENDS = ("auto", "torch", "triton", "ext")
 
 # op name -> backends with an implementation besides "torch"; filled by the op modules.
 _IMPLEMENTED: Dict[str, set] = {}
+# (op, backend) -> the dtypes that implementation handles (absent: any); the torch path handles all.
+_DTYPES: Dict[Tuple[str, str], Tuple[torch.dtype, ...]] = {}
 
 # What "auto" tries, in order, before falling back to "torch".
 _AUTO_ORDER_DEFAULT: Tuple[str, ...] = ("triton", "ext")
@@ -35,11 +37,13 @@ _AUTO_ORDER_DEFAULT: Tuple[str, ...] = ("triton", "ext")
 _AUTO_ORDER: Dict[Tuple[str, str], Tuple[str, ...]] = {}
 
 
-def register(op: str, backend: str) -> None:
-    """Declare that ``op`` has an implementation for ``backend``."""
+def register(op: str, backend: str, dtypes: Optional[Tuple[torch.dtype, ...]] = None) -> None:
+    """Declare that ``op`` has an implementation for ``backend`` (handling ``dtypes``; None: any)."""
     if backend not in BACKENDS[1:]:
         raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
     _IMPLEMENTED.setdefault(op, {"torch"}).add(backend)
+    if dtypes is not None:
+        _DTYPES[(op, backend)] = tuple(dtypes)
 
 
 def prefer(op: str, device_type: str, order: Tuple[str, ...]) -> None:
@@ -138,8 +142,13 @@ def available_backends(op: str) -> list[str]:
     return out
 
 
-def resolve(op: str, backend: str, device: torch.device) -> str:
-    """Return the concrete backend for running ``op`` on ``device``.
+def _handles(op: str, backend: str, dtype: Optional[torch.dtype]) -> bool:
+    allowed = _DTYPES.get((op, backend))
+    return dtype is None or allowed is None or dtype in allowed
+
+
+def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """Return the concrete backend for running ``op`` on ``device`` (with inputs of ``dtype``).
 
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` naming what is
     missing when a forced backend cannot run here.
@@ -151,11 +160,15 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     impls = _IMPLEMENTED.get(op, set())
     if backend == "auto":
         for b in auto_order(op, device.type):
-            if b in impls and _can_run(b, device, forced=False)[0]:
+            if b in impls and _handles(op, b, dtype) and _can_run(b, device, forced=False)[0]:
                 return b
         return "torch"
     if backend not in impls:
         raise RuntimeError(f"backend='{backend}' is not available for {op}: this op has no {backend} implementation")
+    if not _handles(op, backend, dtype):
+        names = ", ".join(str(d).replace("torch.", "") for d in _DTYPES[(op, backend)])
+        raise RuntimeError(f"backend='{backend}' is not available for {op} with {str(dtype).replace('torch.', '')} "
+                           f"inputs: it handles {names} (backend='torch' or 'auto' runs any float dtype)")
     ok, why = _can_run(backend, device, forced=True)
     if not ok:
         raise RuntimeError(f"backend='{backend}' is not available for {op}: {why}")
@@ -163,18 +176,20 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
 
 
 def choose(op: str, backend: str, device: torch.device,
-           case: Optional[Callable[[], Optional[Tuple[Any, ...]]]] = None
-           ) -> str:
+           case: Optional[Callable[[], Optional[Tuple[Any, ...]]]] = None,
+           dtype: Optional[torch.dtype] = None) -> str:
     """:func:`resolve`, plus the timed fused-vs-torch choice for ``backend="auto"`` on CUDA.
 
     ``case()`` (called only when a choice is to be made) returns a backend name when the op's
-    rule decides without timing, or ``(fields, bench[, need_bytes])``:
+    rule decides without timing, or ``(fields, bench[, need_bytes[, verify]])``:
     the op's signature (bucketed dims, dtype, dropout on/off, bias, train), ``bench(name)``, which
     builds a thunk of candidate ``name`` on random inputs of those shapes (fwd+bwd when training,
-    else forward only), and optionally the bytes that bench needs on the device; it returns
+    else forward only), optionally the bytes that bench needs on the device and ``verify(fused)``,
+    which compares the fused candidate with the torch path by the tolerance rule (None: agree;
+    else what differs) before anything is timed; it returns
     None when the shapes are symbolic. A forced backend is never second-guessed.
     """
-    impl = resolve(op, backend, device)
+    impl = resolve(op, backend, device, dtype)
     if backend != "auto" or impl == "torch" or device.type != "cuda" or case is None:
         return impl
     if torch.compiler.is_compiling():
@@ -189,9 +204,9 @@ def choose(op: str, backend: str, device: torch.device,
         return impl
     if isinstance(got, str):  # decided by the op's rule (e.g. decode-sized rows), not timed
         return got
-    fields, bench, *need = got
+    fields, bench, *rest = got
     return _dispatch.decide(op, impl, _dispatch.make_key(op, fields, device), fields, bench, device=device,
-                            need_bytes=need[0] if need else None)
+                            need_bytes=rest[0] if rest else None, verify=rest[1] if len(rest) > 1 else None)
 
 
 def describe() -> Dict[str, Dict[str, str]]:

@@ -62,6 +62,7 @@ import math
 import os
 import statistics
 import threading
+import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
@@ -197,15 +198,52 @@ def _err(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
+_warned: Set[str] = set()
+
+
+def _mismatch_warning(op: str, fields: Dict[str, Any], fused: str, what: str, device: Optional[torch.device]) -> str:
+    """The once-per-key warning text: enough to paste into a bug report."""
+    import platform
+    from . import __version__
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:  # pragma: no cover
+        tv = "not installed"
+    gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else str(device)
+    shape = " ".join(f"{k}={fields[k]}" for k in sorted(fields))
+    return (f"sorsa_kernels: the fused {op} ({fused}) disagreed with the torch path on this machine and is "
+            f"not used for this shape (torch runs it; decision cached). {what}. Please report it: "
+            f"sorsa-kernels {__version__}, torch {torch.__version__}, triton {tv}, GPU {gpu}, "
+            f"python {platform.python_version()}, {shape}")
+
+
 def _measure(op: str, fused: str, fields: Dict[str, Any], bench: Bench, on_cuda: bool,
-             device: Optional[torch.device], need_bytes: Optional[int]) -> Tuple[dict, bool]:
-    """Time the candidates (or decide not to); returns (entry, persist on disk)."""
+             device: Optional[torch.device], need_bytes: Optional[int],
+             verify: Optional[Callable[[str], Optional[str]]] = None) -> Tuple[dict, bool]:
+    """Verify, then time the candidates (or decide not to); returns (entry, persist on disk)."""
     free = free_bytes(device) if need_bytes else None
     if need_bytes and free is not None and need_bytes > MEM_FRACTION * free:
         reason = (f"not timed: needs {need_bytes / 2 ** 20:.0f} MiB, {free / 2 ** 20:.0f} MiB free "
                   f"(at most {MEM_FRACTION:.0%} of it is used for timing)")
         return dict(op=op, choice=fused, ms={}, spread_ms={}, errors={}, unclear=False, reason=reason,
                     **fields), False
+    if verify is not None:
+        try:
+            bad = verify(fused)
+        except torch.OutOfMemoryError:
+            bad = None  # no room to compare: timed as before (the fused path is tested elsewhere)
+            if on_cuda:
+                torch.cuda.empty_cache()
+        except Exception as exc:  # a launch error (or a crash surfaced as one) is a failure too
+            bad = f"the fused path raised {_err(exc)}"
+        if bad is not None:
+            key = repr(sorted(fields.items()))
+            if key not in _warned:
+                _warned.add(key)
+                warnings.warn(_mismatch_warning(op, fields, fused, bad, device), RuntimeWarning, stacklevel=4)
+            return dict(op=op, choice="torch", ms={}, spread_ms={}, errors={fused: f"mismatch: {bad}"},
+                        unclear=False, reason="fused result disagreed with torch", **fields), True
     names = (fused, "torch")
     samples: Dict[str, List[float]] = {n: [] for n in names}
     errors: Dict[str, str] = {}
@@ -292,7 +330,8 @@ def _no_side_effects(device: Optional[torch.device]):
 
 
 def decide(op: str, fused: str, key: str, fields: Dict[str, Any], bench: Bench,
-           device: Optional[torch.device] = None, need_bytes: Optional[int] = None) -> str:
+           device: Optional[torch.device] = None, need_bytes: Optional[int] = None,
+           verify: Optional[Callable[[str], Optional[str]]] = None) -> str:
     """Return ``fused`` or ``"torch"`` for this key: cached, else timed with ``bench(name)``
     (the thunk of candidate ``name`` on random inputs of the real shapes), ``need_bytes`` being
     what those inputs and the worst candidate's intermediates take. See the module docstring."""
@@ -312,7 +351,7 @@ def decide(op: str, fused: str, key: str, fields: Dict[str, Any], bench: Bench,
         if device is not None and device.type == "cuda" and _capturing():
             return fused  # no events/syncs in a CUDA-graph capture of the tensors' device's stream
         with _no_side_effects(device if on_cuda else None):
-            entry, persist = _measure(op, fused, fields, bench, on_cuda, device, need_bytes)
+            entry, persist = _measure(op, fused, fields, bench, on_cuda, device, need_bytes, verify)
     with _lock:
         mem = _load()
         mem[key] = entry
@@ -406,7 +445,55 @@ def linear_case(x2: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, bias: O
             shared[0] = weakref.ref(inputs)  # freed with the last thunk, not kept by this closure
         return _linear_thunk(name, inputs, p, train)
 
-    return fields, bench, linear_bench_bytes(M, K, N, r, dt, adt, has_bias, p, train)
+    def verify(fused: str) -> Optional[str]:
+        return _linear_verify(fused, M, K, N, r, dt, adt, dev, has_bias, train, layout)
+
+    return fields, bench, linear_bench_bytes(M, K, N, r, dt, adt, has_bias, p, train), verify
+
+
+# The reference of the verification: float64 for fp32 inputs, float32 for 16-bit ones (its error is
+# ~1e-7 relative, far below the 16-bit paths' ~1e-3, so it stands in for float64 in the rule).
+VERIFY_MAX_BYTES = 1 << 30
+_VERIFY_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _linear_verify(fused: str, M: int, K: int, N: int, r: int, dt: torch.dtype, adt: torch.dtype,
+                   dev: torch.device, has_bias: bool, train: bool, layout: str) -> Optional[str]:
+    """One call of each candidate (dropout off: the two paths draw different masks; the fused mask
+    is tested against its documented Philox stream) on the bench's inputs, compared by the
+    tolerance rule with a high-precision reference: None when they agree, else what differs."""
+    from .ops.linear import sorsa_linear, sorsa_linear_naive
+    ref_dt = torch.float64 if dt == torch.float32 else torch.float32
+    es = torch.empty((), dtype=ref_dt).element_size()
+    if (M * K + N * K + 2 * M * N) * es > VERIFY_MAX_BYTES:
+        return None  # the reference would not fit beside the training step: not verified
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        t = _LinearInputs(M, K, N, r, dt, adt, dev, has_bias, train, layout)
+
+    def outputs(fn, cast):
+        with torch.inference_mode(False), torch.enable_grad():
+            leaves = [cast(v).detach().requires_grad_(train) for v in (t.x, t.a, t.s, t.b)]
+            w, bias = cast(t.w), None if t.bias is None else cast(t.bias)
+            y = fn(leaves, w, bias)
+            if not train:
+                return [y.detach()]
+            grads = torch.autograd.grad(y, leaves, cast(t.dy))
+            return [y.detach()] + [g.detach() for g in grads]
+    run = lambda name: lambda lv, w, b: sorsa_linear(lv[0], w, *lv[1:], 0.5, b, dropout_p=0.0,  # noqa: E731
+                                                     training=True, backend=name)
+    got = outputs(run(fused), lambda v: v)
+    lowp = outputs(run("torch"), lambda v: v)
+    ref = outputs(lambda lv, w, b: sorsa_linear_naive(lv[0], w, *lv[1:], 0.5, b), lambda v: v.to(ref_dt))
+    names = ("y", "dx", "dA", "dS", "dB")
+    for name, g, lp, rf in zip(names, got, lowp, ref):
+        if not torch.isfinite(g).all():
+            return f"{name} has non-finite values"
+        err = (g.to(ref_dt) - rf).abs().max().item()
+        base = (lp.to(ref_dt) - rf).abs().max().item()
+        tol = 2 * base + _VERIFY_FLOOR.get(g.dtype, 1e-5) * max(1.0, rf.abs().max().item())
+        if err > tol:
+            return f"{name}: max error {err:.3g} vs the tolerance {tol:.3g} (torch path's error {base:.3g})"
+    return None
 
 
 def linear_bench_bytes(M: int, K: int, N: int, r: int, dt: torch.dtype, adt: torch.dtype,

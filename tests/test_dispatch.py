@@ -109,7 +109,7 @@ def test_buckets_separate_shapes():
     for case in (_case(M=1000), _case(M=1024), _case(M=600)):  # one bucket (1024)
         _backend.choose(OP, "auto", CUDA, case)
     assert len(t.calls) == 2 * _dispatch.ROUNDS
-    for case in (_case(M=2000), _case(K=80), _case(p=0.1), _case(bias=False), _case(dtype=torch.float64),
+    for case in (_case(M=2000), _case(K=80), _case(p=0.1), _case(bias=False), _case(dtype=torch.float16),
                  _case(train=True)):
         _backend.choose(OP, "auto", CUDA, case)
     assert len(t.calls) == 14 * _dispatch.ROUNDS, "M bucket, K, dropout, bias, dtype, train: own decisions"
@@ -132,7 +132,7 @@ def test_failing_candidate_falls_back_to_torch():
     """The fused candidate raises while being set up (e.g. out of memory, a compile error): torch
     is chosen and the error recorded; the torch candidate's real fwd+bwd thunk runs."""
     _needs_triton()
-    fields, bench, _ = _case(M=40, K=24, N=16, r=3, p=0.1, train=True)()
+    fields, bench, *_ = _case(M=40, K=24, N=16, r=3, p=0.1, train=True)()
 
     def flaky(name):
         if name == "triton":
@@ -151,7 +151,7 @@ def test_timing_works_when_the_call_comes_without_grad(ctx):
     """A training key decided during a no-grad call (e.g. a validation step run first) must not
     make the fwd+bwd timing fail (and cache a wrong choice)."""
     _needs_triton()
-    fields, bench, _ = _case(M=40, K=24, N=16, r=3, train=True)()
+    fields, bench, *_ = _case(M=40, K=24, N=16, r=3, train=True)()
     _dispatch.set_timer(FakeTimer({"triton": 1.0, "torch": 2.0}, run=True))
     runs = lambda name: bench("torch")  # noqa: E731  (the fused thunk cannot run on CPU tensors)
     with ctx():
@@ -244,7 +244,7 @@ def test_bench_that_does_not_fit_is_not_timed_and_stays_in_memory(monkeypatch, i
     t = FakeTimer({"triton": 5.0, "torch": 1.0})
     _dispatch.set_timer(t)
     big = _case(M=16384, K=4096, N=128256, r=16, dtype=torch.bfloat16, train=True, device="meta")
-    fields, _, need = big()
+    fields, _, need, *_ = big()
     assert need > 12 * GIB
     assert _backend.choose(OP, "auto", CUDA, big) == "triton" and not t.calls
     (entry,) = _dispatch.report()
@@ -280,7 +280,7 @@ def test_bench_bytes_match_the_torch_candidates_measured_peak(p, train):
     below it, and not so far above that a bench that fits would be skipped."""
     from torch.profiler import ProfilerActivity, profile
     dt, (M, K, N, r) = torch.float32, (512, 384, 1024, 8)
-    fields, bench, need = _case(M=M, K=K, N=N, r=r, p=p, train=train)()
+    fields, bench, need, *_ = _case(M=M, K=K, N=N, r=r, p=p, train=train)()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         thunk = bench("torch")
         thunk()
@@ -339,7 +339,7 @@ def test_train_and_inference_keys_are_separate_and_inference_times_forward_only(
     monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: backwards.append(1) or real_backward(*a, **k))
     got = {}
     for train, ms in ((True, {"triton": 3.0, "torch": 1.0}), (False, {"triton": 1.0, "torch": 3.0})):
-        fields, bench, _ = _case(M=40, K=24, N=16, r=3, p=0.1, train=train)()
+        fields, bench, *_ = _case(M=40, K=24, N=16, r=3, p=0.1, train=train)()
         backwards.clear()
         _dispatch.set_timer(FakeTimer(ms, run=True))
         # the fused thunk cannot run on CPU tensors: both candidates run the torch thunk
@@ -351,7 +351,7 @@ def test_train_and_inference_keys_are_separate_and_inference_times_forward_only(
 
 
 def test_inference_thunk_runs_without_a_graph():
-    fields, bench, _ = _case(M=40, K=24, N=16, r=3, train=False)()
+    fields, bench, *_ = _case(M=40, K=24, N=16, r=3, train=False)()
     seen = []
     real = torch.Tensor.backward
     thunk = bench("torch")
@@ -369,7 +369,7 @@ def test_sorsa_linear_tells_the_dispatcher_whether_a_backward_follows(monkeypatc
     from sorsa_kernels.ops import linear as L
     seen = []
 
-    def spy(op, backend, device, case=None):
+    def spy(op, backend, device, case=None, dtype=None):
         seen.append(case()[0]["train"])
         return "torch"
     monkeypatch.setattr(_backend, "choose", spy)
@@ -507,7 +507,7 @@ def _timed_choice(p=0.1):
     if p not in _CASE:
         with torch.random.fork_rng():
             _CASE[p] = _case(M=40, K=24, N=16, r=3, p=p, train=True)()
-    fields, bench, _ = _CASE[p]
+    fields, bench, *_ = _CASE[p]
     _dispatch.set_timer(FakeTimer({"triton": 1.0, "torch": 2.0}, run=True))
     return _backend.choose(OP, "auto", CUDA, lambda: (fields, lambda name: bench("torch")))
 
@@ -646,7 +646,7 @@ def test_x_layout_is_in_the_key_and_the_bench_copies_it(view, layout):
     x = view(torch.randn(40, 128))
     assert x.shape == (40, 64) and _dispatch.x_layout(x) == layout
     w, A = torch.randn(48, 64), torch.randn(4, 64)
-    fields, bench, _ = _dispatch.linear_case(x, w, A, None, 0.0, train=False)
+    fields, bench, *_ = _dispatch.linear_case(x, w, A, None, 0.0, train=False)
     assert fields["x_layout"] == layout
     thunk = bench("torch")
     cells = [c.cell_contents for c in thunk.__closure__]
@@ -654,3 +654,66 @@ def test_x_layout_is_in_the_key_and_the_bench_copies_it(view, layout):
     assert inputs.x.shape == (40, 64) and _dispatch.x_layout(inputs.x) == layout
     keys = {_dispatch.make_key(OP, dict(fields, x_layout=v), CUDA) for v in ("rows16", "rows", "cols", "strided")}
     assert len(keys) == 4
+
+
+# --- verify while timing ------------------------------------------------------------------------
+def test_fused_result_made_wrong_is_caught_before_timing_picks_torch_and_warns_once(isolated, monkeypatch):
+    """A fused candidate that computes a wrong y (one element off by 1) must never be chosen, however
+    fast: the first timing of a key compares both candidates with a high-precision reference by the
+    tolerance rule; a mismatch picks torch, is persisted, and warns once with what to report."""
+    _needs_triton()
+    from sorsa_kernels.ops import linear as OL
+    real_fwd, real_bwd = OL._KERNELS["triton"]
+
+    def wrong_fwd(*a):
+        y, xa = real_fwd(*a)
+        y = y.clone()
+        y.view(-1)[7] += 1.0
+        return y, xa
+    monkeypatch.setitem(OL._KERNELS, "triton", (wrong_fwd, real_bwd))
+    t = FakeTimer({"triton": 0.1, "torch": 9.0})
+    _dispatch.set_timer(t)
+    with pytest.warns(RuntimeWarning, match=r"disagreed with the torch path.*y: max error.*torch .*triton .*M=64"):
+        assert _backend.choose(OP, "auto", CUDA, _case(M=40, K=24, N=16, r=3, train=True)) == "torch"
+    assert t.calls == [], "nothing is timed once the fused result is wrong"
+    (key, entry), = _disk(isolated).items()
+    assert entry["choice"] == "torch" and entry["errors"]["triton"].startswith("mismatch: y")
+    _dispatch.clear()  # a new process reads the decision from disk: no second warning, no timing
+    import warnings as W
+    with W.catch_warnings():
+        W.simplefilter("error")
+        assert _backend.choose(OP, "auto", CUDA, _case(M=40, K=24, N=16, r=3, train=True)) == "torch"
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_correct_fused_result_passes_verification_and_is_timed(train):
+    _needs_triton()
+    t = FakeTimer({"triton": 1.0, "torch": 2.0})
+    _dispatch.set_timer(t)
+    assert _backend.choose(OP, "auto", CUDA, _case(M=40, K=24, N=16, r=3, p=0.1, train=train)) == "triton"
+    assert len(t.calls) == 2 * _dispatch.ROUNDS and _dispatch.report()[0]["errors"] == {}
+
+
+def test_fused_launch_error_during_verification_picks_torch(isolated, monkeypatch):
+    _needs_triton()
+    from sorsa_kernels.ops import linear as OL
+
+    def boom(*a):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setitem(OL._KERNELS, "triton", (boom, OL._KERNELS["triton"][1]))
+    _dispatch.set_timer(FakeTimer({"triton": 0.1, "torch": 9.0}))
+    with pytest.warns(RuntimeWarning, match="illegal memory access"):
+        assert _backend.choose(OP, "auto", CUDA, _case(M=48, K=24, N=16, r=3, train=False)) == "torch"
+
+
+def test_float64_never_reaches_the_fused_linear():
+    """The fused kernels handle fp16/bf16/fp32; float64 gave garbage under the interpreter (caught
+    by the verification above). auto runs torch for it, a forced backend says why."""
+    _needs_triton()
+    assert _backend.resolve(OP, "auto", CUDA, torch.float64) == "torch"
+    assert _backend.resolve(OP, "auto", CUDA, torch.float32) == "triton"
+    from sorsa_kernels.ops import sorsa_linear
+    x, w, A, S, B = (torch.randn(*s, dtype=torch.float64) for s in ((5, 6), (4, 6), (2, 6), (2,), (4, 2)))
+    with pytest.raises(RuntimeError, match="backend='triton' is not available for sorsa_linear with float64 inputs"):
+        sorsa_linear(x, w, A, S, B, backend="triton")
+    torch.testing.assert_close(sorsa_linear(x, w, A, S, B), sorsa_linear(x, w, A, S, B, backend="torch"))

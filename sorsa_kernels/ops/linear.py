@@ -128,7 +128,9 @@ if _backend.triton_status()[0]:
     from ..kernels import linear_launch as _tl
 
     _KERNELS["triton"] = (_tl.linear_fwd, _tl.linear_bwd)
-    _backend.register(OP, "triton")
+    # fp16/bf16/fp32 only: float64 has no tensor-core dot and the kernels pick fp32 dot precisions
+    # (the interpreter returned garbage for it, caught by the dispatcher's verification)
+    _backend.register(OP, "triton", dtypes=(torch.float16, torch.bfloat16, torch.float32))
 
 
 @torch.library.custom_op("sorsa_kernels::linear_fwd", mutates_args=())
@@ -224,7 +226,7 @@ def sorsa_linear(
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     # auto on CUDA: fused or torch, timed once per shape bucket (see _dispatch)
     impl = _backend.choose(OP, backend, x.device, lambda: _dispatch.linear_case(
-        x2, weight, A, bias, p, train=_dispatch.wants_grad(x, weight, A, S, B, bias)))
+        x2, weight, A, bias, p, train=_dispatch.wants_grad(x, weight, A, S, B, bias)), dtype=x.dtype)
     # The seed lives on the CPU, drawn from torch's CPU generator (torch.manual_seed governs
     # it): kernels and the torch path read it as a host int without a device sync, and every
     # call (layer, step) gets a fresh one, so masks are independent across layers and steps.
