@@ -177,8 +177,12 @@ def _to_shard(g: torch.Tensor, p, kind: str) -> torch.Tensor:
 
 # ---------------------------------------------------------------- backends: forward / backward phases
 
-def _impl(backend: str, device: torch.device, sharded: bool):
-    name = _backend.resolve(OP, backend, device)
+def _impl(backend: str, device: torch.device, sharded: bool, mats=()):
+    # the adapters' one dtype when they share it; mixed dtypes: the kernels group by dtype, and a
+    # dtype they do not handle (float64) sends the whole call to torch under auto
+    dts = {m.dtype for m in mats}
+    dtype = next(iter(dts)) if len(dts) == 1 else (torch.float64 if torch.float64 in dts else None)
+    name = _backend.resolve(OP, backend, device, dtype)
     if sharded:
         if backend == "triton":
             raise RuntimeError("backend='triton' is not available for sharded (DTensor) adapters: "
@@ -249,7 +253,7 @@ def ortho_loss(
     if not mats:
         raise ValueError(f"ortho_loss {_no_adapters_message(names)}")
     local, keys, kinds = _localize(mats, is_b)
-    fwd, bwd = _impl(backend, local[0].device, keys is not None)
+    fwd, bwd = _impl(backend, local[0].device, keys is not None, local)
     return _OrthoLossFn.apply((tuple(is_b), bool(squared), keys, fwd, bwd), *local)
 
 
@@ -300,12 +304,12 @@ def _grad_step(mats: List[torch.Tensor], is_b: List[bool], gamma, lr, squared: b
     local, keys, kinds = (mats, None, None) if plain else _localize(mats, is_b)
     scale = gamma / (lr * len(mats))
     if keys is None:
-        fwd, bwd = _impl(backend, mats[0].device, False)
+        fwd, bwd = _impl(backend, mats[0].device, False, local)
         norms, state = _forward(fwd, local, is_b, None)
         bwd(local, state, grad_coefs(norms, squared, scale), inplace=True)
     else:  # sharded: gradients of the local operands, then into each DTensor's local .grad
         from torch.distributed.tensor import DTensor
-        fwd, bwd = _impl(backend, local[0].device, True)
+        fwd, bwd = _impl(backend, local[0].device, True, local)
         norms, state = _forward(fwd, local, is_b, keys)
         grads = bwd(local, state, grad_coefs(norms, squared, scale), inplace=False)
         for p, g, kind in zip(mats, grads, kinds):
@@ -327,4 +331,4 @@ def _grad_step(mats: List[torch.Tensor], is_b: List[bool], gamma, lr, squared: b
 
 
 if _backend.triton_status()[0]:
-    _backend.register(OP, "triton")
+    _backend.register(OP, "triton", dtypes=(torch.float16, torch.bfloat16, torch.float32))

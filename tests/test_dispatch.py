@@ -24,6 +24,8 @@ def isolated(tmp_path, monkeypatch):
     # tests that fake a CUDA device: the dispatcher forks that device's RNG around timing
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: torch.zeros(16, dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *a, **k: None)
+    # the timing logic is tested alone (fast); the verification has its own tests below
+    monkeypatch.setattr(_dispatch, "VERIFY", False)
     _dispatch.clear()
     prev = _dispatch.set_timer(None)
     yield tmp_path
@@ -658,6 +660,7 @@ def test_x_layout_is_in_the_key_and_the_bench_copies_it(view, layout):
 
 # --- verify while timing ------------------------------------------------------------------------
 def test_fused_result_made_wrong_is_caught_before_timing_picks_torch_and_warns_once(isolated, monkeypatch):
+    monkeypatch.setattr(_dispatch, "VERIFY", True)
     """A fused candidate that computes a wrong y (one element off by 1) must never be chosen, however
     fast: the first timing of a key compares both candidates with a high-precision reference by the
     tolerance rule; a mismatch picks torch, is persisted, and warns once with what to report."""
@@ -686,8 +689,9 @@ def test_fused_result_made_wrong_is_caught_before_timing_picks_torch_and_warns_o
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_correct_fused_result_passes_verification_and_is_timed(train):
+def test_correct_fused_result_passes_verification_and_is_timed(train, monkeypatch):
     _needs_triton()
+    monkeypatch.setattr(_dispatch, "VERIFY", True)
     t = FakeTimer({"triton": 1.0, "torch": 2.0})
     _dispatch.set_timer(t)
     assert _backend.choose(OP, "auto", CUDA, _case(M=40, K=24, N=16, r=3, p=0.1, train=train)) == "triton"
@@ -695,6 +699,7 @@ def test_correct_fused_result_passes_verification_and_is_timed(train):
 
 
 def test_fused_launch_error_during_verification_picks_torch(isolated, monkeypatch):
+    monkeypatch.setattr(_dispatch, "VERIFY", True)
     _needs_triton()
     from sorsa_kernels.ops import linear as OL
 
@@ -717,3 +722,20 @@ def test_float64_never_reaches_the_fused_linear():
     with pytest.raises(RuntimeError, match="backend='triton' is not available for sorsa_linear with float64 inputs"):
         sorsa_linear(x, w, A, S, B, backend="triton")
     torch.testing.assert_close(sorsa_linear(x, w, A, S, B), sorsa_linear(x, w, A, S, B, backend="torch"))
+
+
+def test_verification_sees_a_small_error_in_the_base_gemm(isolated, monkeypatch):
+    """The verification's adapters are scaled as trained ones are, so the rank-r term does not
+    hide an error in x·W_rᵀ (one 16-wide slice of K dropped at 10 %: caught)."""
+    _needs_triton()
+    monkeypatch.setattr(_dispatch, "VERIFY", True)
+    from sorsa_kernels.ops import linear as OL
+    real_fwd, real_bwd = OL._KERNELS["triton"]
+
+    def drops_a_k_slice(x, w, *rest):
+        y, xa = real_fwd(x, w, *rest)
+        return y - 0.1 * (x[:, :16] @ w[:, :16].t()), xa
+    monkeypatch.setitem(OL._KERNELS, "triton", (drops_a_k_slice, real_bwd))
+    _dispatch.set_timer(FakeTimer({"triton": 0.1, "torch": 9.0}))
+    with pytest.warns(RuntimeWarning, match="y: max error"):
+        assert _backend.choose(OP, "auto", CUDA, _case(M=40, K=64, N=16, r=3, train=False)) == "torch"

@@ -182,3 +182,18 @@ def test_triton_buffers_fully_written(monkeypatch):
         if q.grad is not None:
             assert torch.isfinite(p.grad).all()
             torch.testing.assert_close(p.grad.cpu(), q.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_adapters_never_reach_the_fused_regularizer():
+    """The Triton regularizer handles fp16/bf16/fp32: auto runs torch for float64 adapters (on any
+    device), a forced triton says why instead of failing inside the launcher."""
+    import pytest as _pt
+    from sorsa_kernels import _backend
+    from sorsa_kernels.regularizer import OP, ortho_loss
+    if "triton" not in _backend._IMPLEMENTED.get(OP, ()):
+        _pt.skip("triton not installed")
+    assert _backend.resolve(OP, "auto", torch.device("cuda"), torch.float64) == "torch"
+    A = [torch.randn(3, 20, dtype=torch.float64, requires_grad=True)]
+    with _pt.raises(RuntimeError, match="with float64 inputs"):
+        ortho_loss(a=A, b=[], backend="triton")
+    torch.testing.assert_close(ortho_loss(a=A, b=[]), ortho_loss(a=A, b=[], backend="torch"))

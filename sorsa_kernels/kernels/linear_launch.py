@@ -353,6 +353,8 @@ def mm(
     N = w1.shape[0]
     has2 = x2 is not None
     bias = None if bias is None else bias.contiguous()  # both kernels read it with unit stride
+    # every split would add the rank-r term and the bias again
+    assert k_splits == 1 or (x2 is None and bias is None), "split-K partials take no x2 or bias"
     R = x2.shape[1] if has2 else 0
     x2_, w2_ = (x2, w2) if has2 else (x1, w1)
     if M == 0 or N == 0:
