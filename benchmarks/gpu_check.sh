@@ -42,7 +42,7 @@ if [ "${1:-}" = "--dry-run" ]; then
 fi
 
 START=$(date +%s)
-LOGS="$OUT/logs"
+LOGS="$ROOT/.gpu-cache/logs"  # packed into results.tar.gz: only the three result files sit under $OUT
 # ---- preflight: a visible GPU, or a loud failure now (not "16 skipped, rc=0")
 if [ "$FAKE" = "1" ]; then
   GPU="(rehearsal: no GPU, GPU steps faked)"
@@ -52,13 +52,13 @@ else
     fail 2 "no visible CUDA GPU (torch.cuda.is_available() is False${GPU:+; python said: $(echo "$GPU" | tail -1)}); nvidia-smi -L: $(nvidia-smi -L 2>&1 | head -2)"
   fi
 fi
-rm -rf "$OUT"
-mkdir -p "$OUT" "$LOGS" "$ROOT/.gpu-cache"
+rm -rf "$OUT" "$LOGS"
+mkdir -p "$OUT" "$LOGS"
 echo "== GPU: $GPU"
 
 pack() {  # the archive holds everything so far: a run cut off later still returns it
   local tmp="$OUT/.results.$BASHPID.tmp"  # build and warm-up pack concurrently
-  tar -czf "$tmp" -C "$OUT" logs 2>/dev/null && mv -f "$tmp" "$OUT/results.tar.gz"
+  tar -czf "$tmp" -C "$(dirname "$LOGS")" logs 2>/dev/null && mv -f "$tmp" "$OUT/results.tar.gz"
 }
 record() {  # step rc seconds [note]: one JSON line per step, then re-pack
   printf '{"step": "%s", "rc": %s, "seconds": %s, "elapsed": %s, "note": "%s"}\n' "$1" "$2" "$3" \
