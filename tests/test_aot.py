@@ -1,8 +1,8 @@
 """The AOT check compiles the programs that run (runtime specialisation, real launchers on meta
 tensors) for sm_80 and sm_90 without a GPU, and its JSON report holds the evidence per program.
 
-The full matrix (every case, both archs, all dtypes) runs in CI (.ci/stage_10_aot_triton36.sh,
-under the installed Triton and under triton 3.6); here a quick subset keeps the suite fast."""
+The full matrix (every case, both archs, all dtypes) runs in CI (.ci/stage_15_aot.sh,
+under triton 3.6, 3.8 and 3.9); here a quick subset keeps the suite fast."""
 import json
 import os
 import subprocess
