@@ -419,9 +419,10 @@ DECODE_M = 32
 
 def linear_case(x2: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, bias: Optional[torch.Tensor],
                 p: float, train: Optional[bool] = None
-                ) -> Union[None, str, Tuple[Dict[str, Any], Bench, int]]:
-    """(fields, bench, need_bytes) for ``sorsa_linear`` on ``x2`` (M, K); None when M is symbolic
-    (a dynamic-shape trace: the fused path is used and nothing is timed).
+                ) -> Union[None, str, Tuple[Dict[str, Any], Bench, int, Callable[[str], Optional[str]]]]:
+    """(fields, bench, need_bytes, verify) for ``sorsa_linear`` on ``x2`` (M, K); ``"torch"`` for
+    decode-sized rows (:data:`DECODE_M`); None when M is symbolic (a dynamic-shape trace: the
+    fused path is used and nothing is timed).
 
     ``train``: whether a backward follows the call (the caller passes :func:`wants_grad` of all
     its operands; None: computed from ``x2, weight, A, bias``). It is part of the key, and picks
@@ -458,7 +459,6 @@ def linear_case(x2: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, bias: O
 # The reference of the verification: float64 for fp32 inputs, float32 for 16-bit ones (its error is
 # ~1e-7 relative, far below the 16-bit paths' ~1e-3, so it stands in for float64 in the rule).
 VERIFY_MAX_BYTES = 1 << 30
-_VERIFY_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _linear_verify(fused: str, M: int, K: int, N: int, r: int, dt: torch.dtype, adt: torch.dtype,
@@ -466,10 +466,11 @@ def _linear_verify(fused: str, M: int, K: int, N: int, r: int, dt: torch.dtype, 
     """One call of each candidate (dropout off: the two paths draw different masks; the fused mask
     is tested against its documented Philox stream) on the bench's inputs, compared by the
     tolerance rule with a high-precision reference: None when they agree, else what differs."""
+    from ._tolerance import rule
     from .ops.linear import sorsa_linear, sorsa_linear_naive
     from .rsvd import no_tf32
     ref_dt = torch.float64 if dt == torch.float32 else torch.float32
-    e, er = torch.empty((), dtype=dt).element_size(), torch.empty((), dtype=ref_dt).element_size()
+    e, er = dt.itemsize, ref_dt.itemsize
     # inputs in dt and ref_dt, y and dx of the three runs, the reference's temporaries
     need = (M * K + N * K + M * N) * (e + er) + (M * N + M * K) * (2 * e + er) + 2 * M * N * er
     free = free_bytes(dev) if dev.type == "cuda" else None
@@ -501,11 +502,9 @@ def _linear_verify(fused: str, M: int, K: int, N: int, r: int, dt: torch.dtype, 
         ref = outputs(lambda lv, w, b: sorsa_linear_naive(lv[0], w, *lv[1:], 0.5, b), lambda v: v.to(ref_dt))
     names = ("y", "dx", "dA", "dS", "dB")
     for name, g, lp, rf in zip(names, got, lowp, ref):
-        if not torch.isfinite(g).all():
+        err, tol, base = rule(g, lp, rf)
+        if err == float("inf"):
             return f"{name} has non-finite values"
-        err = (g.to(ref_dt) - rf).abs().max().item()
-        base = (lp.to(ref_dt) - rf).abs().max().item()
-        tol = 2 * base + _VERIFY_FLOOR.get(g.dtype, 1e-5) * max(1.0, rf.abs().max().item())
         if err > tol:
             return f"{name}: max error {err:.3g} vs the tolerance {tol:.3g} (torch path's error {base:.3g})"
     return None
@@ -557,7 +556,7 @@ class _LinearInputs:
             x = rnd(K, M).t()
         elif layout == "strided":
             x = rnd(M, 2 * K)[:, ::2]
-        elif layout == "rows" and (K * torch.empty((), dtype=dt).element_size()) % 16 == 0:
+        elif layout == "rows" and (K * dt.itemsize) % 16 == 0:
             x = rnd(M * K + 1)[1:].view(M, K)  # aligned rows, unaligned start: an offset view
         else:
             x = rnd(M, K)

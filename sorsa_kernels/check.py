@@ -26,9 +26,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ._tolerance import rule
+
 MARK = "SORSA-CHECK-RESULT "
 ENV_FAULT = "SORSA_KERNELS_CHECK_FAULT"  # "wrong:<case>,crash:<case>": proves the harness catches both
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,8 @@ def philox_keep_mask(seed: int, M: int, K: int, p: float) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- one case (child)
 def _ratio(out: torch.Tensor, lowp: torch.Tensor, ref: torch.Tensor) -> float:
-    """error / tolerance of the rule; inf for a non-finite output."""
-    if not torch.isfinite(out).all():
-        return float("inf")
-    err = (out.double() - ref).abs().max().item()
-    base = (lowp.double() - ref).abs().max().item()
-    tol = 2 * base + FLOOR[out.dtype] * max(1.0, ref.abs().max().item())
+    """error / tolerance of the rule (:mod:`sorsa_kernels._tolerance`); inf for a non-finite output."""
+    err, tol, _ = rule(out, lowp, ref)
     return err / tol
 
 
@@ -114,7 +111,12 @@ def _linear(case: Case, device: torch.device, fault: bool):
              b=rn(N), dy=rn(M, N))
     seed = torch.tensor([1234567], dtype=torch.int64)
 
-    def run(backend: str, dtype):
+    mask = philox_keep_mask(int(seed), M, K, case.p).to(device) if case.p > 0 else None
+
+    def run(impl: str, dtype):
+        """Outputs and gradients of ``impl`` in ``dtype``, and a thunk that repeats the step:
+        ``naive`` is the literal formula with the fused kernels' mask (the float64 reference, and
+        the low-precision baseline for p > 0: the torch backend draws its own mask)."""
         x = o["x"].to(device, dtype)
         if case.layout == "rows":  # an offset view: aligned rows, unaligned start
             buf = torch.empty(M * K + 1, dtype=dtype, device=device)
@@ -123,17 +125,17 @@ def _linear(case: Case, device: torch.device, fault: bool):
         x.requires_grad_()
         A, S, B, b = (o[k].to(device, dtype).requires_grad_() for k in ("A", "S", "B", "b"))
         W, dy = o["W"].to(device, dtype), o["dy"].to(device, dtype)
-        if backend == "float64":
-            mask = philox_keep_mask(int(seed), M, K, case.p).to(device) if case.p > 0 else None
-            y = sorsa_linear_naive(x, W, A, S, B, 0.5, b, mask=mask, dropout_p=case.p)
-        else:
-            y, _ = _linear_fwd_op(x, W, A, S, B, b, 0.5, case.p, seed, backend)
-        grads = torch.autograd.grad(y, (x, A, S, B, b), dy)
-        return [y.detach()] + list(grads), lambda: torch.autograd.grad(
-            _linear_fwd_op(x, W, A, S, B, b, 0.5, case.p, seed, backend)[0], (x, A, S, B, b), dy)
 
-    ref, _ = run("float64", torch.float64)
-    lowp, t_torch = run("torch", dt) if case.p == 0 else run_torch_masked(o, case, dt, device, seed)
+        def fwd():
+            if impl == "naive":
+                return sorsa_linear_naive(x, W, A, S, B, 0.5, b, mask=mask, dropout_p=case.p)
+            return _linear_fwd_op(x, W, A, S, B, b, 0.5, case.p, seed, impl)[0]
+        y = fwd()
+        grads = torch.autograd.grad(y, (x, A, S, B, b), dy)
+        return [y.detach()] + list(grads), lambda: torch.autograd.grad(fwd(), (x, A, S, B, b), dy)
+
+    ref, _ = run("naive", torch.float64)
+    lowp, t_torch = run("torch" if case.p == 0 else "naive", dt)
     got, t_fused = run("triton", dt)
     if fault:
         got[0] = got[0].clone()
@@ -141,21 +143,6 @@ def _linear(case: Case, device: torch.device, fault: bool):
     names = ("y", "dx", "dA", "dS", "dB", "dbias")
     ratios = {n: _ratio(a.cpu(), lp.cpu(), rf.cpu()) for n, a, lp, rf in zip(names, got, lowp, ref)}
     return ratios, _time(t_fused, device), _time(t_torch, device)
-
-
-def run_torch_masked(o, case: Case, dt, device, seed):
-    """The torch path in ``dt`` with the fused kernels' mask (the torch backend draws its own)."""
-    from .ops.linear import sorsa_linear_naive
-    M, K, N, r = case.shape
-    mask = philox_keep_mask(int(seed), M, K, case.p).to(device)
-    x = o["x"].to(device, dt).requires_grad_()
-    A, S, B, b = (o[k].to(device, dt).requires_grad_() for k in ("A", "S", "B", "b"))
-    W, dy = o["W"].to(device, dt), o["dy"].to(device, dt)
-
-    def step():
-        y = sorsa_linear_naive(x, W, A, S, B, 0.5, b, mask=mask, dropout_p=case.p)
-        return [y.detach()] + list(torch.autograd.grad(y, (x, A, S, B, b), dy))
-    return step(), step
 
 
 def _ortho(case: Case, device: torch.device, fault: bool):

@@ -370,8 +370,7 @@ def _unaligned_operands(u: Unit, signature: Dict[str, Any], divisible: List[str]
     (or every pointer and ``s_*`` stride) that the specialisation could not prove 16-divisible."""
     from .linear_kernels import PIPELINE_OPERANDS
     if "VEC" in u.jit.arg_names:  # the kernel's own alignment flag (ortho kernels: strides come from a table)
-        idx = u.jit.arg_names.index("VEC")
-        vec = u.spec[1].get((idx,), u.spec[1].get(idx))
+        vec = _constexpr(u, "VEC")
         return [] if vec is not None and vec > 1 else ["VEC=1 (the launcher found no 16-byte alignment)"]
     names = PIPELINE_OPERANDS.get(u.kernel)
     out = []
@@ -402,12 +401,17 @@ def _smem_fallback(u: Unit) -> Optional[str]:
     on OutOfResources (``linear_kernels.SMEM_FALLBACK``), else None."""
     from .linear_kernels import SMEM_FALLBACK
     flag = SMEM_FALLBACK.get(u.kernel)
-    if flag is None or flag not in u.jit.arg_names:
+    return flag if flag is not None and _constexpr(u, flag) is True else None
+
+
+def _constexpr(u: Unit, name: str) -> Any:
+    """The value of constexpr argument ``name`` in this program (None when it has none); Triton
+    keys its constexprs by argument path ``(index,)``."""
+    if name not in u.jit.arg_names:
         return None
-    idx = u.jit.arg_names.index(flag)
+    idx = u.jit.arg_names.index(name)
     constexprs = u.spec[1]
-    val = constexprs.get((idx,), constexprs.get(idx, constexprs.get(flag)))
-    return flag if val is True else None
+    return constexprs.get((idx,), constexprs.get(idx))
 
 
 def _attr_names(params, attrs, attr: str) -> List[str]:
@@ -454,7 +458,7 @@ def markdown(runs: Dict[str, List[dict]]) -> str:
     vers = sorted(runs, key=lambda v: tuple(int(x) if x.isdigit() else 0 for x in v.split(".")))
     fails = {v: sum(not r["ok"] for r in runs[v]) for v in vers}
 
-    def cell(a: Optional[dict], arch: int) -> str:
+    def cell(a: Optional[dict]) -> str:
         if a is None:
             return "–"
         feats = [f"{a['regs']} reg", f"{a['spill']} spill", f"{_kb(a)} KB"]
@@ -470,7 +474,7 @@ def markdown(runs: Dict[str, List[dict]]) -> str:
            "|---|---|---|---|" + "---|" * len(vers)]
     for (kern, cfg, arch), d in sorted(rows.items()):
         dts = ",".join(sorted(set().union(*(x["dt"] for x in d.values()))))
-        out.append(f"| {kern} | {cfg} | sm_{arch} | {dts} | " + " | ".join(cell(d.get(v), arch) for v in vers) + " |")
+        out.append(f"| {kern} | {cfg} | sm_{arch} | {dts} | " + " | ".join(cell(d.get(v)) for v in vers) + " |")
     return "\n".join(out) + "\n"
 
 
