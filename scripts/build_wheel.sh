@@ -13,7 +13,7 @@
 # CUDA 13.0; 2.15.0: CUDA 13.2). With --torch the compiler is nvidia-cuda-nvcc (+ nvvm, crt) from PyPI at
 # torch's CUDA major.minor, so nvcc always matches the torch; the venv is reused when present.
 
-# (On the project's build machine pip is capped at torch 2.14.1: prefix PIP_CONFIG_FILE=/dev/null for 2.15.0.)
+# (Where a machine-wide pip constraint caps torch, prefix PIP_CONFIG_FILE=/dev/null.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)

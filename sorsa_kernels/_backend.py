@@ -192,11 +192,14 @@ def choose(op: str, backend: str, device: torch.device,
     impl = resolve(op, backend, device, dtype)
     if backend != "auto" or impl == "torch" or device.type != "cuda" or case is None:
         return impl
-    if torch.compiler.is_compiling():
-        # Inside a trace: no lock, file or timing (dynamo cannot trace them); compiled graphs
-        # take the fused path. The timed choice is an eager-mode floor.
-        return impl
     from . import _dispatch
+    if torch.compiler.is_compiling():
+        # Inside a trace nothing is timed: the decision an eager call already cached for this key
+        # becomes a constant of the graph; a key never timed takes the fused path.
+        got = case()
+        if got is None or isinstance(got, str):
+            return impl if got is None else got
+        return _dispatch.cached_choice(op, impl, tuple(sorted(got[0].items())), str(device))
     if not _dispatch.autotune_enabled():
         return impl
     got = case()

@@ -51,8 +51,11 @@ max-autotune picks between Triton templates and ATen. It is consulted only by
   capture on another stream or thread is not visible here (torch has no "any capture" query), and
   the forked RNG is process-global, so another thread's draws during a timing are rewound.
 * ``SORSA_KERNELS_AUTOTUNE=0``: no timing, always the fused path.
-* Under ``torch.compile`` tracing nothing is looked up, timed or communicated: traced graphs take
-  the fused path (a constant of the graph). The timed choice is an eager-mode floor.
+* Under ``torch.compile`` nothing is timed or communicated: the tracer asks
+  :func:`cached_choice`, which returns the decision already cached for the key (in this process or
+  on disk) or the fused path, and the answer is a constant of the graph. To get timed choices in
+  compiled graphs, run one eager step (forward and backward) before compiling; a decision made
+  later does not recompile a graph. Under dynamic shapes (M symbolic) the fused path is used.
 """
 from __future__ import annotations
 
@@ -367,6 +370,18 @@ def decide(op: str, fused: str, key: str, fields: Dict[str, Any], bench: Bench,
     return entry["choice"]
 
 
+@torch.compiler.assume_constant_result
+def cached_choice(op: str, fused: str, fields: Tuple[Tuple[str, Any], ...], device: str) -> str:
+    """The cached decision for ``(op, fields, device)``, else ``fused``; never times. Called by
+    the tracer as plain Python (its arguments are constants) and the result baked into the graph."""
+    if not autotune_enabled():
+        return fused
+    key = make_key(op, dict(fields), torch.device(device))
+    with _lock:
+        hit = _load().get(key)
+    return fused if hit is None else hit["choice"]
+
+
 def report() -> List[Dict[str, Any]]:
     """Cached decisions (from disk and this process), one dict per key: op, shape fields, choice,
     the median milliseconds and spread per candidate, candidate errors, ``unclear`` and, when not
@@ -517,7 +532,7 @@ def linear_bench_bytes(M: int, K: int, N: int, r: int, dt: torch.dtype, adt: tor
     intermediates (the fused path's are smaller): forward, addmm's second (M, N) output; backward,
     dy·W and the rank-r term of dx (M, K) each; with dropout, the mask's fp32 uniforms, bool and
     dtype copies and the dropped x (M, K) each."""
-    e, ea = torch.empty((), dtype=dt).element_size(), torch.empty((), dtype=adt).element_size()
+    e, ea = dt.itemsize, adt.itemsize
     adapters = (r * K + r + N * r) * ea
     inputs = (M * K + N * K + (N if has_bias else 0)) * e + adapters
     drop = M * K * (4 + 1 + 2 * e) if p > 0 else 0
@@ -539,7 +554,9 @@ def x_layout(x: torch.Tensor) -> str:
     bench's x is laid out the same way: an offset view must not be timed as a contiguous tensor."""
     es = x.element_size()
     if x.stride(1) == 1 or x.shape[1] <= 1:
-        aligned = x.data_ptr() % 16 == 0 and (x.stride(0) * es) % 16 == 0
+        # a traced tensor has no address: its start is taken as aligned (as allocations are)
+        start = torch.compiler.is_compiling() or x.data_ptr() % 16 == 0
+        aligned = start and (x.stride(0) * es) % 16 == 0
         return "rows16" if aligned else "rows"
     if x.stride(0) == 1:
         return "cols"

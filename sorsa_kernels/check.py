@@ -102,7 +102,7 @@ def _time(fn: Callable[[], object], device: torch.device) -> float:
 def _linear(case: Case, device: torch.device, fault: bool):
     # (for p > 0 "torch ms" times the formula with a precomputed mask, not the torch backend,
     # which draws its own mask: the two paths would not compare)
-    from .ops.linear import _linear_fwd_op, sorsa_linear_naive
+    from .ops.linear import fwd_op, sorsa_linear_naive
     M, K, N, r = case.shape
     dt = getattr(torch, case.dtype)
     g = torch.Generator().manual_seed(0)
@@ -129,7 +129,7 @@ def _linear(case: Case, device: torch.device, fault: bool):
         def fwd():
             if impl == "naive":
                 return sorsa_linear_naive(x, W, A, S, B, 0.5, b, mask=mask, dropout_p=case.p)
-            return _linear_fwd_op(x, W, A, S, B, b, 0.5, case.p, seed, impl)[0]
+            return fwd_op(case.p)(x, W, A, S, B, b, 0.5, case.p, seed, impl)[0]
         y = fwd()
         grads = torch.autograd.grad(y, (x, A, S, B, b), dy)
         return [y.detach()] + list(grads), lambda: torch.autograd.grad(fwd(), (x, A, S, B, b), dy)

@@ -209,6 +209,30 @@ def test_choose_traces_under_fullgraph_compile_for_a_cuda_device():
     assert out.tolist() == [1.0, 1.0, 1.0] and not t.calls
 
 
+def test_compiled_graph_takes_the_decision_an_eager_call_cached(isolated):
+    """Under torch.compile nothing is timed: a key decided by an eager call (torch, here) is a
+    constant of the graph, also when it comes from another process's file; a key never timed
+    takes the fused path and records nothing."""
+    _needs_triton()
+    t = FakeTimer({"triton": 9.0, "torch": 1.0})
+    _dispatch.set_timer(t)
+    seen, unseen = _case(M=1000), _case(M=5000)
+    assert _backend.choose(OP, "auto", CUDA, seen) == "torch"  # eager: timed, persisted
+    calls = len(t.calls)
+
+    def graph(case):
+        def f(x):
+            impl = _backend.choose(OP, "auto", CUDA, case)
+            return x + (1.0 if impl == "triton" else 2.0)
+        torch._dynamo.reset()
+        return torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2)).tolist()
+    assert graph(seen) == [2.0, 2.0]
+    _dispatch.clear()  # a new process: the decision is read from disk
+    assert graph(seen) == [2.0, 2.0]
+    assert graph(unseen) == [1.0, 1.0]
+    assert len(t.calls) == calls and len(_dispatch.report()) == 1
+
+
 def test_timing_runs_on_the_tensors_device(monkeypatch):
     # review blocker: do_bench's events/sync act on the current device; a layer on cuda:1 must be
     # timed with cuda:1 current.

@@ -177,13 +177,13 @@ def test_dropout_seed_is_a_cpu_tensor_and_fresh_per_call(monkeypatch):
     between calls, so masks differ between layers and steps."""
     import sorsa_kernels.ops.linear as opl
     seen = []
-    real = opl._linear_fwd_op
+    real = opl._linear_fwd_dropout_op
 
     def spy(*a):
         seen.append(a[8])
         return real(*a)
 
-    monkeypatch.setattr(opl, "_linear_fwd_op", spy)
+    monkeypatch.setattr(opl, "_linear_fwd_dropout_op", spy)
     x, W, A, S, B = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.ones(2), torch.randn(6, 2)
     sorsa_linear(x, W, A, S, B, dropout_p=0.2)
     sorsa_linear(x, W, A, S, B, dropout_p=0.2)

@@ -133,24 +133,21 @@ if _backend.triton_status()[0]:
     _backend.register(OP, "triton", dtypes=(torch.float16, torch.bfloat16, torch.float32))
 
 
-@torch.library.custom_op("sorsa_kernels::linear_fwd", mutates_args=())
-def _linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor,
-                   bias: Optional[torch.Tensor], scale: float, p: float, seed: torch.Tensor,
-                   backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor,
+              bias: Optional[torch.Tensor], scale: float, p: float, seed: Optional[torch.Tensor],
+              backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     y, xa = _KERNELS[backend][0](x, weight, A, S, B, bias, scale, p, seed)
     return y, xa
 
 
-@_linear_fwd_op.register_fake
-def _(x, weight, A, S, B, bias, scale, p, seed, backend):
+def _fwd_fake(x, weight, A, S, B, bias, scale, p, seed, backend):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], A.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("sorsa_kernels::linear_bwd", mutates_args=())
-def _linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, S: torch.Tensor,
-                   B: torch.Tensor, xa: torch.Tensor, scale: float, p: float, seed: torch.Tensor, backend: str,
-                   need_dx: bool, need_dA: bool = True,
-                   need_dB: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, S: torch.Tensor,
+              B: torch.Tensor, xa: torch.Tensor, scale: float, p: float, seed: Optional[torch.Tensor], backend: str,
+              need_dx: bool, need_dA: bool = True,
+              need_dB: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # custom ops cannot return None: an unneeded gradient comes back as an empty tensor
     dx, dA, dS, dB = _KERNELS[backend][1](dy, x, weight, A, S, B, xa, scale, p, seed, need_dx,
                                           need_dA=need_dA, need_dB=need_dB)
@@ -158,11 +155,32 @@ def _linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: t
         (B.new_empty(0) if dB is None else dB)
 
 
-@_linear_bwd_op.register_fake
-def _(dy, x, weight, A, S, B, xa, scale, p, seed, backend, need_dx, need_dA=True, need_dB=True):
+def _bwd_fake(dy, x, weight, A, S, B, xa, scale, p, seed, backend, need_dx, need_dA=True, need_dB=True):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
     return (dx, torch.empty_like(A) if need_dA else A.new_empty(0), torch.empty_like(S),
             torch.empty_like(B) if need_dB else B.new_empty(0))
+
+
+def _define(name: str, impl, fake, tags=()):
+    op = torch.library.custom_op(f"sorsa_kernels::{name}", mutates_args=(), tags=tags)(impl)
+    op.register_fake(fake)
+    return op
+
+
+# Two op pairs, one without and one with dropout. The dropout pair reads its seed (a CPU tensor) on
+# the host at launch: a CUDA graph would bake the seed of the captured step into every replay, one
+# mask for all steps. Tagged cudagraph_unsafe, Inductor splits the graph around it (reduce-overhead
+# mode still graphs the rest); without dropout the seed is None, the op has no host input and stays
+# inside graphs.
+_linear_fwd_op = _define("linear_fwd", _fwd_impl, _fwd_fake)
+_linear_bwd_op = _define("linear_bwd", _bwd_impl, _bwd_fake)
+_linear_fwd_dropout_op = _define("linear_fwd_dropout", _fwd_impl, _fwd_fake, (torch.Tag.cudagraph_unsafe,))
+_linear_bwd_dropout_op = _define("linear_bwd_dropout", _bwd_impl, _bwd_fake, (torch.Tag.cudagraph_unsafe,))
+
+
+def fwd_op(p: float):
+    """The forward custom op for dropout probability ``p`` (its backward is the matching pair's)."""
+    return _linear_fwd_dropout_op if p > 0 else _linear_fwd_op
 
 
 def _setup_context(ctx, inputs, output):
@@ -176,8 +194,8 @@ def _backward(ctx, dy, _dxa):
     x, weight, A, S, B, xa, seed = ctx.saved_tensors
     dy = dy.contiguous()
     need = ctx.needs_input_grad
-    dx, dA, dS, dB = _linear_bwd_op(dy, x, weight, A, S, B, xa, ctx.scale, ctx.p, seed, ctx.backend,
-                                    need[0], need[2], need[4])
+    bwd = _linear_bwd_dropout_op if ctx.p > 0 else _linear_bwd_op  # the pair of the forward's fwd_op
+    dx, dA, dS, dB = bwd(dy, x, weight, A, S, B, xa, ctx.scale, ctx.p, seed, ctx.backend, need[0], need[2], need[4])
     dW = dy.t() @ x if need[1] else None  # only if the caller unfroze W_r
     db = dy.sum(0).to(ctx.bias_dtype) if ctx.has_bias and need[5] else None
     return (dx if need[0] else None), dW, (dA if need[2] else None), (dS if need[3] else None), \
@@ -185,6 +203,7 @@ def _backward(ctx, dy, _dxa):
 
 
 _linear_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_linear_fwd_dropout_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def sorsa_linear(
@@ -230,9 +249,7 @@ def sorsa_linear(
     # The seed lives on the CPU, drawn from torch's CPU generator (torch.manual_seed governs
     # it): kernels and the torch path read it as a host int without a device sync, and every
     # call (layer, step) gets a fresh one, so masks are independent across layers and steps.
-    if p > 0:
-        seed = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64)
-    else:
-        seed = torch.zeros(1, dtype=torch.int64)
-    y, _ = _linear_fwd_op(x2, weight, A, S, B, bias, scale, p, seed, impl)
+    # Without dropout there is no seed: no host tensor in the call, so CUDA graphs keep the op.
+    seed = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64) if p > 0 else None
+    y, _ = fwd_op(p)(x2, weight, A, S, B, bias, scale, p, seed, impl)
     return y.reshape(*x.shape[:-1], weight.shape[0])
