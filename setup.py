@@ -45,8 +45,8 @@ def env_flag(name: str, env=os.environ) -> bool:
 
 
 def package_version(env=os.environ, torch=None) -> str:
-    """The version in sorsa_kernels/__init__.py, plus the local tag SORSA_KERNELS_LOCAL_VERSION asks for."""
-    with open(os.path.join(ROOT, "sorsa_kernels", "__init__.py")) as f:
+    """The version in sorsa_kernels/_version.py, plus the local tag SORSA_KERNELS_LOCAL_VERSION asks for."""
+    with open(os.path.join(ROOT, "sorsa_kernels", "_version.py")) as f:
         base = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
     local = env.get("SORSA_KERNELS_LOCAL_VERSION", "").strip()
     if local == "auto":

@@ -21,7 +21,7 @@ run_check() {  # $1 python, $2 the tritons it may hold; a failure is remembered,
   local t0=$(date +%s) rc=0 ver
   ver=$("$1" -c 'import triton; print(triton.__version__)')
   [[ " $2 " == *" $ver "* ]] || { echo "FAIL: $1 has triton $ver, expected one of: $2"; RC=1; return; }
-  PYTHONPATH="$ROOT" "$1" -m sorsa_kernels.kernels.aot_check --jobs "$JOBS" \
+  PYTHONPATH="$ROOT" "$1" -m sorsa_kernels.aot_check --jobs "$JOBS" \
     --json "$OUT/aot-triton$ver.json" --markdown "$OUT/aot-triton$ver.md" > "$OUT/aot-triton$ver.log" 2>&1 || rc=$?
   grep -v '^ok  ' "$OUT/aot-triton$ver.log" | grep -v 'UserWarning\|grads = \[' || true
   echo "== aot_check (triton $ver) rc=$rc in $(( $(date +%s) - t0 )) s"
@@ -45,7 +45,7 @@ if ! "$VENV/bin/python" -c "import sys, triton, torch, numpy; assert triton.__ve
 fi
 run_check "$VENV/bin/python" "3.6.0"
 # one table, a column per version (BENCHMARKS.md "AOT evidence" is made from it)
-PYTHONPATH="$ROOT" "${AOT_PYTHON:-$ROOT/.venv/bin/python}" -m sorsa_kernels.kernels.aot_check \
+PYTHONPATH="$ROOT" "${AOT_PYTHON:-$ROOT/.venv/bin/python}" -m sorsa_kernels.aot_check \
   --table "$OUT"/aot-triton*.json > "$OUT/aot.md" || RC=1
 for v in 3.6.0 3.8.0 3.9.0; do
   [ -e "$OUT/aot-triton$v.json" ] || { echo "FAIL: no AOT report for triton $v"; RC=1; }

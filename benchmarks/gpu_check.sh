@@ -36,7 +36,7 @@ if [ "${1:-}" = "--dry-run" ]; then
   "$PY" -m pytest -q -m gpu --collect-only -p no:cacheprovider tests >/dev/null || exit 1
   "$PY" -m sorsa_kernels.cli bench --help >/dev/null || exit 1
   "$PY" -m sorsa_kernels.cli check --help >/dev/null || exit 1
-  "$PY" -m sorsa_kernels.bench.ab --help >/dev/null || exit 1
+  "$PY" -m sorsa_kernels.ops.linear.ab --help >/dev/null || exit 1
   "$PY" -c "import torch; from sorsa_kernels import bench; c = bench.cases(torch.device('cuda'), 'default', model='llama2-7b'); assert c[-1].params == {'model': 'llama2-7b'}, c[-1]" || exit 1
   echo "gpu_check.sh dry run OK (results would go to $OUT)"; exit 0
 fi
@@ -98,7 +98,7 @@ step build 120 build.txt env SORSA_KERNELS_FORCE_CUDA=1 MAX_JOBS=8 TORCH_CUDA_AR
   "$PY" setup.py build_ext --inplace --build-temp "$ROOT/.gpu-cache/build" &
 BUILD_PID=$!
 # (a rehearsal on a small CPU compiles a quick subset: the build must have the cores there)
-step warm-up 120 warmup.txt "$PY" -m sorsa_kernels.kernels.aot_check --archs 90 --jobs "$(( JOBS > 8 ? JOBS - 8 : 1 ))" \
+step warm-up 120 warmup.txt "$PY" -m sorsa_kernels.aot_check --archs 90 --jobs "$(( JOBS > 8 ? JOBS - 8 : 1 ))" \
   $([ "$FAKE" = "1" ] && echo --quick) --json "$LOGS/aot-sm90.json"
 wait $BUILD_PID
 BUILD_RC=$?
@@ -137,9 +137,9 @@ fi
 
 # ---- design switch A/B (informational: does not change the exit status)
 if [ "$FAKE" = "1" ]; then
-  step ab 40 ab.txt fake "bench.ab" "$LOGS/ab.json"
+  step ab 40 ab.txt fake "ops.linear.ab" "$LOGS/ab.json"
 else
-  step ab 40 ab.txt "$PY" -m sorsa_kernels.bench.ab --rounds 3 --json "$LOGS/ab.json"
+  step ab 40 ab.txt "$PY" -m sorsa_kernels.ops.linear.ab --rounds 3 --json "$LOGS/ab.json"
 fi
 
 # ---- the short table, last

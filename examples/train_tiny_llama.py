@@ -122,7 +122,7 @@ def run_kasa(out_dir: str, steps: int = 30, r: int = 4) -> dict:
     trainer.train()
     model.save_pretrained(os.path.join(out_dir, "adapter"))  # PEFT's own KaSA adapter files
     lora_dir = os.path.join(out_dir, "lora")
-    skp.export_lora(model, lora_dir, original)
+    skp.export_plain_lora(model, lora_dir, original)
     first, last = first_last_loss(trainer)
     return {"method": "kasa", "first_loss": first, "last_loss": last, "accelerated": len(report.accelerated),
             "export_max_abs_diff": check_export(original, model, lora_dir), "dir": out_dir}

@@ -11,10 +11,11 @@ from .model import (apply_sorsa, disable_adapters, mark_only_sorsa_trainable, me
                     print_trainable_parameters, sorsa_layers, sorsa_parameters, target_matcher,
                     unmerge_sorsa)
 from .regularizer import calc_ortho, ortho_loss, orthonormal_grad_
-from .rsvd import rsvd
-from .training import SORSACallback, SORSARegularizer
+from .ops.rsvd import rsvd
+from .regularizer import SORSARegularizer
+from .training import SORSACallback
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "SORSALinear", "apply_sorsa", "integrations", "calc_ortho", "ortho_loss", "orthonormal_grad_", "merge_sorsa", "unmerge_sorsa",

@@ -147,7 +147,7 @@ def save_adapter(model: nn.Module, path: str) -> None:
             "init": m.init_config,
             "base_fingerprint": base_fingerprint(m.original_weight()),
         }
-    from . import __version__
+    from ._version import __version__
 
     lv = list(per_layer.values())
     config = {

@@ -21,37 +21,25 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _what_runs() -> List[str]:
-    """Per op: what backend="auto" runs on this machine's device, and what else could."""
-    from . import _backend
-    from .ops.linear import OP as LIN
-    from .ops.ortho import OP as ORTHO
-    from .rsvd import OP as RSVD
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    describe = getattr(_backend, "describe", None)
-    if describe is not None:  # the backend module's own account (auto on cpu / cuda, and why)
-        out = []
-        for op, row in describe().items():
-            out.append(f"  {op:<16} auto runs: {row.get('cpu', '?')} on cpu; on cuda: {row.get('cuda', '?')}")
-            out += [f"  {'':<16} {k}: {v}" for k, v in row.items() if k not in ("cpu", "cuda")]
-    else:
-        out = []
-        for op in (LIN, ORTHO, RSVD):
-            out.append(f"  {op:<16} auto runs: {_backend.resolve(op, 'auto', dev)} on {dev.type}")
-    try:
-        from . import _dispatch  # cached auto-tuning decisions, when that module exists
-        rep = _dispatch.report()
-        out.append(f"cached auto decisions (fused vs torch, timed once per shape): {len(rep)}")
-        out += [f"  {_dispatch.format_entry(d)}" for d in rep]
-    except Exception:
-        pass
+    """Per registered op: what backend="auto" runs on this machine, and the cached timed choices."""
+    from . import _autotune, _backend
+    from . import ops  # noqa: F401  (importing the ops registers them)
+    out = []
+    for op, row in _backend.describe().items():
+        out.append(f"  {op:<16} auto runs: {row['cpu']} on cpu; on cuda: {row['cuda']}")
+        out += [f"  {'':<16} {k}: {v}" for k, v in row.items() if k not in ("cpu", "cuda")]
+    rep = _autotune.report()
+    out.append(f"cached auto decisions (fused vs torch, timed once per shape; {_autotune.cache_path()}): {len(rep)}")
+    out += [f"  {_autotune.format_entry(d)}" for d in rep]
     return out
 
 
 def info() -> str:
     """What will actually run on this machine."""
-    from . import __version__, _backend
-    ok, why = _backend.triton_status()
-    e_ok, e_cuda, e_why = _backend.ext_status()
+    from ._env import ext_status, triton_interpret, triton_status
+    from ._version import __version__
+    ok, why = triton_status()
+    e_ok, e_cuda, e_why = ext_status()
     gpu = torch.cuda.is_available()
     tv = "not installed"
     if ok:
@@ -61,7 +49,7 @@ def info() -> str:
         triton_line = f"Triton kernels: will not run ({why})"
     elif gpu:
         triton_line = f"Triton kernels: run on the GPU (triton {tv})"
-    elif _backend.triton_interpret():
+    elif triton_interpret():
         triton_line = (f"Triton kernels: no GPU; triton {tv} is installed and TRITON_INTERPRET=1, so they run only "
                        "when forced (backend='triton') under the slow interpreter (a test vehicle)")
     else:
@@ -81,8 +69,9 @@ def info() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .bench import MODELS, OPS
+    from ._version import __version__
+    from .bench import models, op_texts
+    OPS, MODELS = list(op_texts()), models()
     p = argparse.ArgumentParser(prog="sorsa-kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"sorsa-kernels {__version__}")
@@ -93,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark ours vs sorsa 1.0.1 vs the floor on this machine",
                        description="Times every op (ours, sorsa 1.0.1, the floor) interleaved in rounds and "
                                    "prints a verdict table, then the details. Default: about 2 minutes on a "
-                                   "2-core CPU, 3 on one H200.")
+                                   "2-core CPU (never run on a GPU yet).")
     size = b.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small shapes, few rounds (CI smoke run)")
     size.add_argument("--full", action="store_true", help="a wider sweep: more shapes, ranks, dropout")
@@ -122,9 +111,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     from . import bench
     if a.ops:
-        bad = [o for o in a.ops if o not in bench.OPS]
+        bad = [o for o in a.ops if o not in bench.op_texts()]
         if bad:
-            p.error(f"unknown op(s) {' '.join(bad)}; choose from: {' '.join(bench.OPS)}")
+            p.error(f"unknown op(s) {' '.join(bad)}; choose from: {' '.join(bench.op_texts())}")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if a.model == "llama2-7b" and dev.type != "cuda":
         p.error("--model llama2-7b needs a CUDA GPU (its 224 matrices take ~26 GB in fp32); "

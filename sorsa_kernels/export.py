@@ -55,7 +55,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def _lora_config(r_of: Dict[str, int], fan_in_fan_out: bool) -> dict:
+def lora_config(r_of: Dict[str, int], fan_in_fan_out: bool) -> dict:
     ranks = sorted(set(r_of.values()))
     r = ranks[0]
     pattern = {} if len(ranks) == 1 else {n: k for n, k in r_of.items() if k != r}
@@ -137,4 +137,4 @@ def export_lora(model: nn.Module, out_dir: str, initial_adapter: Optional[str] =
     if residual:
         save_file(residual, os.path.join(out_dir, RESIDUAL_FILE), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as fh:
-        json.dump(_lora_config(r_of, any(m.fan_in_fan_out for _, m in layers)), fh, indent=2)
+        json.dump(lora_config(r_of, any(m.fan_in_fan_out for _, m in layers)), fh, indent=2)

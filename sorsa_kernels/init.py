@@ -6,7 +6,7 @@ cost estimate says it is cheaper than the exact SVD, else the exact one (small m
 rank close to the size), so it is never the slower choice by that estimate; ``"rsvd_always"`` —
 the randomized SVD whatever the cost. Either way ``W_r`` is computed from the adapters *as stored*,
 so ``W_r + scale·B·diag(S)·A`` reproduces ``W`` to rounding whatever the SVD's accuracy: the model's
-function is unchanged at init. TF32 is off during init (:func:`sorsa_kernels.rsvd.no_tf32`).
+function is unchanged at init. TF32 is off during init (:func:`sorsa_kernels._precision.no_tf32`).
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from ._validate import FLOAT_DTYPES, check_finite, check_rank
-from .rsvd import DEFAULT_NITER, default_oversample, no_tf32, rsvd
-from .rsvd import check_options as check_rsvd_options
+from ._precision import no_tf32
+from .ops.rsvd import DEFAULT_NITER, default_oversample, rsvd
+from .ops.rsvd import check_options as check_rsvd_options
 
 INIT_METHODS = ("svd", "rsvd", "rsvd_always")
 #: ``None``: chunk each shape group by the memory free now (see :func:`memory_budget`)

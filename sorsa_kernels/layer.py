@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ._validate import check_dropout_p, check_float, check_rank
 from .init import INIT_METHODS, init_layers
 from .ops.linear import sorsa_linear
-from .rsvd import check_options as check_rsvd_options, rsvd
+from .ops.rsvd import check_options as check_rsvd_options, rsvd
 
 _INIT_NAMES = ("sorsa_A0", "sorsa_S0", "sorsa_B0")
 
@@ -181,6 +181,7 @@ class SORSALinear(nn.Module):
         mod.weight = nn.Parameter(linear.weight.detach(), requires_grad=r == 0)
         if linear.bias is not None:
             mod.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)
+        mod.train(linear.training)  # a layer swapped into an eval-mode model must not apply dropout
         if r > 0:
             for name, shape in (("sorsa_A", (r, in_f)), ("sorsa_S", (r,)), ("sorsa_B", (out_f, r))):
                 setattr(mod, name, nn.Parameter(mod.weight.new_zeros(shape)))

@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from . import _backend
-from .ops.ortho import OP, calc_ortho_naive, grad_coefs, ortho_torch_backward, ortho_torch_forward
+from .ops.ortho.op import OrthoLoss, backend_pair, run_forward
+from .ops.ortho.reference import calc_ortho_naive, grad_coefs
 
 NamedParams = Iterable[Tuple[str, torch.Tensor]]
 SORSA_NAMES = ("sorsa_A", "sorsa_B")
 PEFT_NAMES = ("lora_A", "lora_B")
 
 
-def _adapters(model_or_params=None, a: Optional[Sequence[torch.Tensor]] = None,
+def collect_adapters(model_or_params=None, a: Optional[Sequence[torch.Tensor]] = None,
               b: Optional[Sequence[torch.Tensor]] = None,
               names: Tuple[str, str] = SORSA_NAMES) -> Tuple[List[torch.Tensor], List[bool]]:
     """The adapter matrices and whether each is B-like (see the module docstring)."""
@@ -89,7 +89,7 @@ def calc_ortho(model: nn.Module) -> Optional[torch.Tensor]:
     return calc_ortho_naive(model.named_parameters())
 
 
-def _check_gamma(gamma) -> Union[float, torch.Tensor]:
+def check_gamma(gamma) -> Union[float, torch.Tensor]:
     """gamma: finite and >= 0 (a negative weight would push A and B away from orthonormal)."""
     gamma = _check_number("gamma", gamma)
     if not isinstance(gamma, torch.Tensor) and gamma < 0:
@@ -103,7 +103,7 @@ def _no_adapters_message(names: Tuple[str, str]) -> str:
             "or use sk.integrations.peft)")
 
 
-def _check_lr(lr) -> Union[float, torch.Tensor]:
+def check_lr(lr) -> Union[float, torch.Tensor]:
     lr = _check_number("lr", lr)
     if isinstance(lr, float) and not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
@@ -138,7 +138,7 @@ def _allreduce(group, flat: torch.Tensor) -> None:
     dist.all_reduce(flat, group=group)
 
 
-def _any_dtensor(mats: Sequence[torch.Tensor]) -> bool:
+def any_dtensor(mats: Sequence[torch.Tensor]) -> bool:
     DTensor = _dtensor_cls()
     return DTensor is not None and any(isinstance(m, DTensor) for m in mats)
 
@@ -148,7 +148,7 @@ def _localize(mats: Sequence[torch.Tensor], is_b: Sequence[bool]):
 
     kinds: "plain"; "partial" (local shard along L, Gram all-reduced); "gathered" (full
     matrix all-gathered, grad sliced back to the local shard); "replicated"."""
-    if not _any_dtensor(mats):
+    if not any_dtensor(mats):
         return list(mats), None, None
     DTensor = _dtensor_cls()
     local, keys, kinds = [], [], []
@@ -173,51 +173,6 @@ def _to_shard(g: torch.Tensor, p, kind: str) -> torch.Tensor:
     from torch.distributed.tensor import DTensor, Replicate
     return DTensor.from_local(g, p.device_mesh, [Replicate()], run_check=False).redistribute(
         p.device_mesh, p.placements).to_local()
-
-
-# ---------------------------------------------------------------- backends: forward / backward phases
-
-def _impl(backend: str, device: torch.device, sharded: bool, mats=()):
-    # the adapters' one dtype when they share it; mixed dtypes: the kernels group by dtype, and a
-    # dtype they do not handle (float64) sends the whole call to torch under auto
-    dts = {m.dtype for m in mats}
-    dtype = next(iter(dts)) if len(dts) == 1 else (torch.float64 if torch.float64 in dts else None)
-    name = _backend.resolve(OP, backend, device, dtype)
-    if sharded:
-        if backend == "triton":
-            raise RuntimeError("backend='triton' is not available for sharded (DTensor) adapters: "
-                               "use backend='auto' or 'torch'")
-        name = "torch"
-    if name == "triton":
-        from .kernels.ortho_launch import ortho_triton_backward, ortho_triton_forward
-        return ortho_triton_forward, ortho_triton_backward
-    return ortho_torch_forward, ortho_torch_backward
-
-
-def _forward(fwd, local, is_b, keys):
-    if fwd is ortho_torch_forward:
-        return fwd(local, is_b, keys, _allreduce if keys else None)
-    return fwd(local, is_b)
-
-
-class _OrthoLossFn(torch.autograd.Function):
-    """value = mean_m reg_m over the local operands; backward = the fused gradient kernel."""
-
-    @staticmethod
-    def forward(ctx, cfg, *local):
-        is_b, squared, keys, fwd, bwd = cfg
-        norms, state = _forward(fwd, local, is_b, keys)
-        ctx.state, ctx.norms, ctx.squared, ctx.bwd = state, norms, squared, bwd
-        ctx.save_for_backward(*local)  # in-place changes before backward are caught by autograd
-        vals = norms * norms if squared else norms
-        return vals.mean()
-
-    @staticmethod
-    def backward(ctx, gout):
-        local = ctx.saved_tensors
-        coef = grad_coefs(ctx.norms, ctx.squared, gout.to(ctx.norms.dtype) / len(local))
-        grads = ctx.bwd(local, ctx.state, coef, inplace=False)
-        return (None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:])))
 
 
 def ortho_loss(
@@ -249,12 +204,12 @@ def ortho_loss(
         A 0-d fp32 tensor (no host sync). Raises ``ValueError`` when there are no adapters
         (``loss + c * None`` would fail later with an unrelated TypeError).
     """
-    mats, is_b = _adapters(model_or_params, a, b, names)
+    mats, is_b = collect_adapters(model_or_params, a, b, names)
     if not mats:
         raise ValueError(f"ortho_loss {_no_adapters_message(names)}")
     local, keys, kinds = _localize(mats, is_b)
-    fwd, bwd = _impl(backend, local[0].device, keys is not None, local)
-    return _OrthoLossFn.apply((tuple(is_b), bool(squared), keys, fwd, bwd), *local)
+    fwd, bwd = backend_pair(backend, local[0].device, keys is not None, local)
+    return OrthoLoss.apply((tuple(is_b), bool(squared), keys, _allreduce if keys else None, fwd, bwd), *local)
 
 
 @torch.no_grad()
@@ -287,16 +242,16 @@ def orthonormal_grad_(
         adapters' device (``float()`` it when you want a number: that syncs), or None
         without adapters (with a warning: the regularizer then does nothing).
     """
-    gamma = _check_gamma(gamma)
-    lr = _check_lr(lr)
-    mats, is_b = _adapters(model_or_params, names=names)
+    gamma = check_gamma(gamma)
+    lr = check_lr(lr)
+    mats, is_b = collect_adapters(model_or_params, names=names)
     if not mats:
         warnings.warn(f"orthonormal_grad_ {_no_adapters_message(names)}; nothing was added", stacklevel=2)
         return None
-    return _grad_step(mats, is_b, gamma, lr, squared, backend)
+    return grad_step(mats, is_b, gamma, lr, squared, backend)
 
 
-def _grad_step(mats: List[torch.Tensor], is_b: List[bool], gamma, lr, squared: bool, backend: str,
+def grad_step(mats: List[torch.Tensor], is_b: List[bool], gamma, lr, squared: bool, backend: str,
                plain: bool = False) -> torch.Tensor:
     """:func:`orthonormal_grad_` on adapters already collected and checked (``SORSARegularizer``
     calls this every step with its cached list). ``plain``: the caller knows no adapter is a
@@ -304,13 +259,13 @@ def _grad_step(mats: List[torch.Tensor], is_b: List[bool], gamma, lr, squared: b
     local, keys, kinds = (mats, None, None) if plain else _localize(mats, is_b)
     scale = gamma / (lr * len(mats))
     if keys is None:
-        fwd, bwd = _impl(backend, mats[0].device, False, local)
-        norms, state = _forward(fwd, local, is_b, None)
+        fwd, bwd = backend_pair(backend, mats[0].device, False, local)
+        norms, state = run_forward(fwd, local, is_b, None, None)
         bwd(local, state, grad_coefs(norms, squared, scale), inplace=True)
     else:  # sharded: gradients of the local operands, then into each DTensor's local .grad
         from torch.distributed.tensor import DTensor
-        fwd, bwd = _impl(backend, local[0].device, True, local)
-        norms, state = _forward(fwd, local, is_b, keys)
+        fwd, bwd = backend_pair(backend, local[0].device, True, local)
+        norms, state = run_forward(fwd, local, is_b, keys, _allreduce)
         grads = bwd(local, state, grad_coefs(norms, squared, scale), inplace=False)
         for p, g, kind in zip(mats, grads, kinds):
             if not p.requires_grad:
@@ -330,5 +285,105 @@ def _grad_step(mats: List[torch.Tensor], is_b: List[bool], gamma, lr, squared: b
     return (norms * norms if squared else norms).mean()
 
 
-if _backend.triton_status()[0]:
-    _backend.register(OP, "triton", dtypes=(torch.float16, torch.bfloat16, torch.float32))
+LrSource = Union[float, Callable[[], float], torch.optim.Optimizer, str]
+
+
+def _initial_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The first param group's learning rate before any scheduler touched it (schedulers
+    record it as ``initial_lr``)."""
+    g = optimizer.param_groups[0]
+    return float(g.get("initial_lr", g["lr"]))
+
+
+def _lr_getter(lr: LrSource) -> Callable[[], float]:
+    if isinstance(lr, torch.optim.Optimizer):
+        return lambda: float(lr.param_groups[0]["lr"])
+    if callable(lr):
+        return lambda: float(lr())
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        return lambda: float(lr)
+    raise TypeError(f"lr must be a float, a callable returning the current lr, or an optimizer; got {type(lr).__name__}")
+
+
+class SORSARegularizer:
+    """Apply the orthonormal regularizer in a plain training loop::
+
+        reg = sk.SORSARegularizer(model, gamma=4e-4, lr=optimizer)
+        loss.backward(); clip_grad_norm_(...); reg.step(); optimizer.step()
+
+    With mixed precision (``torch.amp.GradScaler``)::
+
+        reg = sk.SORSARegularizer(model, gamma=4e-4, lr=optimizer, scaler=scaler)
+        scaler.scale(loss).backward(); reg.step(); scaler.step(optimizer); scaler.update()
+
+    ``step`` then unscales the optimizer's grads first (``scaler.unscale_``, unless already
+    done this iteration), so the regularizer's gradient is not divided by the loss scale.
+
+    Args:
+        model: the model (its ``sorsa_A`` / ``sorsa_B`` parameters are collected once, here).
+        gamma: regularizer weight (finite).
+        lr: the learning rate: an optimizer (its first param group's current lr), a callable,
+            a constant, or ``"initial"``: the optimizer's initial lr (``initial_lr`` as recorded
+            by its scheduler, else its lr at construction), which reproduces sorsa 1.0.1's
+            ``gamma / lr0`` exactly; needs ``optimizer=`` unless ``lr`` is one.
+        squared, backend: as :func:`sorsa_kernels.orthonormal_grad_`.
+        scaler: a ``GradScaler`` whose scaled grads must be unscaled before the step.
+        optimizer: the optimizer owning the adapters (for ``lr="initial"`` and ``scaler``).
+    """
+
+    def __init__(self, model: nn.Module, gamma: float, lr: LrSource, *, squared: bool = False, backend: str = "auto",
+                 scaler=None, optimizer: Optional[torch.optim.Optimizer] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.params = [(n, p) for n, p in model.named_parameters() if "sorsa_A" in n or "sorsa_B" in n]
+        if not self.params:
+            raise ValueError("model has no sorsa_A / sorsa_B parameters: apply_sorsa first")
+        # collected once: a step then does no per-parameter name matching or DTensor scan
+        self._mats, self._is_b = collect_adapters(self.params)
+        self._plain = not any_dtensor(self._mats)
+        self.gamma, self.squared, self.backend = check_gamma(gamma), squared, backend
+        if optimizer is None and isinstance(lr, torch.optim.Optimizer):
+            optimizer = lr
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if scaler is not None:
+            if not hasattr(scaler, "unscale_"):
+                raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+            if optimizer is None:
+                raise ValueError("scaler= needs the optimizer (pass lr=optimizer or optimizer=) to unscale its grads "
+                                 "before the regularizer's gradient is added")
+        self.scaler, self.optimizer = scaler, optimizer
+        if isinstance(lr, str):
+            if lr != "initial":
+                raise ValueError(f"lr must be a float, a callable, an optimizer or 'initial', got {lr!r}")
+            if optimizer is None:
+                raise ValueError("lr='initial' needs the optimizer: pass optimizer=")
+            lr0 = _initial_lr(optimizer)
+            self._lr = lambda: lr0
+        else:
+            self._lr = _lr_getter(lr)
+        self.last_value: Optional[torch.Tensor] = None
+
+    def _unscale(self) -> None:
+        from torch.amp.grad_scaler import OptState
+        if not self.scaler.is_enabled():
+            return
+        state = self.scaler._per_optimizer_states[id(self.optimizer)]
+        if state["stage"] is OptState.READY:
+            self.scaler.unscale_(self.optimizer)
+        elif state["stage"] is OptState.STEPPED:
+            raise RuntimeError("SORSARegularizer.step() after scaler.step(optimizer): call it before the optimizer step")
+
+    def step(self) -> Optional[torch.Tensor]:
+        """Add the regularizer's gradient; returns its value as a 0-d tensor (no host sync),
+        or None when the lr is 0 (skipped)."""
+        lr = self._lr()
+        if lr == 0.0:
+            return None
+        if self.scaler is not None:
+            self._unscale()
+        self.last_value = grad_step(self._mats, self._is_b, self.gamma, check_lr(lr), self.squared, self.backend,
+                                     plain=self._plain)
+        return self.last_value
+
+    __call__ = step

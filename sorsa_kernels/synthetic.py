@@ -19,7 +19,7 @@ reflections per side to break the tensor structure. Applying ``Q₁⊗Q₂`` to 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 

@@ -66,3 +66,10 @@ def assert_tolerance(out, lowp, ref64, name="output", floor=None):
     base = (lowp.double() - ref64).abs().max().item()
     scale = max(1.0, ref64.abs().max().item())
     assert err <= 2 * base + floor * scale, f"{name}: err {err:.3g} > 2*{base:.3g} + {floor * scale:.3g}"
+
+
+def set_launch_options(monkeypatch, **changes):
+    """The linear launchers' options changed for one test (monkeypatch restores them)."""
+    import dataclasses
+    from sorsa_kernels.ops.linear import launch as L
+    monkeypatch.setattr(L, "_options", dataclasses.replace(L.options(), **changes))

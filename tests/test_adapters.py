@@ -1,5 +1,5 @@
 """Adapters as files (save_adapter / load_adapter), disable_adapters, print_trainable_parameters,
-target matching (issue 13)."""
+target matching."""
 import json
 import os
 
@@ -194,12 +194,12 @@ def test_target_matching_substring_default_and_peft_rule():
 def test_readme_adapter_example_runs(tmp_path, monkeypatch, capsys):
     import re
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    text = open(os.path.join(root, "README.md")).read()
+    text = open(os.path.join(root, "docs", "usage.md")).read()  # moved there from README.md
     section = text[text.index("### Adapters as files"):]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     ns = {}
-    exec(compile(block, "README.md", "exec"), ns)
+    exec(compile(block, "docs/usage.md", "exec"), ns)
     assert (tmp_path / "out" / "lora" / "adapter_config.json").is_file()
     assert all(type(m) is not sk.SORSALinear for m in ns["plain"].modules())
     assert len(list(sk.sorsa_layers(ns["again"]))) == 2

@@ -18,7 +18,7 @@ def report(tmp_path_factory):
     path = tmp_path_factory.mktemp("aot") / "aot.json"
     md = path.with_suffix(".md")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    out = subprocess.run([sys.executable, "-m", "sorsa_kernels.kernels.aot_check", "--quick", "--dtypes", "bf16",
+    out = subprocess.run([sys.executable, "-m", "sorsa_kernels.aot_check", "--quick", "--dtypes", "bf16",
                           "--json", str(path), "--markdown", str(md)], env=env, capture_output=True, text=True,
                          timeout=600)
     print(out.stdout[-5000:], out.stderr[-3000:])

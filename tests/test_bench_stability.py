@@ -1,4 +1,4 @@
-"""Issue 15: two runs of the same small benchmark case agree on the ratio within 25 %.
+"""two runs of the same small benchmark case agree on the ratio within 25 %.
 
 One thread: on a shared 2-core machine a 2-thread op's speed depends on what else runs, while
 the interleaved rounds cancel the load's slow drift for single-threaded work."""

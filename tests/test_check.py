@@ -11,6 +11,7 @@ import time
 import torch
 
 from sorsa_kernels import check as C
+from sorsa_kernels.ops.linear.check import philox_keep_mask
 
 from conftest import needs_triton
 from test_linear_fused import replay_mask
@@ -35,7 +36,7 @@ def test_without_a_gpu_it_says_so_within_seconds():
 @needs_triton
 def test_wrong_and_crashing_kernels_get_their_rows_and_the_rest_still_runs(tmp_path):
     out = tmp_path / "check.json"
-    wrong, crash = C.INTERPRET_CASES[0].name, C.INTERPRET_CASES[2].name
+    wrong, crash = C.cases(True)[0].name, C.cases(True)[2].name
     r = _run(["--interpret", "--json", str(out), "--timeout", "300"], TRITON_INTERPRET="1",
              **{C.ENV_FAULT: f"wrong:{wrong},crash:{crash}"})
     assert r.returncode == 1, r.stdout + r.stderr
@@ -43,11 +44,11 @@ def test_wrong_and_crashing_kernels_get_their_rows_and_the_rest_still_runs(tmp_p
     assert rows[wrong]["status"] == "mismatch" and rows[wrong]["ratios"]["y"] > 1, rows[wrong]
     assert all(v <= 1 for k, v in rows[wrong]["ratios"].items() if k != "y")  # only y was made wrong
     assert rows[crash]["status"] == "crashed" and rows[crash]["returncode"] != 0, rows[crash]
-    ok = rows[C.INTERPRET_CASES[1].name]  # the dropout case, vs float64 with the replayed mask
+    ok = rows[C.cases(True)[1].name]  # the dropout case, vs float64 with the replayed mask
     assert ok["status"] == "ok" and ok["fused_ms"] > 0 and ok["torch_ms"] > 0, ok
     assert "sorsa-kernels check: 1/3 ok" in r.stdout, r.stdout
 
 
 def test_packaged_mask_reference_matches_the_independent_one():
     for seed, M, K, p in ((0, 5, 7, 0.5), (2 ** 31 - 2, 33, 40, 0.1), (123456789, 8, 4, 0.9)):
-        assert torch.equal(C.philox_keep_mask(seed, M, K, p), replay_mask(seed, M, K, p))
+        assert torch.equal(philox_keep_mask(seed, M, K, p), replay_mask(seed, M, K, p))

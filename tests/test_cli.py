@@ -1,4 +1,4 @@
-"""`sorsa-kernels` CLI and the bench package (issue 15): info, version, usage errors, the verdict
+"""`sorsa-kernels` CLI and the bench package: info, version, usage errors, the verdict
 and details tables, flags for noise and impossible results, JSON written per case, errors
 recorded while the other ops still run, the plot, and gpu_check.sh's dry run / no-GPU failure."""
 import json
@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
 
 
-def _tiny_cases(device, mode="default", dtype=None, ops=bench.OPS, model=None):
+def _tiny_cases(device, mode="default", dtype=None, ops=None, model=None):
+    ops = list(bench.op_texts()) if ops is None else ops
     dt = dtype or torch.float32
     out = []
     for op in ("linear_fwd", "linear_bwd", "linear_fwdbwd"):
@@ -60,7 +61,7 @@ def test_version_help_and_unknown_op(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--ops", "foo"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "foo" in err and all(op in err for op in bench.OPS)
+    assert e.value.code == 2 and "foo" in err and all(op in err for op in bench.op_texts())
     assert "Traceback" not in err
 
 
@@ -85,7 +86,7 @@ def test_bench_tables_json_plot(tiny, tmp_path, capsys):
     assert "linear_fwd" in cap.err and "ours[auto:torch]" in cap.err
     data = json.loads(path.read_text())
     ops = {r["op"] for r in data["results"]}
-    assert ops == set(bench.OPS)
+    assert ops == set(bench.op_texts())
     assert data["header"]["threads"] == torch.get_num_threads()
     ours = [r for r in data["results"] if r["role"] == "ours"]
     assert all(r["ms"] > 0 and r["error"] is None for r in ours), ours
@@ -100,11 +101,11 @@ def test_bench_tables_json_plot(tiny, tmp_path, capsys):
 
 
 def test_error_in_one_op_is_recorded_and_the_rest_run(tiny, tmp_path, monkeypatch, capsys):
-    from sorsa_kernels.bench import runners
+    from sorsa_kernels.ops.ortho import bench as ortho_bench
 
     def boom(case, device):
         raise RuntimeError("simulated failure")
-    monkeypatch.setattr(runners, "build_ortho", boom)
+    monkeypatch.setattr(ortho_bench, "build", boom)
     path = tmp_path / "e.json"
     seen = []
     real = report.write_json
@@ -148,7 +149,8 @@ def test_reference_rows_match_the_layer():
     m = sk.SORSALinear(12, 10, r=3, alpha=6.0)
     m.sorsa_init()
     x = torch.randn(5, 12)
-    torch.testing.assert_close(bench.reference_forward(x, m.weight, m.sorsa_A, m.sorsa_S, m.sorsa_B, m.scale), m(x),
+    from sorsa_kernels.ops.linear.bench import reference_forward
+    torch.testing.assert_close(reference_forward(x, m.weight, m.sorsa_A, m.sorsa_S, m.sorsa_B, m.scale), m(x),
                                atol=1e-5, rtol=1e-5)
     b = bench.build(bench.Case("linear_fwd", torch.float32, dict(M=8, K=12, N=10, r=3, p=0.0)), CPU)
     outs = {n: f() for n, f in b.impls.items() if not n.startswith("floor")}
@@ -159,7 +161,7 @@ def test_reference_rows_match_the_layer():
 def test_cases_one_source_and_modes():
     for mode in bench.MODES:
         cs = bench.cases(CPU, mode)
-        assert {c.op for c in cs} == set(bench.OPS) and cs[-1].op == "init"
+        assert {c.op for c in cs} == set(bench.op_texts()) and cs[-1].op == "init"
     gpu = bench.cases(torch.device("cuda"), "default")
     assert any(c.params.get("tag") == "LoRAFusion" for c in gpu)
     assert {c.params["p"] for c in gpu if c.op.startswith("linear")} == {0.0, 0.05}
@@ -172,10 +174,10 @@ def test_cases_one_source_and_modes():
 
 
 def test_llama_model_layout():
-    from sorsa_kernels.bench.runners import model_layers
+    from sorsa_kernels.ops.rsvd.bench import model_layers
     layers, samples, groups = model_layers("tiny", CPU, torch.float32)
-    d, h, nl, r = bench.MODELS["llama2-7b"]
-    assert 7 * nl == 224 and sum(c for c, _, _ in groups) == 7 * bench.MODELS["tiny"][2] == len(layers)
+    d, h, nl, r = bench.models()["llama2-7b"]
+    assert 7 * nl == 224 and sum(c for c, _, _ in groups) == 7 * bench.models()["tiny"][2] == len(layers)
 
 
 def _gpu_check(*args, env=None):

@@ -1,6 +1,6 @@
-"""backend="auto" on CUDA: timed fused-vs-torch choice per shape bucket, cached on disk (issue 10
-item 5). Runs on the CPU with an injected fake timer; CUDA device queries are faked. Covers the
-GPU review: memory check before timing and out-of-memory while timing, train vs inference keys,
+"""backend="auto" on CUDA: timed fused-vs-torch choice per shape bucket, cached on disk.
+Runs on the CPU with an injected fake timer; CUDA device queries are faked. Covers the
+memory check before timing and out-of-memory while timing, train vs inference keys,
 ranks deciding alone without collectives (2 CPU ranks over gloo), interleaved rounds with median/spread."""
 import json
 import math
@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from sorsa_kernels import _backend, _dispatch
+from sorsa_kernels import _autotune, _backend
+from sorsa_kernels.ops.linear import autotune as linear_autotune
 
 OP = "sorsa_linear"
 CUDA = torch.device("cuda")
@@ -17,20 +18,20 @@ CUDA = torch.device("cuda")
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv(_dispatch.ENV_CACHE_DIR, str(tmp_path))
-    monkeypatch.delenv(_dispatch.ENV_AUTOTUNE, raising=False)
+    monkeypatch.setenv(_autotune.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.delenv(_autotune.ENV_AUTOTUNE, raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FakeGPU H200")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     # tests that fake a CUDA device: the dispatcher forks that device's RNG around timing
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: torch.zeros(16, dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *a, **k: None)
     # the timing logic is tested alone (fast); the verification has its own tests below
-    monkeypatch.setattr(_dispatch, "VERIFY", False)
-    _dispatch.clear()
-    prev = _dispatch.set_timer(None)
+    monkeypatch.setattr(_autotune, "VERIFY", False)
+    _autotune.clear()
+    prev = _autotune.set_timer(None)
     yield tmp_path
-    _dispatch.set_timer(prev)
-    _dispatch.clear()
+    _autotune.set_timer(prev)
+    _autotune.clear()
 
 
 class FakeTimer:
@@ -52,16 +53,16 @@ def _case(M=1000, K=64, N=48, r=4, p=0.0, bias=True, dtype=torch.float32, train=
     x = torch.empty(M, K, dtype=dtype, device=device).normal_()
     w, A = torch.empty(N, K, dtype=dtype, device=device).normal_(), torch.empty(r, K, dtype=dtype, device=device)
     b = torch.zeros(N, dtype=dtype, device=device) if bias else None
-    return lambda: _dispatch.linear_case(x, w, A, b, p, train=train)
+    return lambda: linear_autotune.linear_case(x, w, A, b, p, train=train)
 
 
 def _disk(tmp):
-    path = tmp / _dispatch.CACHE_FILE
+    path = tmp / _autotune.CACHE_FILE
     return json.loads(path.read_text())["entries"] if path.exists() else {}
 
 
 def _needs_triton():
-    if "triton" not in _backend._IMPLEMENTED.get(OP, ()):
+    if "triton" not in _backend.available_backends(OP):
         pytest.skip("triton not installed: no fused candidate")
 
 
@@ -69,65 +70,65 @@ def _needs_triton():
 def test_faster_candidate_is_chosen(fast):
     _needs_triton()
     t = FakeTimer({"triton": 1.0 if fast == "triton" else 3.0, "torch": 2.0})
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
     assert _backend.choose(OP, "auto", CUDA, _case()) == fast
-    assert t.calls == ["triton", "torch"] * _dispatch.ROUNDS, "interleaved rounds"
+    assert t.calls == ["triton", "torch"] * _autotune.ROUNDS, "interleaved rounds"
 
 
 def test_decision_cached_on_disk_and_reused(isolated):
     _needs_triton()
     t = FakeTimer({"triton": 5.0, "torch": 2.0})
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
     assert _backend.choose(OP, "auto", CUDA, _case()) == "torch"
     assert _backend.choose(OP, "auto", CUDA, _case()) == "torch"
-    assert len(t.calls) == 2 * _dispatch.ROUNDS, "timed once per key"
+    assert len(t.calls) == 2 * _autotune.ROUNDS, "timed once per key"
     (key, entry), = _disk(isolated).items()
     assert entry["choice"] == "torch" and entry["ms"] == {"triton": 5.0, "torch": 2.0}
     assert entry["spread_ms"] == {"triton": 0.0, "torch": 0.0} and entry["unclear"] is False
     assert "FakeGPU H200" in key and "arch=9x0" in key and torch.__version__ in key and "sorsa_kernels" in key
     # a fresh process state reads the file instead of timing again
-    _dispatch.clear()
-    _dispatch.set_timer(FakeTimer({}))  # KeyError if it were called
+    _autotune.clear()
+    _autotune.set_timer(FakeTimer({}))  # KeyError if it were called
     assert _backend.choose(OP, "auto", CUDA, _case()) == "torch"
-    rep = _dispatch.report()
+    rep = _autotune.report()
     assert len(rep) == 1 and rep[0]["choice"] == "torch" and rep[0]["M"] == 1024 and rep[0]["bias"] is True
     assert rep[0]["persisted"] is True
 
 
 def test_env_var_skips_timing_and_always_fuses(monkeypatch, isolated):
     _needs_triton()
-    monkeypatch.setenv(_dispatch.ENV_AUTOTUNE, "0")
+    monkeypatch.setenv(_autotune.ENV_AUTOTUNE, "0")
     t = FakeTimer({"triton": 9.0, "torch": 1.0})
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
     called = []
     assert _backend.choose(OP, "auto", CUDA, lambda: called.append(1)) == "triton"
-    assert not t.calls and not called and not (isolated / _dispatch.CACHE_FILE).exists()
+    assert not t.calls and not called and not (isolated / _autotune.CACHE_FILE).exists()
 
 
 def test_buckets_separate_shapes():
     _needs_triton()
     t = FakeTimer({"triton": 1.0, "torch": 2.0})
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
     for case in (_case(M=1000), _case(M=1024), _case(M=600)):  # one bucket (1024)
         _backend.choose(OP, "auto", CUDA, case)
-    assert len(t.calls) == 2 * _dispatch.ROUNDS
+    assert len(t.calls) == 2 * _autotune.ROUNDS
     for case in (_case(M=2000), _case(K=80), _case(p=0.1), _case(bias=False), _case(dtype=torch.float16),
                  _case(train=True)):
         _backend.choose(OP, "auto", CUDA, case)
-    assert len(t.calls) == 14 * _dispatch.ROUNDS, "M bucket, K, dropout, bias, dtype, train: own decisions"
-    assert len(_dispatch.report()) == 7
-    assert [_dispatch.bucket(m) for m in (0, 1, 16, 17, 1000, 1024, 1025)] == [16, 16, 16, 32, 1024, 1024, 2048]
+    assert len(t.calls) == 14 * _autotune.ROUNDS, "M bucket, K, dropout, bias, dtype, train: own decisions"
+    assert len(_autotune.report()) == 7
+    assert [_autotune.bucket(m) for m in (0, 1, 16, 17, 1000, 1024, 1025)] == [16, 16, 16, 32, 1024, 1024, 2048]
 
 
 def test_forced_backend_and_cpu_bypass_the_dispatcher():
     t = FakeTimer({})
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
     boom = lambda: (_ for _ in ()).throw(AssertionError("case built"))  # noqa: E731
     assert _backend.choose(OP, "torch", CUDA, boom) == "torch"
-    if "triton" in _backend._IMPLEMENTED.get(OP, ()):
+    if "triton" in _backend.available_backends(OP):
         assert _backend.choose(OP, "triton", CUDA, boom) == "triton"
     assert _backend.choose(OP, "auto", torch.device("cpu"), boom) == "torch"
-    assert not t.calls and _dispatch.report() == []
+    assert not t.calls and _autotune.report() == []
 
 
 def test_failing_candidate_falls_back_to_torch():
@@ -141,9 +142,9 @@ def test_failing_candidate_falls_back_to_torch():
             raise RuntimeError("fused launch failed")
         return bench(name)
     t = FakeTimer({"triton": 0.1, "torch": 2.0}, run=True)
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
     assert _backend.choose(OP, "auto", CUDA, lambda: (fields, flaky)) == "torch"
-    (entry,) = _dispatch.report()
+    (entry,) = _autotune.report()
     assert entry["errors"] == {"triton": "RuntimeError: fused launch failed"} and entry["ms"] == {"torch": 2.0}
     assert entry["persisted"] is True, "a deterministic failure (not out of memory) is remembered"
 
@@ -154,28 +155,28 @@ def test_timing_works_when_the_call_comes_without_grad(ctx):
     make the fwd+bwd timing fail (and cache a wrong choice)."""
     _needs_triton()
     fields, bench, *_ = _case(M=40, K=24, N=16, r=3, train=True)()
-    _dispatch.set_timer(FakeTimer({"triton": 1.0, "torch": 2.0}, run=True))
+    _autotune.set_timer(FakeTimer({"triton": 1.0, "torch": 2.0}, run=True))
     runs = lambda name: bench("torch")  # noqa: E731  (the fused thunk cannot run on CPU tensors)
     with ctx():
         assert _backend.choose(OP, "auto", CUDA, lambda: (fields, runs)) == "triton"
-    assert _dispatch.report()[0]["errors"] == {}
+    assert _autotune.report()[0]["errors"] == {}
 
 
 def test_nan_timing_is_never_chosen_and_ties_fuse():
     _needs_triton()
-    _dispatch.set_timer(FakeTimer({"triton": math.nan, "torch": 2.0}))
+    _autotune.set_timer(FakeTimer({"triton": math.nan, "torch": 2.0}))
     assert _backend.choose(OP, "auto", CUDA, _case(M=100)) == "torch"
-    _dispatch.set_timer(FakeTimer({"triton": 2.0, "torch": 2.0}))
+    _autotune.set_timer(FakeTimer({"triton": 2.0, "torch": 2.0}))
     assert _backend.choose(OP, "auto", CUDA, _case(M=5000)) == "triton"
 
 
 def test_no_timing_while_tracing(monkeypatch):
     _needs_triton()
     t = FakeTimer({"triton": 9.0, "torch": 1.0})
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert _backend.choose(OP, "auto", CUDA, _case()) == "triton"
-    assert not t.calls and _dispatch.report() == []
+    assert not t.calls and _autotune.report() == []
 
 
 def test_sorsa_linear_compiles_fullgraph_on_cpu():
@@ -195,11 +196,11 @@ def test_describe_says_triton_cannot_run_without_gpu():
 
 
 def test_choose_traces_under_fullgraph_compile_for_a_cuda_device():
-    # review blocker: decide() took a threading lock before checking is_compiling, which dynamo
+    # decide() once took a threading lock before checking is_compiling, which dynamo
     # cannot trace; a real fullgraph trace through choose() for a CUDA device must not break.
     _needs_triton()
     t = FakeTimer({"triton": 9.0, "torch": 1.0})
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
 
     def f(x):
         impl = _backend.choose(OP, "auto", CUDA, _case())
@@ -210,13 +211,13 @@ def test_choose_traces_under_fullgraph_compile_for_a_cuda_device():
 
 
 def test_compiled_graph_takes_the_decision_an_eager_call_cached(isolated):
-    """Under torch.compile nothing is timed: a key decided by an eager call (torch, here) is a
-    constant of the graph, also when it comes from another process's file; a key never timed
-    takes the fused path and records nothing."""
+    """Under torch.compile nothing is timed: fields decided by eager calls (torch, here) are a
+    constant of the graph, also when the decision comes from another process's file; fields
+    never timed take the fused path and record nothing; buckets that disagree fuse."""
     _needs_triton()
     t = FakeTimer({"triton": 9.0, "torch": 1.0})
-    _dispatch.set_timer(t)
-    seen, unseen = _case(M=1000), _case(M=5000)
+    _autotune.set_timer(t)
+    seen, other_m, unseen = _case(M=1000), _case(M=5000), _case(M=1000, N=40)
     assert _backend.choose(OP, "auto", CUDA, seen) == "torch"  # eager: timed, persisted
     calls = len(t.calls)
 
@@ -227,14 +228,45 @@ def test_compiled_graph_takes_the_decision_an_eager_call_cached(isolated):
         torch._dynamo.reset()
         return torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2)).tolist()
     assert graph(seen) == [2.0, 2.0]
-    _dispatch.clear()  # a new process: the decision is read from disk
+    assert graph(other_m) == [2.0, 2.0]  # the row count is left open under a trace
+    _autotune.clear()  # a new process: the decision is read from disk
     assert graph(seen) == [2.0, 2.0]
     assert graph(unseen) == [1.0, 1.0]
-    assert len(t.calls) == calls and len(_dispatch.report()) == 1
+    assert len(t.calls) == calls and len(_autotune.report()) == 1
+    _autotune.set_timer(FakeTimer({"triton": 1.0, "torch": 9.0}))
+    assert _backend.choose(OP, "auto", CUDA, other_m) == "triton"  # another bucket decides otherwise
+    assert graph(seen) == [1.0, 1.0]  # buckets disagree: fused
+
+
+def test_dynamic_row_count_compiles_once_and_takes_the_cached_choice(isolated):
+    """With dynamic shapes the row count is symbolic: no bucket is read from it (that would add
+    a guard and a recompile per bucket, or fail on older torch), the graph compiles once for
+    every M above the decode rule and carries the cached choice."""
+    _needs_triton()
+    _autotune.set_timer(FakeTimer({"triton": 9.0, "torch": 1.0}))
+    # parameters, as in a model: dynamo keeps their shapes static under dynamic=True
+    w, A = torch.nn.Parameter(torch.randn(48, 64)), torch.nn.Parameter(torch.randn(4, 64))
+    assert _backend.choose(OP, "auto", CUDA, lambda: linear_autotune.linear_case(
+        torch.randn(1000, 64), w, A, None, 0.0, train=True)) == "torch"
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(x):
+        impl = _backend.choose(OP, "auto", CUDA, lambda: linear_autotune.linear_case(x, w, A, None, 0.0, train=True))
+        return x.sum() + (1.0 if impl == "triton" else 2.0)
+    torch._dynamo.reset()
+    g = torch.compile(f, fullgraph=True, dynamic=True, backend=count)
+    for M in (100, 1000, 3000):
+        x = torch.zeros(M, 64)
+        assert g(x).item() == 2.0
+    assert len(graphs) == 1
 
 
 def test_timing_runs_on_the_tensors_device(monkeypatch):
-    # review blocker: do_bench's events/sync act on the current device; a layer on cuda:1 must be
+    # do_bench's events/sync act on the current device; a layer on cuda:1 must be
     # timed with cuda:1 current.
     _needs_triton()
     entered = []
@@ -252,9 +284,9 @@ def test_timing_runs_on_the_tensors_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", FakeDeviceGuard)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     seen = []
-    _dispatch.set_timer(lambda name, fn: seen.append(list(entered)) or {"triton": 1.0, "torch": 2.0}[name])
+    _autotune.set_timer(lambda name, fn: seen.append(list(entered)) or {"triton": 1.0, "torch": 2.0}[name])
     assert _backend.choose(OP, "auto", torch.device("cuda", 1), _case()) == "triton"
-    assert seen == [["cuda:1"]] * (2 * _dispatch.ROUNDS)
+    assert seen == [["cuda:1"]] * (2 * _autotune.ROUNDS)
 
 
 # ---------------------------------------------------------------- review item 1: device memory
@@ -266,23 +298,23 @@ def test_bench_that_does_not_fit_is_not_timed_and_stays_in_memory(monkeypatch, i
     dx: with 20 GiB free it is not timed, the fused path runs, and the decision is not written
     to disk (not even when another key is persisted later)."""
     _needs_triton()
-    monkeypatch.setattr(_dispatch, "free_bytes", lambda dev: 20 * GIB)
+    monkeypatch.setattr(_autotune, "free_bytes", lambda dev: 20 * GIB)
     t = FakeTimer({"triton": 5.0, "torch": 1.0})
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
     big = _case(M=16384, K=4096, N=128256, r=16, dtype=torch.bfloat16, train=True, device="meta")
     fields, _, need, *_ = big()
     assert need > 12 * GIB
     assert _backend.choose(OP, "auto", CUDA, big) == "triton" and not t.calls
-    (entry,) = _dispatch.report()
+    (entry,) = _autotune.report()
     assert entry["reason"].startswith(f"not timed: needs {need / 2 ** 20:.0f} MiB, 20480 MiB free")
     assert entry["persisted"] is False and not _disk(isolated)
     assert _backend.choose(OP, "auto", CUDA, big) == "triton" and not t.calls, "remembered in this process"
     # a small key fits and is timed; saving it must not write the big key's volatile decision
-    assert _backend.choose(OP, "auto", CUDA, _case()) == "torch" and len(t.calls) == 2 * _dispatch.ROUNDS
+    assert _backend.choose(OP, "auto", CUDA, _case()) == "torch" and len(t.calls) == 2 * _autotune.ROUNDS
     assert [e["M"] for e in _disk(isolated).values()] == [1024]
     # the next process decides the big key again
-    _dispatch.clear()
-    monkeypatch.setattr(_dispatch, "free_bytes", lambda dev: 80 * GIB)
+    _autotune.clear()
+    monkeypatch.setattr(_autotune, "free_bytes", lambda dev: 80 * GIB)
     assert _backend.choose(OP, "auto", CUDA, big) == "torch"
 
 
@@ -290,7 +322,7 @@ def test_bench_bytes_cover_the_big_tensors():
     """The estimate counts x, w, y and (training) dy, dx in the real dtype plus the torch path's
     (M, N) / (M, K) intermediates; dropout adds the mask's copies; inference needs less."""
     M, K, N, r = 4096, 1024, 8192, 16
-    est = lambda dt, p, train: _dispatch.linear_bench_bytes(M, K, N, r, dt, torch.float32, True, p, train)  # noqa: E731
+    est = lambda dt, p, train: linear_autotune.linear_bench_bytes(M, K, N, r, dt, torch.float32, True, p, train)  # noqa: E731
     for dt, e in ((torch.bfloat16, 2), (torch.float32, 4)):
         floor = (M * K + N * K + 2 * M * N + M * K) * e  # x, w, y, dy, dx
         assert est(dt, 0.0, True) >= floor + M * N * e  # + addmm's second output
@@ -327,7 +359,7 @@ def test_out_of_memory_while_timing_empties_cache_and_is_not_persisted(monkeypat
     _needs_triton()
     emptied = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
-    monkeypatch.setattr(_dispatch, "free_bytes", lambda dev: None)  # cannot say: time anyway
+    monkeypatch.setattr(_autotune, "free_bytes", lambda dev: None)  # cannot say: time anyway
     if on_cuda:  # a visible GPU: the device guard is entered, the allocator's cache emptied
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device", lambda dev: __import__("contextlib").nullcontext())
@@ -336,14 +368,14 @@ def test_out_of_memory_while_timing_empties_cache_and_is_not_persisted(monkeypat
         if name == "triton":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
         return 2.0
-    _dispatch.set_timer(timer)
+    _autotune.set_timer(timer)
     assert _backend.choose(OP, "auto", CUDA, _case()) == "torch"
-    (entry,) = _dispatch.report()
+    (entry,) = _autotune.report()
     assert entry["errors"]["triton"].startswith("OutOfMemoryError: CUDA out of memory")
     assert entry["persisted"] is False and not _disk(isolated)
     assert emptied == ([1] if on_cuda else []), "empty_cache once, and only on CUDA"
-    _dispatch.clear()  # the next process times it again
-    _dispatch.set_timer(FakeTimer({"triton": 1.0, "torch": 2.0}))
+    _autotune.clear()  # the next process times it again
+    _autotune.set_timer(FakeTimer({"triton": 1.0, "torch": 2.0}))
     assert _backend.choose(OP, "auto", CUDA, _case()) == "triton"
 
 
@@ -352,9 +384,9 @@ def test_both_candidates_out_of_memory_takes_the_leaner_fused_path(isolated):
 
     def timer(name, fn):
         raise torch.OutOfMemoryError("CUDA out of memory")
-    _dispatch.set_timer(timer)
+    _autotune.set_timer(timer)
     assert _backend.choose(OP, "auto", CUDA, _case()) == "triton"
-    assert _dispatch.report()[0]["persisted"] is False and not _disk(isolated)
+    assert _autotune.report()[0]["persisted"] is False and not _disk(isolated)
 
 
 # ---------------------------------------------------------------- review item 2: train vs inference
@@ -367,12 +399,12 @@ def test_train_and_inference_keys_are_separate_and_inference_times_forward_only(
     for train, ms in ((True, {"triton": 3.0, "torch": 1.0}), (False, {"triton": 1.0, "torch": 3.0})):
         fields, bench, *_ = _case(M=40, K=24, N=16, r=3, p=0.1, train=train)()
         backwards.clear()
-        _dispatch.set_timer(FakeTimer(ms, run=True))
+        _autotune.set_timer(FakeTimer(ms, run=True))
         # the fused thunk cannot run on CPU tensors: both candidates run the torch thunk
         got[train] = _backend.choose(OP, "auto", CUDA, lambda: (fields, lambda name: bench("torch")))
-        assert len(backwards) == (2 * _dispatch.ROUNDS if train else 0), "fwd+bwd only for training keys"
+        assert len(backwards) == (2 * _autotune.ROUNDS if train else 0), "fwd+bwd only for training keys"
     assert got == {True: "torch", False: "triton"}, "an inference call does not reuse the training decision"
-    rep = _dispatch.report()
+    rep = _autotune.report()
     assert sorted(e["train"] for e in rep) == [False, True] and len({e["key"] for e in rep}) == 2
 
 
@@ -399,7 +431,7 @@ def test_sorsa_linear_tells_the_dispatcher_whether_a_backward_follows(monkeypatc
         seen.append(case()[0]["train"])
         return "torch"
     monkeypatch.setattr(_backend, "choose", spy)
-    M = _dispatch.DECODE_M + 1  # above the decode rule, which decides without a case
+    M = linear_autotune.DECODE_M + 1  # above the decode rule, which decides without a case
     x, w, A, S, B = torch.randn(M, 6), torch.randn(4, 6), torch.randn(2, 6), torch.rand(2), torch.randn(4, 2)
     grad = lambda t: t.clone().requires_grad_()  # noqa: E731
     L.sorsa_linear(x, w, grad(A), grad(S), grad(B))
@@ -420,10 +452,10 @@ def test_noisy_winner_is_unclear_fuses_and_is_not_persisted(isolated):
     3.0 differ by less than torch's spread (2.0): unclear, the fused path, not on disk."""
     _needs_triton()
     t = FakeTimer({"triton": [2.0, 2.1, 2.0], "torch": [1.0, 3.0, 3.0]})
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
     assert _backend.choose(OP, "auto", CUDA, _case()) == "triton"
     assert t.calls == ["triton", "torch"] * 3
-    (entry,) = _dispatch.report()
+    (entry,) = _autotune.report()
     assert entry["unclear"] is True and entry["ms"] == {"triton": 2.0, "torch": 3.0}
     assert entry["spread_ms"] == pytest.approx({"triton": 0.1, "torch": 2.0})
     assert entry["persisted"] is False and not _disk(isolated)
@@ -431,7 +463,7 @@ def test_noisy_winner_is_unclear_fuses_and_is_not_persisted(isolated):
 
 def test_clear_winner_is_persisted_with_median_and_spread(isolated):
     _needs_triton()
-    _dispatch.set_timer(FakeTimer({"triton": [2.0, 2.2, 2.1], "torch": [1.2, 1.0, 1.1]}))
+    _autotune.set_timer(FakeTimer({"triton": [2.0, 2.2, 2.1], "torch": [1.2, 1.0, 1.1]}))
     assert _backend.choose(OP, "auto", CUDA, _case()) == "torch"
     (entry,) = _disk(isolated).values()
     assert entry["unclear"] is False and entry["ms"] == {"triton": 2.1, "torch": 1.1}
@@ -448,7 +480,7 @@ def test_candidate_failing_in_a_later_round_is_never_chosen():
                 raise RuntimeError("sporadic")
             return super().__call__(name, fn)
     t = Flaky({"triton": 5.0, "torch": 1.0})
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
     assert _backend.choose(OP, "auto", CUDA, _case()) == "triton"
     assert t.calls == ["triton", "torch", "triton", "torch", "triton"], "a failed candidate is not timed again"
 
@@ -458,8 +490,8 @@ def _rank_worker(rank, world, init_file, out_dir):
     from datetime import timedelta
 
     import torch.distributed as dist
-    os.environ[_dispatch.ENV_CACHE_DIR] = os.path.join(out_dir, f"cache{rank}")  # per-rank disks
-    os.environ.pop(_dispatch.ENV_AUTOTUNE, None)
+    os.environ[_autotune.ENV_CACHE_DIR] = os.path.join(out_dir, f"cache{rank}")  # per-rank disks
+    os.environ.pop(_autotune.ENV_AUTOTUNE, None)
     torch.cuda.get_device_name = lambda *a: "FakeGPU H200"
     torch.cuda.get_device_capability = lambda *a: (9, 0)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -472,7 +504,7 @@ def _rank_worker(rank, world, init_file, out_dir):
         # rank 1's timing prefers the other candidate, and its rows fall in another M bucket
         # (per-rank dynamic padding): a collective here would pair mismatched keys or hang
         t = FakeTimer({"triton": 1.0, "torch": 2.0} if rank == 0 else {"triton": 2.0, "torch": 1.0})
-        _dispatch.set_timer(t)
+        _autotune.set_timer(t)
         M = 1000 if rank == 0 else 3000
         first = _backend.choose(OP, "auto", CUDA, _case(M=M))
         again = _backend.choose(OP, "auto", CUDA, _case(M=M))
@@ -491,7 +523,7 @@ def test_ranks_decide_alone_without_collectives_two_gloo_ranks(tmp_path):
     mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
     assert r0["choices"] == ["triton"] * 2 and r1["choices"] == ["torch"] * 2
-    assert r0["timed"] == r1["timed"] == 2 * _dispatch.ROUNDS  # timed once, then cached
+    assert r0["timed"] == r1["timed"] == 2 * _autotune.ROUNDS  # timed once, then cached
 
 
 # ---------------------------------------------------------------- sorsa-kernels info
@@ -501,17 +533,17 @@ def test_info_prints_the_decisions(monkeypatch, isolated, capsys):
     # an entry as an older version wrote it (no spread, no train) must still print
     old = {"op": OP, "choice": "torch", "ms": {"triton": 3.0, "torch": 2.0}, "errors": {}, "M": 64, "K": 8,
            "N": 8, "r": 2, "dtype": "float16", "adapter_dtype": "float32", "dropout": False, "bias": False}
-    (isolated / _dispatch.CACHE_FILE).write_text(json.dumps({"version": 1, "entries": {"old-key": old}}))
-    _dispatch.set_timer(FakeTimer({"triton": 1.0, "torch": 2.0}))
+    (isolated / _autotune.CACHE_FILE).write_text(json.dumps({"version": 1, "entries": {"old-key": old}}))
+    _autotune.set_timer(FakeTimer({"triton": 1.0, "torch": 2.0}))
     _backend.choose(OP, "auto", CUDA, _case(train=True))
-    _dispatch.set_timer(FakeTimer({"triton": [2.0, 2.1, 2.0], "torch": [1.0, 3.0, 3.0]}))
+    _autotune.set_timer(FakeTimer({"triton": [2.0, 2.1, 2.0], "torch": [1.0, 3.0, 3.0]}))
     _backend.choose(OP, "auto", CUDA, _case(M=5000))
-    monkeypatch.setattr(_dispatch, "free_bytes", lambda dev: 2 * GIB)
+    monkeypatch.setattr(_autotune, "free_bytes", lambda dev: 2 * GIB)
     _backend.choose(OP, "auto", CUDA, _case(M=16384, K=4096, N=128256, dtype=torch.bfloat16, device="meta"))
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     lines = [line.strip() for line in out.splitlines() if line.strip().startswith(OP + " M=")]
-    assert len(lines) == 4 and "cached auto decisions (fused vs torch, timed once per shape): 4" in out
+    assert len(lines) == 4 and f"timed once per shape; {_autotune.cache_path()}): 4" in out
     timed, = (ln for ln in lines if "M=1024" in ln)
     assert "dtype=float32" in timed and "train=True" in timed and "-> triton (triton 1±0 ms, torch 2±0 ms)" in timed
     noisy, = (ln for ln in lines if "M=8192" in ln)
@@ -534,7 +566,7 @@ def _timed_choice(p=0.1):
         with torch.random.fork_rng():
             _CASE[p] = _case(M=40, K=24, N=16, r=3, p=p, train=True)()
     fields, bench, *_ = _CASE[p]
-    _dispatch.set_timer(FakeTimer({"triton": 1.0, "torch": 2.0}, run=True))
+    _autotune.set_timer(FakeTimer({"triton": 1.0, "torch": 2.0}, run=True))
     return _backend.choose(OP, "auto", CUDA, lambda: (fields, lambda name: bench("torch")))
 
 
@@ -574,7 +606,7 @@ def test_checkpoint_recompute_draws_the_forward_seed_and_timing_runs(reentrant):
     torch.manual_seed(0)
     checkpoint(_step_with_choice, x, use_reentrant=reentrant).backward()
     assert len(_step_with_choice.seeds) == 2 and _step_with_choice.seeds[0] == _step_with_choice.seeds[1]
-    (entry,) = _dispatch.report()
+    (entry,) = _autotune.report()
     assert entry["errors"] == {} and entry["choice"] == "triton", entry
     # the gradient is the one of the mask the forward used
     g = torch.Generator().manual_seed(_step_with_choice.seeds[0])
@@ -584,23 +616,23 @@ def test_checkpoint_recompute_draws_the_forward_seed_and_timing_runs(reentrant):
 def test_no_timing_while_a_cuda_graph_is_captured(monkeypatch, isolated):
     _needs_triton()
     t = FakeTimer({"triton": 5.0, "torch": 1.0})
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert _backend.choose(OP, "auto", CUDA, _case()) == "triton"
-    assert t.calls == [] and _dispatch.report() == [] and _disk(isolated) == {}
+    assert t.calls == [] and _autotune.report() == [] and _disk(isolated) == {}
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert _backend.choose(OP, "auto", CUDA, _case()) == "torch"  # timed by the next eager call
-    assert len(t.calls) == 2 * _dispatch.ROUNDS
+    assert len(t.calls) == 2 * _autotune.ROUNDS
 
 
-@pytest.mark.parametrize("M", [1, 8, _dispatch.DECODE_M])
+@pytest.mark.parametrize("M", [1, 8, linear_autotune.DECODE_M])
 def test_decode_sized_rows_go_to_torch_by_rule_untimed(M, isolated):
     _needs_triton()
     t = FakeTimer({"triton": 0.1, "torch": 9.0})
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
     assert _backend.choose(OP, "auto", CUDA, _case(M=M)) == "torch"
-    assert t.calls == [] and _dispatch.report() == [] and _disk(isolated) == {}
-    assert _backend.choose(OP, "auto", CUDA, _case(M=_dispatch.DECODE_M + 1)) == "triton"  # timed above it
+    assert t.calls == [] and _autotune.report() == [] and _disk(isolated) == {}
+    assert _backend.choose(OP, "auto", CUDA, _case(M=linear_autotune.DECODE_M + 1)) == "triton"  # timed above it
     assert _backend.choose(OP, "triton", CUDA, _case(M=M)) == "triton"  # a forced backend is obeyed
 
 
@@ -620,11 +652,11 @@ def test_selective_checkpoint_region_is_not_timed_and_grads_stay_right(isolated)
     W = torch.randn(48, 32, generator=g)
     A, S, B = (torch.randn(*s, generator=g, requires_grad=True) for s in ((4, 32), (4,), (48, 4)))
     t = FakeTimer({"triton": 2.0, "torch": 1.0}, run=True)
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
 
     def layer(x):
         # what sorsa_linear does on CUDA with backend="auto": choose() (timing on a miss), then the op
-        _backend.choose(OP, "auto", CUDA, lambda: _dispatch.linear_case(x, W, A, None, 0.0, train=True))
+        _backend.choose(OP, "auto", CUDA, lambda: linear_autotune.linear_case(x, W, A, None, 0.0, train=True))
         from sorsa_kernels.ops import sorsa_linear
         return sorsa_linear(x, W, A, S, B, 0.5, backend="torch").relu().mm(torch.ones(48, 8)).square().sum()
 
@@ -636,9 +668,9 @@ def test_selective_checkpoint_region_is_not_timed_and_grads_stay_right(isolated)
         return [v.grad.clone() for v in (x, A, S, B)]
     with torch.random.fork_rng():
         sac = grads(True)                     # first call of the key, inside the SAC region
-    assert t.calls == [] and _dispatch.report() == []
+    assert t.calls == [] and _autotune.report() == []
     ref = grads(False)                        # plain eager: now it is timed
-    assert len(t.calls) == 2 * _dispatch.ROUNDS
+    assert len(t.calls) == 2 * _autotune.ROUNDS
     for a, b in zip(sac, ref):
         torch.testing.assert_close(a, b)
 
@@ -647,14 +679,14 @@ def test_torch_func_transform_call_is_not_timed():
     """torch.func.grad forbids saved-tensor hooks: timing (which shadows them) must not run there."""
     _needs_triton()
     t = FakeTimer({"triton": 2.0, "torch": 1.0})
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
     case = _case(M=40, K=24, N=16, r=3, train=True)
 
     def f(x):
         _backend.choose(OP, "auto", CUDA, case)
         return (x * 2).sum()
     torch.func.grad(f)(torch.randn(3))
-    assert t.calls == [] and _dispatch.report() == []
+    assert t.calls == [] and _autotune.report() == []
 
 
 @pytest.mark.parametrize("view,layout", [
@@ -670,26 +702,26 @@ def test_x_layout_is_in_the_key_and_the_bench_copies_it(view, layout):
     the same way (it was timed on a contiguous x)."""
     _needs_triton()
     x = view(torch.randn(40, 128))
-    assert x.shape == (40, 64) and _dispatch.x_layout(x) == layout
+    assert x.shape == (40, 64) and linear_autotune.x_layout(x) == layout
     w, A = torch.randn(48, 64), torch.randn(4, 64)
-    fields, bench, *_ = _dispatch.linear_case(x, w, A, None, 0.0, train=False)
+    fields, bench, *_ = linear_autotune.linear_case(x, w, A, None, 0.0, train=False)
     assert fields["x_layout"] == layout
     thunk = bench("torch")
     cells = [c.cell_contents for c in thunk.__closure__]
-    inputs, = (c for c in cells if isinstance(c, _dispatch._LinearInputs))
-    assert inputs.x.shape == (40, 64) and _dispatch.x_layout(inputs.x) == layout
-    keys = {_dispatch.make_key(OP, dict(fields, x_layout=v), CUDA) for v in ("rows16", "rows", "cols", "strided")}
+    inputs, = (c for c in cells if isinstance(c, linear_autotune._LinearInputs))
+    assert inputs.x.shape == (40, 64) and linear_autotune.x_layout(inputs.x) == layout
+    keys = {_autotune.make_key(OP, dict(fields, x_layout=v), CUDA) for v in ("rows16", "rows", "cols", "strided")}
     assert len(keys) == 4
 
 
 # --- verify while timing ------------------------------------------------------------------------
 def test_fused_result_made_wrong_is_caught_before_timing_picks_torch_and_warns_once(isolated, monkeypatch):
-    monkeypatch.setattr(_dispatch, "VERIFY", True)
+    monkeypatch.setattr(_autotune, "VERIFY", True)
     """A fused candidate that computes a wrong y (one element off by 1) must never be chosen, however
     fast: the first timing of a key compares both candidates with a high-precision reference by the
     tolerance rule; a mismatch picks torch, is persisted, and warns once with what to report."""
     _needs_triton()
-    from sorsa_kernels.ops import linear as OL
+    from sorsa_kernels.ops.linear import op as OL
     real_fwd, real_bwd = OL._KERNELS["triton"]
 
     def wrong_fwd(*a):
@@ -699,13 +731,13 @@ def test_fused_result_made_wrong_is_caught_before_timing_picks_torch_and_warns_o
         return y, xa
     monkeypatch.setitem(OL._KERNELS, "triton", (wrong_fwd, real_bwd))
     t = FakeTimer({"triton": 0.1, "torch": 9.0})
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
     with pytest.warns(RuntimeWarning, match=r"disagreed with the torch path.*y: max error.*torch .*triton .*M=64"):
         assert _backend.choose(OP, "auto", CUDA, _case(M=40, K=24, N=16, r=3, train=True)) == "torch"
     assert t.calls == [], "nothing is timed once the fused result is wrong"
     (key, entry), = _disk(isolated).items()
     assert entry["choice"] == "torch" and entry["errors"]["triton"].startswith("mismatch: y")
-    _dispatch.clear()  # a new process reads the decision from disk: no second warning, no timing
+    _autotune.clear()  # a new process reads the decision from disk: no second warning, no timing
     import warnings as W
     with W.catch_warnings():
         W.simplefilter("error")
@@ -715,22 +747,22 @@ def test_fused_result_made_wrong_is_caught_before_timing_picks_torch_and_warns_o
 @pytest.mark.parametrize("train", [True, False])
 def test_correct_fused_result_passes_verification_and_is_timed(train, monkeypatch):
     _needs_triton()
-    monkeypatch.setattr(_dispatch, "VERIFY", True)
+    monkeypatch.setattr(_autotune, "VERIFY", True)
     t = FakeTimer({"triton": 1.0, "torch": 2.0})
-    _dispatch.set_timer(t)
+    _autotune.set_timer(t)
     assert _backend.choose(OP, "auto", CUDA, _case(M=40, K=24, N=16, r=3, p=0.1, train=train)) == "triton"
-    assert len(t.calls) == 2 * _dispatch.ROUNDS and _dispatch.report()[0]["errors"] == {}
+    assert len(t.calls) == 2 * _autotune.ROUNDS and _autotune.report()[0]["errors"] == {}
 
 
 def test_fused_launch_error_during_verification_picks_torch(isolated, monkeypatch):
-    monkeypatch.setattr(_dispatch, "VERIFY", True)
+    monkeypatch.setattr(_autotune, "VERIFY", True)
     _needs_triton()
-    from sorsa_kernels.ops import linear as OL
+    from sorsa_kernels.ops.linear import op as OL
 
     def boom(*a):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     monkeypatch.setitem(OL._KERNELS, "triton", (boom, OL._KERNELS["triton"][1]))
-    _dispatch.set_timer(FakeTimer({"triton": 0.1, "torch": 9.0}))
+    _autotune.set_timer(FakeTimer({"triton": 0.1, "torch": 9.0}))
     with pytest.warns(RuntimeWarning, match="illegal memory access"):
         assert _backend.choose(OP, "auto", CUDA, _case(M=48, K=24, N=16, r=3, train=False)) == "torch"
 
@@ -752,14 +784,14 @@ def test_verification_sees_a_small_error_in_the_base_gemm(isolated, monkeypatch)
     """The verification's adapters are scaled as trained ones are, so the rank-r term does not
     hide an error in x·W_rᵀ (one 16-wide slice of K dropped at 10 %: caught)."""
     _needs_triton()
-    monkeypatch.setattr(_dispatch, "VERIFY", True)
-    from sorsa_kernels.ops import linear as OL
+    monkeypatch.setattr(_autotune, "VERIFY", True)
+    from sorsa_kernels.ops.linear import op as OL
     real_fwd, real_bwd = OL._KERNELS["triton"]
 
     def drops_a_k_slice(x, w, *rest):
         y, xa = real_fwd(x, w, *rest)
         return y - 0.1 * (x[:, :16] @ w[:, :16].t()), xa
     monkeypatch.setitem(OL._KERNELS, "triton", (drops_a_k_slice, real_bwd))
-    _dispatch.set_timer(FakeTimer({"triton": 0.1, "torch": 9.0}))
+    _autotune.set_timer(FakeTimer({"triton": 0.1, "torch": 9.0}))
     with pytest.warns(RuntimeWarning, match="y: max error"):
         assert _backend.choose(OP, "auto", CUDA, _case(M=40, K=64, N=16, r=3, train=False)) == "torch"

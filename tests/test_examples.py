@@ -37,12 +37,12 @@ def test_readme_peft_section_runs(tmp_path, monkeypatch):
 
     import torch
 
-    text = open(os.path.join(os.path.dirname(EXAMPLE), "..", "README.md")).read()
+    text = open(os.path.join(os.path.dirname(EXAMPLE), "..", "docs", "usage.md")).read()  # moved from README.md
     section = text[text.index("### Using with PEFT"):]
     block = re.findall(r"```python\n(.*?)```", section, re.S)[0]
     monkeypatch.chdir(tmp_path)
     ns = {}
-    exec(compile(block, "README.md#using-with-peft", "exec"), ns)
+    exec(compile(block, "docs/usage.md#using-with-peft", "exec"), ns)
     assert len(ns["report"].accelerated) == 2 and not ns["report"].skipped
     model, again, x = ns["model"], ns["again"], ns["x"]
     model.eval()

@@ -95,7 +95,7 @@ def test_gpu_rsvd_ext_matches_cpu_build_and_is_accurate():
     eye = torch.eye(64, device="cuda")
     for U_, V_ in ((Ug, Vg), (Ud, Vd)):
         assert (U_.mT @ U_ - eye).abs().max() < 1e-4 and (V_ @ V_.mT - eye).abs().max() < 1e-4
-    # issue 9 (4): extreme scales on the CUDA path
+    # extreme scales on the CUDA path
     _, Sx, _ = sk.rsvd(W.cuda() * 2.0 ** 100, 64, seed=3, iter_dtype=torch.float32)
     torch.testing.assert_close(Sx / 2.0 ** 100, Sg, rtol=1e-5, atol=0)
 
@@ -103,7 +103,7 @@ def test_gpu_rsvd_ext_matches_cpu_build_and_is_accurate():
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llm", "flat"])
 def test_gpu_rsvd_defaults_r128_and_tf32_guard(family):
-    """Issue 11 accuracy at r = 128 with the GPU's defaults, and issue 9 (5): with TF32 on (HF's
+    """Accuracy at r = 128 with the GPU's defaults, and with TF32 on (HF's
     tf32=True) init still reproduces fp32 weights exactly and restores the setting."""
     from sorsa_kernels.synthetic import exact_sigmas, synthetic_weights
     W = synthetic_weights(4, 4096, 4096, device="cuda", family=family)

@@ -1,4 +1,4 @@
-"""Model-wide SVD init (issue 11) and its hygiene items (issue 9: 5, 6, 9): one batched call per
+"""Model-wide SVD init and its hygiene: one batched call per
 shape group, exact-vs-randomized choice by cost, chunking by free memory, adapters that own their
 storage, TF32 off inside, clear errors for a non-float weight_dtype and the meta device."""
 import io
@@ -97,7 +97,7 @@ def test_progress_bar_counts_matrices_and_names_group_and_method(monkeypatch):
 
 
 def test_adapters_own_their_storage():
-    """Issue 9 item 6: no parameter is a view of one batched tensor; a layer's state_dict holds
+    """no parameter is a view of one batched tensor; a layer's state_dict holds
     only its own bytes."""
     model = small_llama(2)
     sk.apply_sorsa(model, TARGETS, r=8, init="rsvd_always")
@@ -112,7 +112,7 @@ def test_adapters_own_their_storage():
 
 
 def test_init_runs_without_tf32_and_restores_the_setting(monkeypatch):
-    """Issue 9 item 5: inside init (exact or randomized) TF32 is off; the user's setting is back after."""
+    """inside init (exact or randomized) TF32 is off; the user's setting is back after."""
     seen = []
     orig_svd = torch.linalg.svd
 
@@ -136,7 +136,7 @@ def test_init_runs_without_tf32_and_restores_the_setting(monkeypatch):
 
 
 def test_non_float_weight_dtype_is_rejected_before_any_change():
-    """Issue 9 item 9: sorsa_init(weight_dtype=torch.int32) → TypeError, layer untouched."""
+    """sorsa_init(weight_dtype=torch.int32) → TypeError, layer untouched."""
     lin = nn.Linear(12, 10)
     layer = sk.SORSALinear.from_linear(lin, r=3, init="svd")
     state = {k: v.clone() for k, v in layer.state_dict().items()}

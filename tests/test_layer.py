@@ -149,7 +149,7 @@ def test_sorsa_init_twice_is_idempotent():
 
 @pytest.mark.parametrize("into", ["ours", "ref", "ours_merged"])
 def test_merged_state_dict_reloads_to_the_same_outputs(ref, into):
-    """Issue 9 item 7: the state dict holds the unmerged form, so a merged layer's checkpoint
+    """the state dict holds the unmerged form, so a merged layer's checkpoint
     strict-loads (ours or sorsa 1.0.1's) without applying the adapter twice."""
     W, theirs, ours = pair(ref, 20, 12, 4, 8.0, True)
     ours.sorsa_init()
@@ -225,7 +225,7 @@ def test_conv1d_layer_keeps_layout_and_function():
 
 
 def test_forward_on_the_meta_device():
-    """Issue 9 item 9: shape inference on meta works as for nn.Linear (layer, merged, converted model)."""
+    """shape inference on meta works as for nn.Linear (layer, merged, converted model)."""
     m = sk.SORSALinear(16, 8, r=4, bias=True, device="meta")
     y = m(torch.empty(3, 5, 16, device="meta"))
     assert y.is_meta and y.shape == (3, 5, 8)

@@ -1,4 +1,4 @@
-"""Issue 10 kernels under the interpreter vs float64: the persistent schedule (more tiles than
+"""The fused linear kernels under the interpreter vs float64: the persistent schedule (more tiles than
 programs), the rank-r segment in the K loop, split-K shrink, the TMA kernel (host tensor
 descriptors run under the interpreter), the documented Philox mask replayed exactly in
 numpy, and frozen adapters' gradients not computed."""
@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from sorsa_kernels.kernels import linear_launch as L
+from sorsa_kernels import _device
+from sorsa_kernels.ops.linear import launch as L
 from sorsa_kernels.ops import sorsa_linear, sorsa_linear_naive
 
-from conftest import KERNEL_DEVICE, assert_tolerance, needs_triton
+from conftest import KERNEL_DEVICE, assert_tolerance, needs_triton, set_launch_options
 
 pytestmark = [needs_triton, pytest.mark.skipif(not L.triton_interpret(), reason="interpreter schedule")]
 NAMES = ["y", "dx", "dA", "dS", "dB", "dbias"]
@@ -121,9 +122,9 @@ def test_tma_kernel_vs_float64(dtype, M_shape, k, n, r, monkeypatch):
     interpreter too: y and dX go through it, padding columns of s/gs are never read (the
     launcher's buffers start as NaN)."""
     calls = []
-    real_tma, real_empty = L._mm_tma, torch.empty
-    monkeypatch.setattr(L, "FORCE_TMA", True)
-    monkeypatch.setattr(L, "_mm_tma", lambda *a: calls.append(1) or real_tma(*a))
+    real_tma, real_empty = L._fused_matmul_tma, torch.empty
+    set_launch_options(monkeypatch, force_tma=True)
+    monkeypatch.setattr(L, "_fused_matmul_tma", lambda *a: calls.append(1) or real_tma(*a))
     monkeypatch.setattr(L.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
     check(operands(M_shape, k, n, r), dtype)
     assert len(calls) == 2  # forward y and backward dX
@@ -131,10 +132,10 @@ def test_tma_kernel_vs_float64(dtype, M_shape, k, n, r, monkeypatch):
 
 def test_frozen_adapters_skip_their_gradient_kernels(monkeypatch):
     launches = []
-    real_tn, real_gdb = L.tn, L.gdb
-    monkeypatch.setattr(L, "tn", lambda *a, **kw: launches.append(("tn", kw.get("drop_q", False)))
+    real_tn, real_gdb = L.tn_matmul, L.g_and_db
+    monkeypatch.setattr(L, "tn_matmul", lambda *a, **kw: launches.append(("tn", kw.get("drop_q", False)))
                         or real_tn(*a, **kw))
-    monkeypatch.setattr(L, "gdb", lambda *a: launches.append(("gdb",)) or real_gdb(*a))
+    monkeypatch.setattr(L, "g_and_db", lambda *a: launches.append(("gdb",)) or real_gdb(*a))
     o = operands((12,), 20, 16, 4, bias=False)
     x, W = o["x"].float(), o["W"].float()
     A, S, B = (o[k].float() for k in "ASB")
@@ -185,7 +186,7 @@ def test_forward_glue_is_one_small_launch(monkeypatch, p):
     """Review item 3: between the split-K shrink and the main GEMM only ``sorsa_scale_kernel``
     runs (partials sum, ·S·scale, cast into the padded buffer); an aligned B of x's dtype is
     used in place (no re-pad per call), on the TMA path too."""
-    monkeypatch.setattr(L, "FORCE_TMA", True)
+    set_launch_options(monkeypatch, force_tma=True)
     o = operands((40,), 136, 24, 16)  # K=136: 2 split-K partials, TMA-legal rows; r=16: B rows 32 B
     x, W, A, S, B = (o[k].to(torch.bfloat16) for k in ("x", "W", "A", "S", "B"))
     launches, compute = _forward_ops(monkeypatch, x, W, A, S, B, p)
@@ -204,9 +205,9 @@ def test_tma_kernel_with_dropout_vs_mask_replay(dtype, M, k, n, r, monkeypatch):
     registers by the documented Philox stream, main K loop on top); checked against float64
     with the mask replayed in numpy."""
     calls = []
-    real_tma = L._mm_tma
-    monkeypatch.setattr(L, "FORCE_TMA", True)
-    monkeypatch.setattr(L, "_mm_tma", lambda *a: calls.append(a[8]) or real_tma(*a))
+    real_tma = L._fused_matmul_tma
+    set_launch_options(monkeypatch, force_tma=True)
+    monkeypatch.setattr(L, "_fused_matmul_tma", lambda *a: calls.append(a[8]) or real_tma(*a))
     p = 0.25
     check(operands((M,), k, n, r), dtype, p=p, mask=replay_mask(seed_of(11), M, k, p).double())
     assert calls == [False, True]  # forward y unmasked, backward dX masked, both TMA
@@ -221,17 +222,17 @@ def test_masked_dx_with_int64_philox_counters_takes_the_pointer_kernel(monkeypat
         def __getitem__(self, grid):
             return lambda *a, **kw: launches.append(("ptr", kw["BIG"]))
 
-    monkeypatch.setattr(L, "FORCE_TMA", True)
-    monkeypatch.setattr(L, "_mm_tma", lambda *a: launches.append(("tma", a[8])))
+    set_launch_options(monkeypatch, force_tma=True)
+    monkeypatch.setattr(L, "_fused_matmul_tma", lambda *a: launches.append(("tma", a[8])))
     monkeypatch.setattr(L, "sorsa_mm_kernel", Record())
     m = lambda *s: torch.empty(*s, device="meta", dtype=torch.bfloat16)  # noqa: E731
     for M in (1024, 2 ** 21 + 64):  # K = 4096: counters up to M·1024
-        L.mm(m(M, 64), m(64, 4096).t(), m(M, 4096), x2=m(M, 16), w2=m(16, 4096).t(), seed=3, p=0.1,
+        L.fused_matmul(m(M, 64), m(64, 4096).t(), m(M, 4096), x2=m(M, 16), w2=m(16, 4096).t(), seed=3, p=0.1,
              drop_out=True, drop_ld=4096)
     assert launches == [("tma", True), ("ptr", True)]
 
 
-# --- issue 10 item 4: one pass over dY for g and dB; dA/dB next to dX on a side stream -----------
+# --- one pass over dY for g and dB; dA/dB next to dX on a side stream -----------
 @pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("r", [1, 16, 33])
@@ -239,12 +240,12 @@ def test_backward_one_and_two_passes_over_dy_vs_float64(one_pass, dtype, r, monk
     """Both backward schedules against float64 with every launcher buffer poisoned (NaN): ragged
     M = 70 (2 m-slices under the interpreter), N = 40 (3 n-blocks: 3 partials of g), dropout p = 0.2
     replayed exactly, column-major B (strided operand)."""
-    monkeypatch.setattr(L, "ONE_PASS_DY", one_pass)
-    real_empty, real_gdb = torch.empty, L.gdb
+    set_launch_options(monkeypatch, one_pass_dy=one_pass)
+    real_empty, real_gdb = torch.empty, L.g_and_db
     monkeypatch.setattr(L.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan"))
                         if kw.get("dtype", torch.float32).is_floating_point else real_empty(*a, **kw))
     shapes = []
-    monkeypatch.setattr(L, "gdb", lambda *a: (lambda gb: shapes.append((gb[0].shape, gb[1].shape)) or gb)(real_gdb(*a)))
+    monkeypatch.setattr(L, "g_and_db", lambda *a: (lambda gb: shapes.append((gb[0].shape, gb[1].shape)) or gb)(real_gdb(*a)))
     M, K, N, p = 70, 24, 40, 0.2
     o = operands((M,), K, N, r)
     o["B"] = o["B"].t().contiguous().t()
@@ -258,7 +259,7 @@ def test_backward_one_and_two_passes_over_dy_vs_float64(one_pass, dtype, r, monk
 def test_one_pass_rule_counts_bytes(monkeypatch):
     """The documented cost rule at the issue's shape on an H200 (132 SMs): bf16 N = 4096 reads dY
     once for r <= 17 and twice for r = 128; r above GDB_MAX_R never takes the one-pass kernel."""
-    monkeypatch.setattr(L, "num_sms", lambda device: 132)
+    monkeypatch.setattr(_device, "num_sms", lambda device: 132)
     monkeypatch.setattr(L, "triton_interpret", lambda: False)  # the GPU's split-K depth
     dev = torch.device("cpu")
     picks = {r: L.one_pass_dy(8192, 4096, r, torch.bfloat16, dev) for r in (1, 16, 17, 18, 32, 64, 128)}
@@ -267,7 +268,7 @@ def test_one_pass_rule_counts_bytes(monkeypatch):
     assert not L.one_pass_dy(8192, 64, 65, torch.bfloat16, dev)  # dB tile would not fit registers
     assert [L._gdb_block_n(r, False) for r in (1, 16, 17, 33, 64)] == [256, 256, 128, 64, 64]
     assert not L.one_pass_dy(0, 4096, 16, torch.bfloat16, dev)
-    monkeypatch.setattr(L, "ONE_PASS_DY", True)
+    set_launch_options(monkeypatch, one_pass_dy=True)
     assert not L.one_pass_dy(64, 64, 128, torch.float32, dev)  # forcing never exceeds the cap
 
 
@@ -347,14 +348,14 @@ def test_side_stream_forks_and_joins(monkeypatch):
         with L.side_stream(dev) as side:
             raise RuntimeError("out of memory")
     assert events == ["side waits main", "main waits side"]
-    # in line while capturing a CUDA graph, with OVERLAP off, and off CUDA
+    # in line while capturing a CUDA graph, with overlap off, and off CUDA
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     events.clear()
     with L.side_stream(dev) as side:
         with side.run():
             assert side.keep(3) == 3
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(L, "OVERLAP", False)
+    set_launch_options(monkeypatch, overlap=False)
     with L.side_stream(dev):
         pass
     with L.side_stream(torch.device("cpu")):
@@ -364,15 +365,15 @@ def test_side_stream_forks_and_joins(monkeypatch):
 
 @pytest.mark.parametrize("r", [8, 70])  # dB from the one-pass kernel; dB as a second pass on the side
 def test_backward_forks_before_dx_so_da_db_overlap_it(monkeypatch, r):
-    """GPU review B1: the side stream must fork *before* the dX GEMM is queued, or dA/dB wait for
+    """The side stream must fork *before* the dX GEMM is queued, or dA/dB wait for
     dX. The real linear_bwd with CUDA streams faked: fork < dX (current stream) < dA/dB (side) < join."""
     events, current = [], ["main"]
     _fake_cuda_streams(monkeypatch, events, current)
-    real_side, real_mm, real_tn = L.side_stream, L.mm, L.tn
+    real_side, real_mm, real_tn = L.side_stream, L.fused_matmul, L.tn_matmul
     monkeypatch.setattr(L, "side_stream", lambda device: real_side(torch.device("cuda", 0)))
-    monkeypatch.setattr(L, "mm", lambda *a, **kw: events.append(f"{'dX' if 'x2' in kw else 'shrink'} on "
+    monkeypatch.setattr(L, "fused_matmul", lambda *a, **kw: events.append(f"{'dX' if 'x2' in kw else 'shrink'} on "
                                                                 f"{current[-1]}") or real_mm(*a, **kw))
-    monkeypatch.setattr(L, "tn", lambda *a, **kw: events.append(f"tn on {current[-1]}") or real_tn(*a, **kw))
+    monkeypatch.setattr(L, "tn_matmul", lambda *a, **kw: events.append(f"tn on {current[-1]}") or real_tn(*a, **kw))
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: events.append("record"), raising=False)
     o = operands((20,), 16, 24, r)
     x, W, A, S, B, dy = (o[k].float() for k in ("x", "W", "A", "S", "B", "dy"))
@@ -390,7 +391,7 @@ def test_backward_forks_before_dx_so_da_db_overlap_it(monkeypatch, r):
 def test_strided_bias_and_s_are_read_by_their_strides(tma, monkeypatch):
     """bias = b2[::2] and S = S2[:, 0] are strided views; the kernels read vectors with unit
     stride, so the launcher must hand them contiguous copies (it read every other element)."""
-    monkeypatch.setattr(L, "FORCE_TMA", tma)
+    set_launch_options(monkeypatch, force_tma=tma)
     o = operands((37,), 40, 48, 5, seed=11)
     dt = torch.float16 if tma else torch.float32
 
@@ -430,7 +431,7 @@ def test_flattened_tma_out_of_shared_memory_relaunches_nested_once(monkeypatch):
     pushes it over, the launch raises OutOfResources before running; the launcher relaunches the
     nested loop (same result) and keeps doing so for that tile in this process."""
     from triton.runtime.errors import OutOfResources
-    monkeypatch.setattr(L, "FORCE_TMA", True)
+    set_launch_options(monkeypatch, force_tma=True)
     monkeypatch.setattr(L, "_FLATTEN_TOO_BIG", set())
     real = L.sorsa_mm_tma_kernel
     flats = []

@@ -4,10 +4,10 @@ Philox mask replayed in numpy."""
 import pytest
 import torch
 
-from sorsa_kernels.kernels import linear_launch as L
+from sorsa_kernels.ops.linear import launch as L
 from sorsa_kernels.ops import sorsa_linear, sorsa_linear_naive
 
-from conftest import HAS_TRITON, assert_tolerance
+from conftest import HAS_TRITON, assert_tolerance, set_launch_options
 from test_linear_fused import operands, replay_mask, run, seed_of
 
 pytestmark = [
@@ -21,8 +21,8 @@ NAMES = ["y", "dx", "dA", "dS", "dB", "dbias"]
 @pytest.mark.parametrize("p", [0.0, 0.05])
 def test_gpu_bf16_vs_float64_with_mask_replay(M, k, n, r, p, monkeypatch):
     calls = []
-    real = L._mm_tma
-    monkeypatch.setattr(L, "_mm_tma", lambda *a: calls.append(1) or real(*a))
+    real = L._fused_matmul_tma
+    monkeypatch.setattr(L, "_fused_matmul_tma", lambda *a: calls.append(1) or real(*a))
     o = operands((M,), k, n, r)
     mask = replay_mask(seed_of(3), M, k, p).double() if p > 0 else None
 
@@ -52,9 +52,9 @@ def test_gpu_side_stream_backward_is_bitwise_the_in_line_one(r, monkeypatch):
         torch.manual_seed(3)
         return run(fused, o, torch.bfloat16, "cuda")
 
-    monkeypatch.setattr(L, "OVERLAP", False)
+    set_launch_options(monkeypatch, overlap=False)
     in_line = once()
-    monkeypatch.setattr(L, "OVERLAP", True)
+    set_launch_options(monkeypatch, overlap=True)
     overlapped = once()
     assert torch.cuda.current_device() in L._SIDE_STREAMS
     user = torch.cuda.Stream()  # forked from and joined into a user's stream, not the default one

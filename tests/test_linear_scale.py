@@ -1,4 +1,4 @@
-"""Issue 9 items for the fused linear: 64-bit offsets, empty batches, device guard, autotune
+"""The fused linear at scale and at the edges: 64-bit offsets, empty batches, device guard, autotune
 keys, no host sync for the dropout seed, clear errors and meta-device forward."""
 import os
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sorsa_kernels.kernels import linear_launch as L
+from sorsa_kernels import _device
+from sorsa_kernels.ops.linear import launch as L
 from sorsa_kernels.ops import sorsa_linear, sorsa_linear_naive
 
 from conftest import HAS_TRITON, needs_triton
@@ -53,12 +54,12 @@ def test_int64_offsets_read_and_write_past_2_31(sparse_map):
     # ... and the GEMM writes y / dX rows past 2^31 where they belong (dX = dY·W, out strided)
     out = sparse_map.as_strided((M, K), (rs, 1), 69)
     dy = torch.randn(M, N, generator=g)
-    L.mm(dy, W.t(), out)
+    L.fused_matmul(dy, W.t(), out)
     torch.testing.assert_close(out.clone(), dy @ W, atol=1e-4, rtol=1e-4)
     assert sparse_map[69 + 2 * rs + K].item() == 0.0  # nothing written past the row
     # dA (split-M TN reduction) reads the far rows of x too
     gs = torch.randn(M, r, generator=g)
-    torch.testing.assert_close(L.tn(gs, x_view), gs.t() @ xv, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(L.tn_matmul(gs, x_view), gs.t() @ xv, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -79,9 +80,9 @@ def test_empty_batch(backend, p, lead):
 
 def test_device_guard_is_noop_off_cuda_and_selects_the_cuda_device():
     import contextlib
-    assert isinstance(L.device_guard(torch.device("cpu")), contextlib.nullcontext)
-    assert isinstance(L.device_guard(torch.device("meta")), contextlib.nullcontext)
-    guard = L.device_guard(torch.device("cuda", 1))  # constructing it touches no GPU
+    assert isinstance(_device.device_guard(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(_device.device_guard(torch.device("meta")), contextlib.nullcontext)
+    guard = _device.device_guard(torch.device("cuda", 1))  # constructing it touches no GPU
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
 
 
@@ -89,7 +90,7 @@ def test_device_guard_is_noop_off_cuda_and_selects_the_cuda_device():
 @pytest.mark.skipif(not L.triton_interpret(), reason="counts interpreter launches")
 def test_every_launch_runs_under_the_device_guard(monkeypatch):
     entered, launches = [], []
-    real_guard = L.device_guard
+    real_guard = _device.device_guard
 
     class Guard:
         def __init__(self, dev):
@@ -113,7 +114,7 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch):
                 return self.k[grid](*a, **kw)
             return go
 
-    monkeypatch.setattr(L, "device_guard", Guard)
+    monkeypatch.setattr(_device, "device_guard", Guard)
     monkeypatch.setattr(L, "sorsa_mm_kernel", Kernel(L.sorsa_mm_kernel))
     monkeypatch.setattr(L, "sorsa_tn_kernel", Kernel(L.sorsa_tn_kernel))
     x = torch.randn(5, 8, requires_grad=True)
@@ -175,7 +176,7 @@ def test_no_host_sync_per_step_with_dropout(backend):
 def test_dropout_seed_is_a_cpu_tensor_and_fresh_per_call(monkeypatch):
     """The seed is drawn on the host (no device read to turn it into an int) and differs
     between calls, so masks differ between layers and steps."""
-    import sorsa_kernels.ops.linear as opl
+    import sorsa_kernels.ops.linear.op as opl
     seen = []
     real = opl._linear_fwd_dropout_op
 
@@ -227,7 +228,7 @@ def test_autotune_key_buckets_m_and_reductions_are_pinned(monkeypatch):
             return lambda *a, **kw: calls.append(("glue",))
 
     monkeypatch.setattr(L, "triton_interpret", lambda: False)
-    monkeypatch.setattr(L, "num_sms", lambda dev: 132)
+    monkeypatch.setattr(_device, "num_sms", lambda dev: 132)
     monkeypatch.setattr(L, "_TUNED", {k: Tuned(k[0]) for k in L._TUNED})
     monkeypatch.setattr(L, "sorsa_tn_kernel", Pinned())
     monkeypatch.setattr(L, "sorsa_scale_kernel", Glue())
@@ -268,10 +269,10 @@ def test_tn_tile_covers_r_so_the_dropout_mask_is_made_once(monkeypatch, dt, r, b
             return lambda *a, **kw: launches.append((grid, kw))
 
     monkeypatch.setattr(L, "triton_interpret", lambda: False)
-    monkeypatch.setattr(L, "num_sms", lambda dev: 132)
+    monkeypatch.setattr(_device, "num_sms", lambda dev: 132)
     monkeypatch.setattr(L, "sorsa_tn_kernel", Pinned())
     m = lambda *s: torch.empty(*s, device="meta", dtype=dt)  # noqa: E731
-    L.tn(m(8192, r), m(8192, 4096), seed=torch.tensor([3]), p=0.05, drop_q=True, drop_ld=4096)
+    L.tn_matmul(m(8192, r), m(8192, 4096), seed=torch.tensor([3]), p=0.05, drop_q=True, drop_ld=4096)
     (grid, kw), = launches
     assert kw["BLOCK_A"] == block_a and grid[0] == -(-r // block_a)
     cfg = L.PINNED["tn"][dt == torch.float32][block_a]  # one of the pinned, AOT-compiled configs

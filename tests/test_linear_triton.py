@@ -3,7 +3,7 @@ native on GPU), forward and every gradient, under the tolerance rule."""
 import pytest
 import torch
 
-from sorsa_kernels.kernels import linear_launch
+from sorsa_kernels.ops.linear import launch as linear_launch
 from sorsa_kernels.ops import sorsa_linear, sorsa_linear_naive
 
 from conftest import DTYPES, KERNEL_DEVICE, assert_tolerance, needs_triton

@@ -170,7 +170,7 @@ def assert_unchanged(m, snap):
 @pytest.mark.parametrize("fault", ["nan_weight", "rank_too_large", "int_weight", "meta_weight", "unknown_kw",
                                    "bad_init", "bad_svd_value"])
 def test_apply_sorsa_is_atomic(fault):
-    """Issue 9 item 8: a failure on the 5th target leaves the model exactly as it was."""
+    """a failure on the 5th target leaves the model exactly as it was."""
     m = six_linears()
     r, kw = 4, {}
     if fault == "nan_weight":
@@ -248,3 +248,22 @@ def test_matched_non_linear_modules_are_named_in_a_warning():
     with pytest.warns(UserWarning, match=r"skipped: \['emb_proj \(Embedding\)'\]"):
         sk.apply_sorsa(m, ["proj"], r=2)
     assert isinstance(m["out_proj"], sk.SORSALinear) and isinstance(m["emb_proj"], nn.Embedding)
+
+
+def test_layers_swapped_into_an_eval_model_stay_in_eval_mode(tmp_path):
+    """apply_sorsa / load_adapter on a model in eval mode (from_pretrained's default) must not
+    leave dropout on: two forwards agree and match the base model's output at init."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 16)
+    want = base(x)
+    m = sk.apply_sorsa(copy.deepcopy(base), ["0", "2"], r=4, dropout=0.5)
+    assert not any(layer.training for layer in sk.sorsa_layers(m))
+    torch.testing.assert_close(m(x), m(x), rtol=0, atol=0)
+    torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-5)
+    sk.save_adapter(m, str(tmp_path / "a"))
+    m2 = sk.load_adapter(copy.deepcopy(base), str(tmp_path / "a"))
+    assert not any(layer.training for layer in sk.sorsa_layers(m2))
+    torch.testing.assert_close(m2(x), m(x), rtol=0, atol=0)
+    m.train()
+    assert all(layer.training for layer in sk.sorsa_layers(m))  # .train() still reaches them

@@ -1,4 +1,4 @@
-"""Regularizer fast path (issue 12) and its scale/hygiene items (issue 9): sk.ortho_loss vs the
+"""Regularizer fast path and its scale/hygiene items: sk.ortho_loss vs the
 reference's autograd in float64, PEFT-style inputs, no host sync, the cached device tables,
 64-bit offsets, gamma validation, tf32x3 accuracy (emulated)."""
 import math
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import sorsa_kernels as sk
-from sorsa_kernels.ops.ortho import ortho_bench_case
+from sorsa_kernels.ops.ortho.bench import ortho_bench_case
 from sorsa_kernels.regularizer import PEFT_NAMES
 
 from conftest import HAS_TRITON, KERNEL_DEVICE, needs_triton
@@ -156,7 +156,7 @@ def test_mixed_shapes_dtypes_poisoned_and_none_grads(backend_name):
     def poisoned(*a, **k):
         t = real_empty(*a, **k)
         return t.fill_(float("nan")) if t.is_floating_point() else t
-    from sorsa_kernels.kernels import ortho_launch
+    from sorsa_kernels.ops.ortho import launch as ortho_launch
     from unittest import mock
     with mock.patch.object(ortho_launch.torch, "empty", poisoned):
         sk.orthonormal_grad_(m, 0.3, 0.1, backend=backend_name)
@@ -194,7 +194,7 @@ def test_no_host_sync(backend_name, monkeypatch):
 
 @needs_triton
 def test_triton_table_cached_and_invalidated():
-    from sorsa_kernels.kernels import ortho_launch
+    from sorsa_kernels.ops.ortho import launch as ortho_launch
     m = mats_model(SHAPES, dtype=torch.float32).to(KERNEL_DEVICE)
     params = [p for p in m.parameters()]
     sk.orthonormal_grad_(m, 1.0, 1.0, backend="triton")
@@ -271,7 +271,7 @@ def test_triton_table_cached_and_invalidated():
 def test_triton_64bit_offsets_on_sparse_memmap(tmp_path):
     """An adapter whose rows sit past element 2³¹ (a strided view over a sparse memory map:
     no 8 GB allocated): the launcher switches to 64-bit offsets and the math is right."""
-    from sorsa_kernels.kernels import ortho_launch
+    from sorsa_kernels.ops.ortho import launch as ortho_launch
     r, L, stride = 3, 40, 2 ** 30 + 64
     n = (r - 1) * stride + L
     path = str(tmp_path / "big.bin")
@@ -315,7 +315,7 @@ def _mm_tf32x3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("r,L", [(128, 4096), (16, 1376)])
 def test_tf32x3_accuracy_holds_for_fp32_adapters(r, L):
     """The fp32 path's split products, emulated: gradient within 1e-5 relative of float64
-    (the ≤ 1e-5 bar of issue 12), as good as true fp32 products to a small factor."""
+    (the ≤ 1e-5 bar of the fused regularizer), as good as true fp32 products to a small factor."""
     g = torch.Generator().manual_seed(r)
     A = (torch.linalg.qr(torch.randn(L, r, generator=g, dtype=torch.float64))[0].T
          + 0.01 * torch.randn(r, L, generator=g, dtype=torch.float64)).float()
@@ -342,3 +342,22 @@ def test_bench_case_builds_the_goal_shape_and_its_callables_agree():
         torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)
     full = ortho_bench_case(layers=32, d=8, h=8, r=2)  # the goal's count: 32 × 7 layers × (A, B)
     assert len(full["params"]) == 448
+
+
+@needs_triton
+def test_regularizer_kernels_launch_on_the_adapters_device(monkeypatch):
+    """Both phases open a device guard for the adapters' device around their launches, so a
+    model on cuda:1 is not launched on the current device (cuda:0)."""
+    from sorsa_kernels import _device
+    from sorsa_kernels.ops.ortho import launch as O
+    entered, real = [], _device.device_guard
+
+    def guard(dev):
+        entered.append(dev)
+        return real(dev)
+    monkeypatch.setattr(_device, "device_guard", guard)
+    m = mats_model([(20, 12, 6)], dtype=torch.float32)
+    mats = [p.detach().to(KERNEL_DEVICE).requires_grad_() for p in m.parameters()]
+    norms, state = O.ortho_triton_forward(mats, [False, True])
+    O.ortho_triton_backward(mats, state, torch.ones_like(norms), inplace=False)
+    assert entered == [mats[0].device] * 2

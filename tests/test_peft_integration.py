@@ -18,7 +18,8 @@ from peft.tuners.lora import Linear as LoraLinear  # noqa: E402
 import sorsa_kernels as sk  # noqa: E402
 import sorsa_kernels.init as sk_init  # noqa: E402
 from sorsa_kernels.integrations import peft as skp  # noqa: E402
-from sorsa_kernels.ops.linear import _torch_keep, sorsa_linear_naive  # noqa: E402
+from sorsa_kernels.ops.linear.reference import sorsa_linear_naive
+from sorsa_kernels.ops.linear.torch_path import keep_mask as _torch_keep  # noqa: E402
 from sorsa_kernels.synthetic import exact_sigmas, max_rel_sigma_err, synthetic_weights  # noqa: E402
 
 from conftest import HAS_TRITON, assert_tolerance  # noqa: E402
@@ -343,17 +344,17 @@ def test_sorsa_ortho_on_peft_params():
     mats = [(m.lora_A["default"].weight, False) for m in (pm.base_model.model.q, pm.base_model.model.v)]
     mats += [(m.lora_B["default"].weight, True) for m in (pm.base_model.model.q, pm.base_model.model.v)]
     ref = sum(torch.linalg.norm((M.t() @ M if isb else M @ M.t()) - torch.eye(4)) for M, isb in mats) / 4
-    val = skp.ortho_loss(pm)
+    val = skp.lora_ortho_loss(pm)
     torch.testing.assert_close(val, ref, rtol=1e-5, atol=1e-6)
     val.backward()
     g = {id(M): M.grad.clone() for M, _ in mats}
     pm.zero_grad(set_to_none=True)
-    out = skp.orthonormal_grad_(pm, gamma=0.2, lr=0.1)
+    out = skp.lora_orthonormal_grad_(pm, gamma=0.2, lr=0.1)
     torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
     for M, _ in mats:
         torch.testing.assert_close(M.grad, 2.0 * g[id(M)], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="no PEFT LoRA factors"):
-        skp.ortho_loss(Tiny())
+        skp.lora_ortho_loss(Tiny())
 
 
 @pytest.mark.parametrize("init", [KINDS[1], "pissa", "olora", "lora"])
@@ -372,14 +373,14 @@ def test_export_plain_lora_on_original_base(init, tmp_path):
                 if "lora_B" in n:
                     t.add_(torch.randn_like(t))
     skp.accelerate(pm)
-    ranks = skp.export_lora(pm, tmp_path, original)
+    ranks = skp.export_plain_lora(pm, tmp_path, original)
     assert set(ranks.values()) == ({4} if init == "lora" else {8})
     loaded = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path)
     x = torch.randn(6, 24)
     y = pm(x)
     torch.testing.assert_close(loaded(x), y, rtol=0, atol=2e-5 * y.abs().max().item())
     with pytest.raises(ValueError, match="original"):
-        skp.export_lora(pm, tmp_path, {})
+        skp.export_plain_lora(pm, tmp_path, {})
 
 
 def test_gpt2_conv1d_fan_in_fan_out():
@@ -435,7 +436,7 @@ def test_torch_compile_fullgraph(kind):
 
 
 def test_bad_inputs_name_the_argument(tmp_path):
-    KasaLinearVariant = skp.KasaLinearVariant
+    from sorsa_kernels.integrations.peft.forward import KasaLinearVariant
     truncate = KasaLinearVariant.__dict__.get("_truncate_base_weight")
     with pytest.raises(RuntimeError, match="boom"), skp.fast_svd_init():
         raise RuntimeError("boom")
@@ -445,9 +446,9 @@ def test_bad_inputs_name_the_argument(tmp_path):
     pm = make()
     pm.merge_adapter()
     with pytest.raises(ValueError, match="merged"):
-        skp.export_lora(pm, tmp_path, Tiny().state_dict())
+        skp.export_plain_lora(pm, tmp_path, Tiny().state_dict())
     with pytest.raises(ValueError, match="no lora.Linear layer holds adapter 'nope'"):
-        skp.export_lora(make(), tmp_path, Tiny(), adapter_name="nope")
+        skp.export_plain_lora(make(), tmp_path, Tiny(), adapter_name="nope")
 
 
 class Wide(nn.Module):

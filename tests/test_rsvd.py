@@ -9,7 +9,7 @@ import torch
 
 import sorsa_kernels as sk
 from sorsa_kernels import _backend
-from sorsa_kernels.rsvd import rsvd_naive
+from sorsa_kernels.ops.rsvd import rsvd_naive
 
 HAS_EXT = _backend.ext_status()[0]
 BACKENDS = ["torch"] + (["ext"] if HAS_EXT else [])
@@ -229,7 +229,7 @@ def test_extension_is_built():
 
 
 def test_auto_backend_is_decided_in_backend_module_and_reported():
-    """One place decides: rsvd's "auto" is torch (LAPACK) on the CPU via _backend.prefer, so
+    """One place decides: rsvd's "auto" is torch (LAPACK) on the CPU by its OpSpec's auto_order, so
     resolve()/describe() (what `sorsa-kernels info` prints) say what actually runs."""
     cpu = torch.device("cpu")
     assert _backend.auto_order("rsvd", "cpu") == ()
@@ -242,10 +242,12 @@ def test_auto_backend_is_decided_in_backend_module_and_reported():
         assert _backend.resolve("rsvd", "ext", cpu) == "ext"
     # on CUDA, auto takes torch (cuSOLVER) until a GPU run has timed the extension against it
     assert _backend.auto_order("rsvd", "cuda") == ()
-    # other ops keep the default order; a bad order entry is rejected
-    assert _backend.auto_order("no_such_op", "cpu") == ("triton", "ext")
-    with pytest.raises(ValueError, match="order entries"):
-        _backend.prefer("rsvd", "cpu", ("lapack",))
+    # other ops keep the default order; an unknown op or a bad order entry is rejected
+    assert _backend.auto_order("sorsa_linear", "cpu") == ("triton", "ext")
+    with pytest.raises(ValueError, match="op must be one of"):
+        _backend.auto_order("no_such_op", "cpu")
+    with pytest.raises(ValueError, match="backends must be in"):
+        _backend.OpSpec("toy", "a toy", auto_order={"cpu": ("lapack",)})
 
 
 def test_bf16_power_iterations_keep_accuracy():
@@ -259,7 +261,7 @@ def test_bf16_power_iterations_keep_accuracy():
         sk.rsvd(W, 4, iter_dtype=torch.int32)
 
 
-# ---- issue 9 (4): extreme scales ------------------------------------------------------------
+# ---- extreme scales ------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,c", [(torch.float32, 2.0 ** 100), (torch.float32, 2.0 ** -100), (torch.float32, 1e30),
                                      (torch.float32, 1e-30), (torch.float64, 1e-30)])
@@ -316,10 +318,10 @@ def test_no_host_sync_per_iteration(backend, monkeypatch):
     assert per_niter[1] == per_niter[6] and per_niter[6] <= 4, per_niter
 
 
-# ---- issue 9 (5): TF32 off inside, the user's setting restored -------------------------------
+# ---- TF32 off inside, the user's setting restored -------------------------------
 def test_tf32_off_inside_and_restored(monkeypatch):
     import sys
-    rsvd_mod = sys.modules["sorsa_kernels.rsvd"]
+    rsvd_mod = sys.modules["sorsa_kernels.ops.rsvd"]
     seen = {}
     orig = rsvd_mod._rsvd
 
@@ -346,7 +348,7 @@ def test_tf32_off_inside_and_restored(monkeypatch):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1], before[2]
 
 
-# ---- issue 11: default accuracy at r = 128 on LLM-like and flatter spectra --------------------
+# ---- default accuracy at r = 128 on LLM-like and flatter spectra --------------------
 @pytest.mark.parametrize("family_name", ["llm", "flat"])
 @pytest.mark.parametrize("iter_dtype", [None, torch.bfloat16], ids=["fp32", "bf16-emulated"])
 def test_default_accuracy_r128_synthetic(family_name, iter_dtype):

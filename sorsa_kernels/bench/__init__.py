@@ -1,8 +1,9 @@
 """Benchmarks behind ``sorsa-kernels bench``: ours vs sorsa 1.0.1 vs the floor, on this machine.
 
 Rooms: :mod:`.cases` (what is measured: one source for the CLI and the pytest-benchmark
-suites), :mod:`.timing` (interleaved rounds, warm-up, ≥ 50 ms samples), :mod:`.runners` (each op
-wired to the public API), :mod:`.report` (ratios, flags, tables, JSON, PNG). :func:`run` ties
+suites, collected from each registered op's bench module), :mod:`.timing` (interleaved rounds,
+warm-up, ≥ 50 ms samples), :mod:`.runners` (what the op builders share), :mod:`.report` (ratios,
+flags, tables, JSON, PNG). :func:`run` ties
 them together with a progress bar and writes each result as it completes.
 """
 from __future__ import annotations
@@ -14,21 +15,20 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .. import _backend
-from .cases import MODELS, MODES, OPS, Case, cases, plan
+from .cases import MODES, Case, cases, models, op_texts, plan
 from .report import (LEGEND, Result, cross_check, details_table, format_row, from_json, plot, results_for_case,
                      to_json, verdict_table, write_json, DETAIL_HEAD)
-from .runners import REF_FORMULA, REF_LAYER, Built, build, load_reference_layer, reference_forward, reference_layer
+from .runners import REF_FORMULA, REF_LAYER, Built, build, load_reference_layer, reference_layer
 from .timing import ImplError, quartiles, time_interleaved
 
-__all__ = ["MODELS", "MODES", "OPS", "Case", "cases", "plan", "Result", "run", "header", "header_text",
+__all__ = ["MODES", "Case", "cases", "models", "op_texts", "plan", "Result", "run", "header", "header_text",
            "verdict_table", "details_table", "plot", "to_json", "from_json", "build", "time_interleaved",
-           "reference_forward", "load_reference_layer", "LEGEND", "measure_case"]
+           "load_reference_layer", "LEGEND", "measure_case", "quartiles"]
 
 
 def header(device: torch.device, mode: str) -> dict:
     """Facts printed above the tables and stored in the JSON."""
-    from .. import __version__
+    from .._version import __version__
     try:
         import triton
         tv = triton.__version__
@@ -111,7 +111,7 @@ def run(ops: Optional[List[str]] = None, mode: str = "default", dtype: Optional[
     is a TTY; otherwise (logs: its ``\r`` redraws would litter them) ``progress`` prints one plain
     line per case to stderr, and a heartbeat line every :data:`HEARTBEAT_S` seconds within it."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    todo = cases(device, mode, dtype, ops or OPS, model)
+    todo = cases(device, mode, dtype, ops, model)
     p = plan(device, mode)
     rounds = rounds or int(p["rounds"])
     min_sample_ms = p["min_sample_ms"] if min_sample_ms is None else min_sample_ms

@@ -18,6 +18,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .cases import modules, op_texts
 from .timing import quartiles
 
 NOISY = 0.25
@@ -98,17 +99,10 @@ def results_for_case(op: str, case: str, roles: Dict[str, str], samples: Dict[st
 
 
 def cross_check(results: List[Result]) -> None:
-    """Flag impossible results across cases: a linear forward (or backward) slower than the
-    forward+backward of the same case and implementation."""
-    full = {(r.case, r.impl): r for r in results if r.op == "linear_fwdbwd" and r.ms}
-    for r in results:
-        if r.op in ("linear_fwd", "linear_bwd") and r.ms:
-            fb = full.get((r.case, r.impl))
-            if fb is not None and r.ms_q1 > fb.ms_q3:
-                msg = f"! {r.op.split('_')[1]} slower than fwd+bwd (noise)"
-                for x in (r, fb):
-                    if msg not in x.flags:
-                        x.flags.append(msg)
+    """Flag impossible results across cases (each op's bench module says what is impossible)."""
+    for m in modules():
+        if hasattr(m, "cross_check"):
+            m.cross_check(results)
 
 
 def _fmt_ratio(t) -> str:
@@ -141,8 +135,6 @@ def details_table(results: List[Result]) -> str:
     return "\n".join(lines + [format_row(r) for r in results])
 
 
-OP_TEXT = {"linear_fwd": "linear forward", "linear_bwd": "linear backward", "linear_fwdbwd": "linear fwd+bwd",
-           "ortho_step": "regularizer step", "init": "SVD init"}
 
 
 def _geo(xs):
@@ -155,7 +147,8 @@ def verdict_table(results: List[Result]) -> str:
     head = (f"{'op':<18} {'cases':>5}  {'× faster than sorsa 1.0.1 (range)':<34} {'× floor speed (range)':<24} "
             f"{'worst IQR':>9}  {'ours ran':<10} notes")
     lines = [head, "-" * len(head)]
-    for op in OP_TEXT:
+    texts = op_texts()
+    for op in texts:
         rows = [r for r in results if r.op == op and r.role == "ours"]
         if not rows:
             continue
@@ -176,7 +169,7 @@ def verdict_table(results: List[Result]) -> str:
         errs = [r.extra["sigma_err"] for r in ok if "sigma_err" in r.extra]
         if errs:
             notes.append(f"max σ err {max(errs):.2%}")
-        lines.append(f"{OP_TEXT[op]:<18} {len(rows):>5}  {cols[0]:<34} {cols[1]:<24} {100 * spread:>8.0f}%  "
+        lines.append(f"{texts[op]:<18} {len(rows):>5}  {cols[0]:<34} {cols[1]:<24} {100 * spread:>8.0f}%  "
                      f"{','.join(ran)[:10]:<10} {'; '.join(notes)}")
     return "\n".join(lines)
 
@@ -207,7 +200,8 @@ def plot(results: List[Result], path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    ops = [op for op in OP_TEXT if any(r.op == op and r.role == "ours" and r.ms for r in results)]
+    texts = op_texts()
+    ops = [op for op in texts if any(r.op == op and r.role == "ours" and r.ms for r in results)]
     if not ops:
         return None
     fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 4.8), squeeze=False)
@@ -222,7 +216,7 @@ def plot(results: List[Result], path: str) -> Optional[str]:
             ax.bar([x + off for x in xs], med, width=0.4, yerr=err, capsize=3, color=color, label=lab)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(list(xs), [r.case.replace(" ", "\n", 2) for r in rows], fontsize=6)
-        ax.set_title(OP_TEXT[op])
+        ax.set_title(texts[op])
         ax.set_ylabel("ratio (higher is better); bars: IQR")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -24,7 +24,7 @@ def _timed(fn: Callable[[], object], reps: int, device: torch.device) -> float:
     """Milliseconds per call over ``reps`` back-to-back calls (CUDA events on a GPU)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        _sync(device)
+        sync(device)
         start.record()
         for _ in range(reps):
             fn()
@@ -42,11 +42,11 @@ def host_ms(fn: Callable[[], object], device: torch.device, calls: int = 5) -> f
     call and synchronised after, outside the timed span)."""
     out = []
     for _ in range(calls):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
         out.append((time.perf_counter() - t0) * 1e3)
-        _sync(device)
+        sync(device)
     return statistics.median(out)
 
 
@@ -76,7 +76,7 @@ def time_interleaved(impls: Dict[str, Callable[[], object]], device: torch.devic
         try:
             for _ in range(warmup):
                 fn()
-            _sync(device)
+            sync(device)
             one = max(_timed(fn, 1, device), 1e-3)
             reps[name] = int(min(max_reps, max(1, math.ceil(min_sample_ms / one))))
         except Exception as exc:  # recorded; the other implementations still run

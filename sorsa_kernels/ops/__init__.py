@@ -1,5 +1,7 @@
-"""Functional ops. Each op has a plain-torch naive reference next to it (``*_naive``)."""
+"""The ops, one package each; importing a package registers its :class:`OpSpec` with
+:mod:`sorsa_kernels._backend`. Each has a plain-torch reference next to it (``reference.py``)."""
+from . import linear, ortho, rsvd
 from .linear import sorsa_linear, sorsa_linear_naive
-from .ortho import calc_ortho_naive, ortho_value_and_grads
+from .ortho import calc_ortho_naive
 
-__all__ = ["sorsa_linear", "sorsa_linear_naive", "calc_ortho_naive", "ortho_value_and_grads"]
+__all__ = ["sorsa_linear", "sorsa_linear_naive", "calc_ortho_naive", "linear", "ortho", "rsvd"]

@@ -4,7 +4,7 @@ At run time Triton specialises every launch on its arguments (integers divisible
 to 1, 16-byte aligned pointers, host tensor descriptors); a kernel compiled with plain ``i32``
 arguments is a different program (the main bf16 tile: 254 registers / 32 KB / no cp.async plain,
 126 registers / 96 KB / 48 cp.async specialised). So this check drives the REAL launchers
-(``linear_launch.linear_fwd/linear_bwd``, ``ortho_launch.ortho_triton_``) on META-device tensors
+(each registered op's ``OpSpec.aot`` module: ``cases(dtypes)``) on META-device tensors
 of representative shapes, intercepts every Triton launch (``Autotuner.run`` / ``JITFunction.run``)
 instead of running it, and for each launch × shipped config × arch computes the signature and
 specialisation with the installed Triton's own binder (``create_function_from_signature`` +
@@ -20,7 +20,7 @@ neither cp.async nor TMA (an unpipelined main loop), and less than ``SMEM_HEADRO
 of shared memory left below the limit (unless the launcher falls back on OutOfResources). TMA
 presence is otherwise reported, not gated.
 
-Run: ``TRITON_INTERPRET=0 python -m sorsa_kernels.kernels.aot_check [--json PATH] [--markdown PATH]``.
+Run: ``TRITON_INTERPRET=0 python -m sorsa_kernels.aot_check [--json PATH] [--markdown PATH]``.
 """
 from __future__ import annotations
 
@@ -59,68 +59,21 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 class Case:
     """One representative call of a launcher on meta tensors."""
     name: str
-    op: str  # "linear" or "ortho"
+    op: str  # the op's short name in case names and ``--ops``
     dtype: str
     run: Callable[[], None]
 
 
-def _linear_case(name: str, dt: str, M: int, K: int, N: int, r: int, p: float, bias: bool = True,
-                 x_row_stride: Optional[int] = None) -> Case:
-    def run():
-        import torch
-        from . import linear_launch as L
-        t = getattr(torch, DTYPES[dt])
-        mk = lambda *s: torch.empty(*s, dtype=t, device="meta")  # noqa: E731
-        x = mk(M, K) if x_row_stride is None else torch.empty_strided((M, K), (x_row_stride, 1), dtype=t,
-                                                                          device="meta")
-        w, A, S, B = mk(N, K), mk(r, K), mk(r), mk(N, r)
-        b = mk(N) if bias else None
-        seed = torch.zeros(1, dtype=torch.int64, device="meta")
-        y, xa = L.linear_fwd(x, w, A, S, B, b, 0.5, p, seed)
-        L.linear_bwd(torch.empty_like(y), x, w, A, S, B, xa, 0.5, p, seed, True)
-    return Case(name, "linear", dt, run)
+def _op_modules():
+    """The AOT modules of every registered op (``OpSpec.aot``)."""
+    import importlib
+    from . import _backend, ops  # noqa: F401  (importing the ops registers them)
+    return [importlib.import_module(sp.aot) for sp in _backend.specs() if sp.aot]
 
 
-def _linear_cases(dtypes) -> List[Case]:
-    cases = []
-    for dt in dtypes:
-        for r in (16, 128):
-            for p in (0.0, 0.05):
-                cases.append(_linear_case(f"linear {dt} 8192x4096x4096 r{r} p{p}", dt, 8192, 4096, 4096, r, p))
-    # every dtype: a dtype's programs differ (fp32: ieee dot, other tiles), and a spill found
-    # only in one dtype's ragged or narrow program is still a shipped spill
-    for d in dtypes:
-        # ragged: nothing divisible by 16, odd r
-        cases.append(_linear_case(f"linear {d} ragged 1000x4000x4097 r33 p0.05", d, 1000, 4000, 4097, 33, 0.05))
-        # the other TMA_CONFIGS M buckets (medium 128 <= M < 1024, small M < 128), masked dX included
-        for M in (512, 64):
-            cases.append(_linear_case(f"linear {d} {M}x4096x4096 r16 p0.05", d, M, 4096, 4096, 16, 0.05))
-        # a narrow output (N = 64) with r = 48: the one-pass g/dB kernel at BLOCK_R = 64
-        cases.append(_linear_case(f"linear {d} narrow 4096x4096x64 r48 p0.0", d, 4096, 4096, 64, 48, 0.0))
-        # x rows 2²⁰ elements apart: row·stride passes 2³¹, the launcher must pick 64-bit offsets
-        cases.append(_linear_case(f"linear {d} int64-offsets 4096x4096x4096 r16 p0.05", d, 4096, 4096, 4096, 16,
-                                  0.05, x_row_stride=1 << 20))
-    return cases
-
-
-def _ortho_cases(dtypes) -> List[Case]:
-    from . import ortho_launch as O
-    cases = []
-    if hasattr(O, "aot_cases"):  # H3's launcher supplies Llama-7B-like adapter lists at r = 128
-        for mats, is_b in O.aot_cases("meta"):
-            dt = {v: k for k, v in DTYPES.items()}[str(mats[0].dtype).split(".")[-1]]
-            if dt in dtypes:
-                cases.append(Case(f"ortho {dt} llama7b r128", "ortho", dt,
-                                  (lambda m=mats, b=is_b: O.ortho_triton_(m, b, False, 1.0))))
-        return cases
-    import torch
-    for dt in dtypes:
-        t = getattr(torch, DTYPES[dt])
-        mk = lambda *s: torch.empty(*s, dtype=t, device="meta", requires_grad=True)  # noqa: E731
-        mats = [mk(128, 4096), mk(4096, 128), mk(128, 11008), mk(11008, 128)]
-        cases.append(Case(f"ortho {dt} llama7b r128", "ortho", dt,
-                          (lambda m=mats: O.ortho_triton_(m, [False, True, False, True], False, 1.0))))
-    return cases
+def all_cases(dtypes) -> List[Case]:
+    """Every registered op's cases for ``dtypes``."""
+    return [c for m in _op_modules() for c in m.cases(dtypes)]
 
 
 # ----------------------------------------------------------------------------- capture
@@ -144,7 +97,7 @@ def _intercept(arch: int, sink: List[Launch]):
     """Record Triton launches instead of running them; the launchers see ``arch``'s device."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
-    from . import linear_launch
+    from . import _device
     sms, cap = ARCH_DEVICE[arch]
 
     def at_run(self, *args, **kwargs):
@@ -154,12 +107,9 @@ def _intercept(arch: int, sink: List[Launch]):
     def jit_run(self, *args, grid, warmup, **kwargs):
         sink.append(Launch(self, args, dict(kwargs), [None]))
 
-    patches = [(Autotuner, "run", at_run), (JITFunction, "run", jit_run)]
-    # H1's contract: SM count only via num_sms(device), arch only via device_capability(device)
-    for name, val in (("num_sms", lambda *a, **k: sms), ("_num_sms", lambda *a, **k: sms),
-                      ("device_capability", lambda *a, **k: cap)):
-        if hasattr(linear_launch, name):
-            patches.append((linear_launch, name, val))
+    # the launchers' contract: SM count and arch only through sorsa_kernels._device
+    patches = [(Autotuner, "run", at_run), (JITFunction, "run", jit_run),
+               (_device, "num_sms", lambda *a, **k: sms), (_device, "device_capability", lambda *a, **k: cap)]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     try:
         for obj, name, val in patches:
@@ -368,7 +318,7 @@ def _unaligned_operands(u: Unit, signature: Dict[str, Any], divisible: List[str]
     """Why the main loop's operands cannot be proven 16-byte aligned (empty: they can): a kernel's
     own ``VEC`` constexpr when it has one (1: unaligned), else its ``linear_kernels.PIPELINE_OPERANDS``
     (or every pointer and ``s_*`` stride) that the specialisation could not prove 16-divisible."""
-    from .linear_kernels import PIPELINE_OPERANDS
+    PIPELINE_OPERANDS = {k: v for m in _op_modules() for k, v in m.PIPELINE_OPERANDS.items()}
     if "VEC" in u.jit.arg_names:  # the kernel's own alignment flag (ortho kernels: strides come from a table)
         vec = _constexpr(u, "VEC")
         return [] if vec is not None and vec > 1 else ["VEC=1 (the launcher found no 16-byte alignment)"]
@@ -399,7 +349,7 @@ def _dot_in_loop(ttir: str) -> bool:
 def _smem_fallback(u: Unit) -> Optional[str]:
     """The constexpr whose True value this program has and whose launcher falls back without it
     on OutOfResources (``linear_kernels.SMEM_FALLBACK``), else None."""
-    from .linear_kernels import SMEM_FALLBACK
+    SMEM_FALLBACK = {k: v for m in _op_modules() for k, v in m.SMEM_FALLBACK.items()}
     flag = SMEM_FALLBACK.get(u.kernel)
     return flag if flag is not None and _constexpr(u, flag) is True else None
 
@@ -482,8 +432,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", nargs="+", type=int, default=[80, 90], choices=sorted(SMEM_LIMIT))
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    ap.add_argument("--ops", nargs="+", default=["linear", "ortho"], choices=["linear", "ortho"])
-    ap.add_argument("--quick", action="store_true", help="only the first linear case and first ortho case per dtype")
+    ap.add_argument("--ops", nargs="+", help="only these ops' cases (short names: linear, ortho; default all)")
+    ap.add_argument("--quick", action="store_true", help="only the first case of each op per dtype")
     ap.add_argument("--jobs", type=int, default=2, help="compile workers (default 2: CI has 2 shared cores)")
     ap.add_argument("--json", dest="json_path", help="write one record per program here")
     ap.add_argument("--markdown", dest="md_path", help="write a compact table here")
@@ -503,7 +453,10 @@ def main(argv=None) -> int:
         return 2
     import triton
     t0 = time.time()
-    cases = (_linear_cases(a.dtypes) if "linear" in a.ops else []) + (_ortho_cases(a.dtypes) if "ortho" in a.ops else [])
+    cases = [c for c in all_cases(a.dtypes) if a.ops is None or c.op in a.ops]
+    if not cases:
+        print(f"aot_check: no case for --ops {a.ops}")
+        return 2
     if a.quick:
         seen, keep = set(), []
         for c in cases:

@@ -1,12 +1,12 @@
 """A/B timings of the fused linear's design switches that were chosen by counting, not timing.
 
-Each switch is a module flag of :mod:`sorsa_kernels.kernels.linear_launch` (read at launch time):
+Each switch is a field of :class:`sorsa_kernels.ops.linear.launch.LaunchOptions` (read at launch time):
 
-* ``TMA_FLATTEN``: the sm_90 TMA GEMM's flattened persistent loop (vs the nested loop);
-* ``OVERLAP``: dA (and a second-pass dB) on a side stream next to the dX GEMM (vs in line);
-* ``ONE_PASS_DY``: ``g = dY·B`` and ``dB = dYᵀ·s`` in one pass over dY (vs two; ``None`` is the
+* ``tma_flatten``: the sm_90 TMA GEMM's flattened persistent loop (vs the nested loop);
+* ``overlap``: dA (and a second-pass dB) on a side stream next to the dX GEMM (vs in line);
+* ``one_pass_dy``: ``g = dY·B`` and ``dB = dYᵀ·s`` in one pass over dY (vs two; ``None`` is the
   shipped byte-count rule);
-* ``RESERVE_SMS``: SMs the persistent dX GEMM leaves free for the side stream (0 vs 16).
+* ``reserve_sms``: SMs the persistent dX GEMM leaves free for the side stream (0 vs 16).
 
 For each case the shipped defaults and one variant per switch (that switch flipped, the others
 at their defaults) run fwd+bwd interleaved (:func:`sorsa_kernels.bench.timing.time_interleaved`);
@@ -14,11 +14,12 @@ the report gives each variant's median time over the default's in the same round
 the shipped choice is faster. ``benchmarks/gpu_check.sh`` runs this on the GPU; on a CPU it runs
 the same code (interpreter: the switches change the schedule, not the meaning).
 
-Run: ``python -m sorsa_kernels.bench.ab [--json PATH] [--rounds N]``.
+Run: ``python -m sorsa_kernels.ops.linear.ab [--json PATH] [--rounds N]``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -26,17 +27,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..kernels import linear_launch as L
-from ..ops.linear import sorsa_linear
-from .timing import time_interleaved
+from . import launch as L
+from . import sorsa_linear
+from ...bench.timing import time_interleaved
 
-DEFAULTS = {"TMA_FLATTEN": True, "OVERLAP": True, "ONE_PASS_DY": None, "RESERVE_SMS": 0}
-FLIPPED = {"TMA_FLATTEN": False, "OVERLAP": False, "ONE_PASS_DY": False, "RESERVE_SMS": 16}
+DEFAULTS = dataclasses.asdict(L.LaunchOptions())
+FLIPPED = {"tma_flatten": False, "overlap": False, "one_pass_dy": False, "reserve_sms": 16}
 # (M, K, N, r, p, switches that matter there): r = 16 takes every switch; r = 128 keeps the nested
-# loop and two passes over dY (so only OVERLAP changes anything there)
-GPU_CASES = [(8192, 4096, 4096, 16, 0.0, ("TMA_FLATTEN", "OVERLAP", "ONE_PASS_DY", "RESERVE_SMS")),
-             (8192, 4096, 4096, 128, 0.05, ("OVERLAP", "RESERVE_SMS"))]
-CPU_CASES = [(48, 40, 56, 8, 0.1, ("TMA_FLATTEN", "OVERLAP", "ONE_PASS_DY"))]
+# loop and two passes over dY (so only overlap changes anything there)
+GPU_CASES = [(8192, 4096, 4096, 16, 0.0, ("tma_flatten", "overlap", "one_pass_dy", "reserve_sms")),
+             (8192, 4096, 4096, 128, 0.05, ("overlap", "reserve_sms"))]
+CPU_CASES = [(48, 40, 56, 8, 0.1, ("tma_flatten", "overlap", "one_pass_dy"))]
 
 
 def _step(M: int, K: int, N: int, r: int, p: float, dtype: torch.dtype,
@@ -57,14 +58,8 @@ def _step(M: int, K: int, N: int, r: int, p: float, dtype: torch.dtype,
 
 def _with(flags: Dict[str, object], fn: Callable[[], None]) -> Callable[[], None]:
     def run():
-        saved = {k: getattr(L, k) for k in flags}
-        for k, v in flags.items():
-            setattr(L, k, v)
-        try:
+        with L.launch_options(**flags):
             fn()
-        finally:
-            for k, v in saved.items():
-                setattr(L, k, v)
     return run
 
 
@@ -104,12 +99,12 @@ def table(rows: List[Dict[str, object]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sorsa_kernels.bench.ab", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sorsa_kernels.ops.linear.ab", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from .._backend import triton_interpret
+    from ..._env import triton_interpret
     if dev.type != "cuda" and not triton_interpret():
         print("the A/B compares GPU kernel schedules: it needs a CUDA GPU, or TRITON_INTERPRET=1 to run "
               "the same code on the CPU (tiny shapes, interpreter speed)", file=sys.stderr)

@@ -27,15 +27,15 @@ fast-PiSSA setting (q = r, 2 iterations, no oversampling) is ~13 % off on LLM-li
 """
 from __future__ import annotations
 
-import contextlib
-import math
 import warnings
 from typing import Optional, Tuple
 
 import torch
 
-from . import _backend
-from ._validate import check_finite, check_float
+from ... import _backend
+from ..._env import ext_status
+from ..._precision import no_tf32
+from ..._validate import check_finite, check_float
 
 OP = "rsvd"
 DEFAULT_OVERSAMPLE = 16
@@ -45,16 +45,17 @@ JACOBI_SWEEPS = 30
 #: Rayleigh–Ritz on [Q_{q-1} | Q_q] (2k columns) rather than Q_q alone; see the module doc
 TWO_ITERATE_RR = True
 
-# Registered even when _C did not load: a forced backend="ext" then reports why (_backend.ext_status).
-_backend.register(OP, "ext")
-# measured: LAPACK's small k×k steps beat the extension's on the CPU, so "auto" is torch there
-_backend.prefer(OP, "cpu", ())
-# not measured: on CUDA the extension's Cholesky is one 256-thread block per matrix working in
-# global memory, launched twice per iteration (~70 launches per rsvd), against cuSOLVER's batched
-# kernels through torch. Until a GPU run times both (gpu_check's init bench does, per backend),
-# "auto" takes torch there too; backend="ext" still forces the extension.
-_backend.prefer(OP, "cuda", ())
-if _backend.ext_status()[0]:
+# The extension's implementation is declared even when _C did not load: a forced backend="ext"
+# then reports why. "auto" takes torch on both device types: on the CPU LAPACK's small k×k steps
+# were measured faster than the extension's; on CUDA it is not measured (the extension's Cholesky
+# is one 256-thread block per matrix in global memory, launched twice per iteration, ~70 launches
+# per rsvd, against cuSOLVER's batched kernels through torch), until a GPU run times both
+# (gpu_check's init bench does, per backend). backend="ext" still forces the extension.
+SPEC = _backend.register(_backend.OpSpec(
+    name=OP, doc="batched randomized SVD: top-r singular triplets of a stack of matrices (init)",
+    impls={"ext": None}, auto_order={"cpu": (), "cuda": ()},
+    check="sorsa_kernels.ops.rsvd.check", bench="sorsa_kernels.ops.rsvd.bench"))
+if ext_status()[0]:
     @torch.library.register_fake("sorsa_kernels::jacobi_svd")
     def _(R, max_sweeps):
         return torch.empty_like(R), R.new_empty(R.shape[:2]), torch.empty_like(R)
@@ -190,24 +191,6 @@ def check_options(oversample=None, niter=None, tol=None, seed=None, **_ignored) 
         raise ValueError(f"tol must be a float in (0, 1), got {tol!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-
-
-@contextlib.contextmanager
-def no_tf32():
-    """TF32 off for the fp32 GEMMs inside (cuBLAS matmul, cuDNN and torch's matmul precision),
-    the caller's settings restored on exit: with Hugging Face's ``tf32=True`` the init GEMMs
-    would otherwise lose orthonormality (~1e-3) and ``W_r + scale·B·diag(S)·A`` would not be W."""
-    prec = torch.get_float32_matmul_precision()
-    mm, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    try:
-        torch.set_float32_matmul_precision("highest")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        yield
-    finally:
-        torch.set_float32_matmul_precision(prec)
-        torch.backends.cuda.matmul.allow_tf32 = mm
-        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def default_oversample(rank: int) -> int:

@@ -21,6 +21,7 @@ emulation) on the GPU; bf16/fp16 products are exact in fp32 accumulators.
 """
 from __future__ import annotations
 
+import functools
 import operator
 from itertools import repeat
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpret
-from .ortho_kernels import FP_FUSION, NF, ortho_finalize_kernel, ortho_grad_kernel, ortho_gram_kernel
+from ... import _device
+from ..._env import triton_interpret
+from .kernels import FP_FUSION, NF, ortho_finalize_kernel, ortho_grad_kernel, ortho_gram_kernel
 
 META_FIELDS = ("offset", "r", "L", "s_r", "s_l", "ws_off", "e_off", "split_len", "nsplit",
                "grad_ptr", "g_r", "g_l", "accum")
@@ -252,6 +254,16 @@ def get_plan(mats: Sequence[torch.Tensor], is_b: Sequence[bool]) -> TritonPlan:
     return plan
 
 
+def _on_adapters_device(fn):
+    """Launch on the adapters' device, whichever device is current (a model on cuda:1)."""
+    @functools.wraps(fn)
+    def run(mats, *args, **kwargs):
+        with _device.device_guard(mats[0].device):
+            return fn(mats, *args, **kwargs)
+    return run
+
+
+@_on_adapters_device
 def ortho_triton_forward(mats: Sequence[torch.Tensor], is_b: Sequence[bool]):
     """Per-matrix ``‖E‖_F`` (fp32 device tensor, shape (n,)) and the state the gradient needs."""
     plan = get_plan(mats, is_b)
@@ -299,6 +311,7 @@ def _grad_rows(mats, plan: TritonPlan, g: _Group, have: Dict[int, torch.Tensor],
     return rows
 
 
+@_on_adapters_device
 def ortho_triton_backward(mats: Sequence[torch.Tensor], state, coef: torch.Tensor,
                           inplace: bool) -> Optional[List[Optional[torch.Tensor]]]:
     """``coef[m] · E_m·M_m`` for every matrix that requires grad: added into ``.grad`` when
@@ -356,30 +369,3 @@ def ortho_triton_backward(mats: Sequence[torch.Tensor], state, coef: torch.Tenso
                 mats[i].grad = gr
         return None
     return out
-
-
-def ortho_triton_(mats: Sequence[torch.Tensor], is_b: Sequence[bool], squared: bool, coef) -> torch.Tensor:
-    """Per-matrix regularizer values (fp32, shape (n,)); adds ``coef ·`` their gradient into ``.grad``
-    of every matrix that requires grad (created where None). O(1) launches per group, no host sync."""
-    from ..ops.ortho import grad_coefs
-    norms, state = ortho_triton_forward(mats, is_b)
-    ortho_triton_backward(mats, state, grad_coefs(norms, squared, coef), inplace=True)
-    return norms * norms if squared else norms
-
-
-def aot_cases(device: str = "meta") -> List[Tuple[List[torch.Tensor], List[bool]]]:
-    """Representative adapter lists for compiling every (dtype, layout, offset width) program
-    ahead of time: Llama-2-7B shapes at r = 128 (A row-major → LAYOUT 0, B row-major → Bᵀ
-    LAYOUT 1), a ragged general-strided one (LAYOUT 2) and rows past element 2³¹ (I64), per
-    dtype. Call ``ortho_triton_(mats, is_b, False, 1.0)`` on each with the launches intercepted
-    (it reads no tensor data: works on the meta device)."""
-    cases = []
-    for dt in (torch.bfloat16, torch.float16, torch.float32):
-        def mk(shape, stride=None):
-            stride = stride or (shape[1], 1)
-            return torch.empty_strided(shape, stride, dtype=dt, device=device, requires_grad=True)
-        mats = [mk((128, 4096)), mk((4096, 128)), mk((128, 11008)), mk((11008, 128)),
-                mk((77, 333), (68, 2)),          # general strides, ragged r
-                mk((3, 64), (2 ** 30 + 64, 1))]  # an offset past 2³¹: 64-bit program
-        cases.append((mats, [False, True, False, True, False, False]))
-    return cases

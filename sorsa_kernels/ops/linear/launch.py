@@ -1,12 +1,12 @@
 """Launchers for the SORSA linear Triton kernels: shapes, strides, configs, grids.
 
-Contract with the AOT check (kernels/aot_check.py drives ``linear_fwd``/``linear_bwd`` on
+Contract with the AOT check (:mod:`sorsa_kernels.aot_check`, through :mod:`.aot`, drives ``linear_fwd``/``linear_bwd`` on
 META tensors and captures every Triton launch instead of running it):
   * no data-dependent host reads: the dropout seed is a host int read from a CPU tensor
     (a meta seed reads as 0); nothing else is read back;
-  * the SM count comes only from :func:`num_sms`, the architecture only from
-    :func:`device_capability` (the check monkeypatches both);
-  * :func:`device_guard` is a no-op for non-CUDA devices;
+  * the SM count comes only from :func:`sorsa_kernels._device.num_sms`, the architecture only
+    from :func:`sorsa_kernels._device.device_capability` (the check monkeypatches both);
+  * every launch runs under :func:`sorsa_kernels._device.device_guard` (a no-op off CUDA);
   * ``CONFIGS`` lists every config a kernel may launch with (autotuned roles), ``PINNED``
     the fixed configs of the deterministic reductions and ``TMA_CONFIGS`` the sm_90 TMA
     kernel's (chosen by M bucket, host ``TensorDescriptor`` arguments): compile them all.
@@ -22,67 +22,27 @@ Kernels and when they run:
     ``sorsa_mm_kernel`` (cp.async pointer loads, persistent, rank-r segment inside the K loop).
   * dA, dBᵀ: ``sorsa_tn_kernel`` with a pinned config.
 
-Shrink cost argument (``_skinny_parts``; H200 estimate, not a measurement): ``xa = drop(x)·Aᵀ`` for
-x = 8192×4096 bf16 must read x once (64 MiB; A, 128 KiB, stays in L2) and is otherwise free
-(2·M·K·r = 1.1 GFLOP at r = 16). At the ~4.3 TB/s device-copy ceiling that is ~16 µs, so the
-kernel is shaped for bandwidth, not FLOPs: BLOCK_M 64 × BLOCK_K 64 row panels, r padded only to
-BLOCK_N 32–128, and split-K (``_k_splits``) until (M/64)·splits covers two waves of SMs
-(128 m-tiles → 3 splits on 132 SMs); fp32 partials cost splits·M·r·4 B (1.5 MiB at r = 16,
-12 MiB at r = 128) written and summed once: ≈ 17–21 µs in all, at the 20 µs target for
-p = 0. With dropout the mask costs 26.5 SASS instructions per element (counted for
-``_keep4``); 33.5 M elements ≈ 0.9 G lane-instructions ≈ 27 µs of integer issue on 132 SMs,
-so the p > 0 shrink is ALU-bound above the target (8-bit thresholds or a 1-bit mask saved for
-the backward are the next steps; not done). A row-stationary fusion of the shrink into the
-main kernel was not chosen: each persistent program would own whole m-rows, giving up the
-grouped (L2-sharing) tile order of the compute-bound GEMM to save a 64 MiB read.
-
-Backward passes over dY (:func:`linear_bwd`): dY is read by ``g = dY·B``, by the dX GEMM and by
-``dB = dYᵀ·s``. For small r, g and dB share one pass (``sorsa_gdb_kernel``: a program owns an
-n-block × m-slice, keeps dB's tile in registers and writes split-N partials of g), so dY is
-read twice in all; the rule and its byte count are in :func:`one_pass_dy` (bf16, N = 4096:
-r <= 17). For large r the g partials would cost more than the dY read they save (r = 128:
-16 × 8192 × 128 × 4 B = 64 MiB written and read back vs 64 MiB of dY), so g and dB keep their
-own passes. dA (and that second dB pass) run on a side stream next to the dX GEMM
-(:func:`side_stream`): they are bandwidth-bound and the persistent GEMM is compute-bound.
-The dX GEMM's 132 persistent programs occupy every SM (181 KB smem each), so the side work
-starts as its last wave drains (1024 tiles / 132 SMs = 7.76 waves: ~24 % of the last
-wave idle); a shared persistent launch was not built (two tile types with different smem
-and register needs in one kernel). Neither choice has been timed.
-
-Config notes (every shipped config compiles without spills for sm_80 and sm_90, AOT check):
-  * TMA kernel, 128×256×64/8 warps/3 stages, sm_90 bf16: unmasked 158–169 registers, masked dX
-    (``DROP_OUT``) 255 registers and 0 spill bytes under both Triton 3.6 and 3.8 (181 248 B smem,
-    12 UTMALDG, 8 HGMMA; the mask adds ≈ 2 850 SASS instructions per tile, ≈ 22 per output
-    element, mostly IMAD/LOP3 of Philox). 255 registers is the ceiling: a larger mask tile or a
-    second fp32 accumulator would spill, which is why the masked rank-r term is computed before
-    the main loop and masked in place (counted from the AOT compile, not timed). With int64
-    Philox counters (x of >= 2^33 elements) it spilled 120 B, so those masks take the pointer
-    kernel.
-  * dA/dBᵀ: BLOCK_A = next_pow2(r) clamped to [32, 128] (``_tn_block_a``): one tile row for
-    r <= 128, so dA makes x's dropout mask once (it was r/32 times with BLOCK_A = 32).
-  * Forward glue: ``sorsa_scale_kernel`` (partials sum + ·S·scale + cast into the padded ``s``)
-    is the only launch between the shrink and the main GEMM; B is read in place when it already
-    has x's dtype and a TMA-legal layout (one fused cast+pad copy otherwise).
+Why these kernels and configs (cost arguments, register and shared-memory counts, what was
+counted rather than timed): docs/design.md, "Launcher design log".
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-from typing import Callable, Dict, Iterator, Optional, Tuple, Union
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 import triton
 
-from .._backend import triton_interpret
-from .linear_kernels import (FP_FUSION, sorsa_gdb_kernel, sorsa_mm_kernel, sorsa_mm_tma_kernel, sorsa_scale_kernel,
+from ... import _device
+from ..._env import triton_interpret
+from .kernels import (FP_FUSION, sorsa_gdb_kernel, sorsa_mm_kernel, sorsa_mm_tma_kernel, sorsa_scale_kernel,
                              sorsa_tn_kernel)
 
 from triton.runtime.errors import OutOfResources
 
-try:  # host-side tensor descriptors: triton >= 3.4 (3.6 on the H200 image, 3.8 here)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older triton: the pointer path everywhere
-    TensorDescriptor = None
+from triton.tools.tensor_descriptor import TensorDescriptor  # host descriptors: triton >= 3.4
 
 
 def _cfg(bm, bn, bk, w, s, **kw):
@@ -132,16 +92,9 @@ TMA_CONFIGS = {
     "medium": _cfg(128, 128, 64, 8, 4),  # 128 <= M < 1024
     "small": _cfg(64, 128, 64, 4, 4),    # M < 128 (decode)
 }
-# Flattened persistent loop for the unmasked TMA GEMM with r <= BLOCK_K (sm_90 bf16 128×256×64:
-# 172 registers, 229 416 B smem of 232 448, 0 spills; r > BLOCK_K flattened needs 328 KB and the
-# masked variant is at 255 registers, so those keep the nested loop). Chosen from the
-# tutorial's Hopper setting and the AOT compile, not timed; False restores the nested loop.
-TMA_FLATTEN = True
 # (BLOCK_M, BLOCK_N, BLOCK_K) tiles whose flattened variant did not fit in shared memory at launch
-# in this process (see _mm_tma): they take the nested loop from then on.
+# in this process (see _fused_matmul_tma): they take the nested loop from then on.
 _FLATTEN_TOO_BIG: set = set()
-# Tests force the TMA kernel under the interpreter (it runs host descriptors there too).
-FORCE_TMA = False
 # The interpreter runs numpy: one small config keeps the tests fast and hits ragged edges.
 INTERP_MM = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
 INTERP_TMA = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)  # BN 32: epilogue halves run too
@@ -158,16 +111,53 @@ GDB_CONFIGS = {False: (64, 256, 8, 3), True: (32, 128, 8, 2)}
 GDB_TILE = {False: 256 * 16, True: 64 * 32}  # fp32 64×64 spilled 80 B on sm_80 (triton 3.8)
 GDB_MAX_R = 64
 INTERP_GDB = dict(BLOCK_M=16, BLOCK_N=16)
-# Tests force the one-pass (True) or two-pass (False) backward; None = the cost rule.
-ONE_PASS_DY: Optional[bool] = None
-# dA (and the two-pass dB) run on a side stream next to the dX GEMM; False runs them in line.
-OVERLAP = True
-# SMs the persistent dX GEMM leaves free while the side stream has work (its 132 programs would
-# otherwise hold every SM, so dA/dB, and DDP's NCCL kernels, wait for its last wave). 0 by counting,
-# not timing (bf16 8192×4096×4096 on an H200): dX runs 7.76 waves, its last leaves ~24 % of the SMs
-# idle for ~45 µs, room for dA's ~16–20 µs read of x; reserving k SMs costs dX k/132 of its ~350 µs
-# (k = 8: ~21 µs) for work that the tail already hides. bench.ab times RESERVE_SMS = 16 against it.
-RESERVE_SMS = 0
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """The launchers' design switches, read at launch time; the defaults are what ships (chosen by
+    counting registers, shared memory and bytes, not by timing: ``ops.linear.ab`` times each flip).
+
+    Attributes:
+        tma_flatten: the unmasked sm_90 TMA GEMM with r <= BLOCK_K runs its persistent loop over
+            (tile, k-step) flattened into one software pipeline (False: the nested loop).
+        overlap: dA (and the two-pass dB) run on a side stream next to the dX GEMM (False: in line).
+        one_pass_dy: force the one-pass (True) or two-pass (False) read of dY for g and dB
+            (None: the byte-count rule, :func:`one_pass_dy`).
+        reserve_sms: SMs the persistent dX GEMM leaves free while the side stream has work.
+        force_tma: run the TMA kernel under the interpreter too (tests; host descriptors run there).
+    """
+    tma_flatten: bool = True
+    overlap: bool = True
+    one_pass_dy: Optional[bool] = None
+    reserve_sms: int = 0
+    force_tma: bool = False
+
+
+_options = LaunchOptions()
+
+
+def options() -> LaunchOptions:
+    """The switches in effect (see :func:`launch_options`)."""
+    return _options
+
+
+@contextlib.contextmanager
+def launch_options(**changes) -> Iterator[LaunchOptions]:
+    """Change some :class:`LaunchOptions` inside the ``with`` block (process-wide; restored on exit)::
+
+        with launch_options(overlap=False):
+            y = sorsa_linear(...)
+    """
+    global _options
+    unknown = sorted(set(changes) - set(LaunchOptions.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"unknown launch option(s) {unknown}; known: {sorted(LaunchOptions.__dataclass_fields__)}")
+    prev, _options = _options, dataclasses.replace(_options, **changes)
+    try:
+        yield _options
+    finally:
+        _options = prev
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -179,36 +169,10 @@ def _upcast(dtype: torch.dtype) -> bool:
     return triton_interpret() and dtype == torch.bfloat16
 
 
-@functools.lru_cache(maxsize=16)
-def _cuda_props(index: int):
-    return torch.cuda.get_device_properties(index)
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (the only place the launchers ask)."""
-    if device.type != "cuda":
-        return 4  # interpreter / meta: a small persistent grid
-    return _cuda_props(device.index if device.index is not None else torch.cuda.current_device()).multi_processor_count
-
-
 def _programs(device: torch.device, reserve_sms: int) -> int:
     """Programs of a persistent grid: one per SM, less ``reserve_sms`` left free for other streams."""
-    n = num_sms(device)
+    n = _device.num_sms(device)
     return max(1, n - min(max(reserve_sms, 0), n - 1))
-
-
-def device_capability(device: torch.device) -> Tuple[int, int]:
-    """(major, minor) compute capability of ``device`` (the only place the launchers ask)."""
-    if device.type != "cuda":
-        return (0, 0)
-    p = _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
-    return (p.major, p.minor)
-
-
-def device_guard(device: torch.device):
-    """Make ``device`` current (so Triton launches on it and on its current stream); a no-op
-    for CPU (interpreter) and meta tensors."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _max_offset(*ts: torch.Tensor) -> int:
@@ -245,7 +209,7 @@ def _k_splits(M: int, N: int, K: int, device: torch.device) -> int:
     fill two waves of SMs, each split at least 256 deep so partials stay cheap."""
     tiles = triton.cdiv(M, 64) * triton.cdiv(N, 64)
     depth = 64 if triton_interpret() else 256  # the interpreter runs the same path on tiny K
-    return max(1, min(triton.cdiv(2 * num_sms(device), tiles), K // depth))
+    return max(1, min(triton.cdiv(2 * _device.num_sms(device), tiles), K // depth))
 
 
 def padded_rows(M: int, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -272,11 +236,11 @@ def _tma_operand(t: torch.Tensor) -> Optional[bool]:
 
 def _tma_capable(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the main GEMM of ``dtype`` on ``device`` may take the TMA kernel (layouts aside)."""
-    if TensorDescriptor is None or dtype not in (torch.float16, torch.bfloat16):
+    if dtype not in (torch.float16, torch.bfloat16):
         return False
     if triton_interpret():
-        return FORCE_TMA
-    return device_capability(device)[0] >= 9
+        return options().force_tma
+    return _device.device_capability(device)[0] >= 9
 
 
 def _use_tma(x1, w1, x2, w2, out) -> bool:
@@ -291,9 +255,9 @@ def _tma_config(M: int) -> dict:
     return cfg.all_kwargs()
 
 
-def _mm_tma(x1, w1, x2, w2, bias, out, seed: int = 0, p: float = 0.0, drop_out: bool = False,
+def _fused_matmul_tma(x1, w1, x2, w2, bias, out, seed: int = 0, p: float = 0.0, drop_out: bool = False,
             drop_ld: int = 0, reserve_sms: int = 0) -> torch.Tensor:
-    """Launch ``sorsa_mm_tma_kernel``: ``out = x1·w1ᵀ + drop_out(x2·w2ᵀ) + bias`` (see ``mm``)."""
+    """Launch ``sorsa_mm_tma_kernel``: ``out = x1·w1ᵀ + drop_out(x2·w2ᵀ) + bias`` (see ``fused_matmul``)."""
     M, K = x1.shape
     N, R = w1.shape[0], x2.shape[1]
     cfg = INTERP_TMA if triton_interpret() else _tma_config(M)
@@ -315,7 +279,7 @@ def _mm_tma(x1, w1, x2, w2, bias, out, seed: int = 0, p: float = 0.0, drop_out: 
              bias if bias is not None else out,
              desc(out, [BM, BN // 2 if epi_sub else BN]))
     grid = (min(_programs(x1.device, reserve_sms), triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
-    flatten = TMA_FLATTEN and not drop_out and R <= BK and (BM, BN, BK) not in _FLATTEN_TOO_BIG
+    flatten = options().tma_flatten and not drop_out and R <= BK and (BM, BN, BK) not in _FLATTEN_TOO_BIG
 
     def run(flat: bool):
         sorsa_mm_tma_kernel[grid](*descs, M, N, K, R, _m_bucket(M), seed, *_drop_args(p, drop_ld),
@@ -323,7 +287,7 @@ def _mm_tma(x1, w1, x2, w2, bias, out, seed: int = 0, p: float = 0.0, drop_out: 
                                   EPI_SUB=epi_sub, DROP_OUT=drop_out, FLATTEN=flat,
                                   enable_fp_fusion=FP_FUSION["sorsa_mm_tma_kernel"], **meta, **launch)
 
-    with device_guard(x1.device):
+    with _device.device_guard(x1.device):
         try:
             run(flatten)
         except OutOfResources:
@@ -337,7 +301,7 @@ def _mm_tma(x1, w1, x2, w2, bias, out, seed: int = 0, p: float = 0.0, drop_out: 
     return out
 
 
-def mm(
+def fused_matmul(
     x1: torch.Tensor, w1: torch.Tensor, out: torch.Tensor, *,
     x2: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None, seed: Union[int, torch.Tensor, None] = None,
@@ -362,7 +326,7 @@ def mm(
     # a mask whose Philox counter needs int64 (x with >= 2^33 elements) takes the pointer kernel
     if (k_splits == 1 and _use_tma(x1, w1, x2, w2, out) and not drop_in
             and not (drop_out and _big(extra=M * drop_ld))):
-        return _mm_tma(x1, w1, x2, w2, bias, out, _seed_int(seed), p, drop_out, drop_ld, reserve_sms)
+        return _fused_matmul_tma(x1, w1, x2, w2, bias, out, _seed_int(seed), p, drop_out, drop_ld, reserve_sms)
     out3 = out if out.dim() == 3 else out.unsqueeze(0)
     k_per = triton.cdiv(triton.cdiv(K, k_splits), 64) * 64  # a multiple of every BLOCK_K
     splits = triton.cdiv(K, k_per)
@@ -383,7 +347,7 @@ def mm(
     def grid(meta):
         return (min(progs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])), splits)
 
-    with device_guard(x1.device):
+    with _device.device_guard(x1.device):
         if triton_interpret():
             sorsa_mm_kernel[grid(INTERP_MM)](*args, **flags, **INTERP_MM)
         else:
@@ -398,7 +362,7 @@ def _tn_block_a(DA: int, cap: int = TN_MAX_BLOCK_A) -> int:
     return max(32, min(triton.next_power_of_2(max(DA, 1)), cap))
 
 
-def tn(p_mat: torch.Tensor, q: torch.Tensor, *, seed: Optional[torch.Tensor] = None,
+def tn_matmul(p_mat: torch.Tensor, q: torch.Tensor, *, seed: Optional[torch.Tensor] = None,
        p: float = 0.0, drop_q: bool = False, drop_ld: int = 0) -> torch.Tensor:
     """fp32 ``p_matᵀ·drop(q)``: p_mat (M, DA), q (M, DB) → (DA, DB); split over M, summed in order."""
     M, DA = p_mat.shape
@@ -410,7 +374,7 @@ def tn(p_mat: torch.Tensor, q: torch.Tensor, *, seed: Optional[torch.Tensor] = N
         splits = 1
     else:
         tiles = triton.cdiv(DA, _tn_block_a(DA)) * triton.cdiv(DB, 128)
-        splits = max(1, min(triton.cdiv(M, 4 * SPLIT_M_GRAIN), (2 * num_sms(q.device)) // tiles))
+        splits = max(1, min(triton.cdiv(M, 4 * SPLIT_M_GRAIN), (2 * _device.num_sms(q.device)) // tiles))
     m_per = triton.cdiv(triton.cdiv(M, splits), SPLIT_M_GRAIN) * SPLIT_M_GRAIN
     splits = triton.cdiv(M, m_per)
     part = torch.empty((splits, DA, DB), dtype=torch.float32, device=q.device)
@@ -426,7 +390,7 @@ def tn(p_mat: torch.Tensor, q: torch.Tensor, *, seed: Optional[torch.Tensor] = N
     meta = {k: cfg[k] for k in ("BLOCK_A", "BLOCK_B", "BLOCK_M")}
     launch = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
     grid = (triton.cdiv(DA, meta["BLOCK_A"]), triton.cdiv(DB, meta["BLOCK_B"]), splits)
-    with device_guard(q.device):
+    with _device.device_guard(q.device):
         sorsa_tn_kernel[grid](*args, **flags, **meta, **launch)
     return part[0] if splits == 1 else part.sum(0)
 
@@ -444,8 +408,8 @@ def one_pass_dy(M: int, N: int, R: int, dtype: torch.dtype, device: torch.device
     """
     if R > GDB_MAX_R or M == 0 or N == 0:
         return False
-    if ONE_PASS_DY is not None:
-        return ONE_PASS_DY
+    if options().one_pass_dy is not None:
+        return options().one_pass_dy
     n_blocks = triton.cdiv(N, _gdb_block_n(R, dtype == torch.float32))
     extra = 16 * max(0, n_blocks - _k_splits(M, R, N, device)) * R  # per row, 2× margin included
     return extra <= N * torch.empty((), dtype=dtype).element_size()
@@ -455,7 +419,7 @@ def _gdb_block_n(R: int, fp32: bool) -> int:
     return min(GDB_CONFIGS[fp32][1], GDB_TILE[fp32] // max(16, triton.next_power_of_2(R)))
 
 
-def gdb(dy: torch.Tensor, Bd: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def g_and_db(dy: torch.Tensor, Bd: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """One pass over ``dy`` (M, N): fp32 split-N partials of ``dy·Bd`` (n_blocks, M, r) and
     split-M partials of ``dyᵀ·s`` (splits, N, r); ``Bd`` (N, r), ``s`` (M, r) in dy's dtype."""
     M, N = dy.shape
@@ -469,13 +433,13 @@ def gdb(dy: torch.Tensor, Bd: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tens
     n_blocks = triton.cdiv(N, meta["BLOCK_N"])
     grain = meta["BLOCK_M"]
     # split M until n_blocks × splits fills two waves, each split >= 4 m-tiles deep
-    splits = max(1, min(triton.cdiv(2 * num_sms(dy.device), n_blocks), triton.cdiv(M, 4 * grain)))
+    splits = max(1, min(triton.cdiv(2 * _device.num_sms(dy.device), n_blocks), triton.cdiv(M, 4 * grain)))
     m_per = triton.cdiv(triton.cdiv(M, splits), grain) * grain
     splits = triton.cdiv(M, m_per)
     g_part = torch.empty((n_blocks, M, R), dtype=torch.float32, device=dy.device)
     db_part = torch.empty((splits, N, R), dtype=torch.float32, device=dy.device)
     big = _big(dy, Bd, s, g_part, db_part)
-    with device_guard(dy.device):
+    with _device.device_guard(dy.device):
         sorsa_gdb_kernel[(n_blocks, splits)](
             dy, Bd, s, g_part, db_part, M, N, R, m_per,
             dy.stride(0), dy.stride(1), Bd.stride(0), Bd.stride(1), s.stride(0), s.stride(1),
@@ -517,11 +481,11 @@ def side_stream(device: torch.device) -> Iterator[_Side]:
     through ``side.keep(t)``: they are recorded on the current stream, so the caching allocator
     does not hand their memory to the side stream again before the current stream is done.
 
-    In line (no side stream) for non-CUDA devices, with ``OVERLAP = False``, and while a CUDA
+    In line (no side stream) for non-CUDA devices, with ``overlap=False`` (:class:`LaunchOptions`), and while a CUDA
     graph is being captured (no cross-stream allocator bookkeeping inside a capture). The join
     also runs when the body raises.
     """
-    if device.type != "cuda" or not OVERLAP or torch.cuda.is_current_stream_capturing():
+    if device.type != "cuda" or not options().overlap or torch.cuda.is_current_stream_capturing():
         yield _Side()
         return
     main = torch.cuda.current_stream(device)
@@ -539,7 +503,7 @@ def side_stream(device: torch.device) -> Iterator[_Side]:
                 t.record_stream(main)
 
 
-def _skinny_parts(x: torch.Tensor, w: torch.Tensor, **drop) -> torch.Tensor:
+def _shrink_partials(x: torch.Tensor, w: torch.Tensor, **drop) -> torch.Tensor:
     """fp32 split-K partials (splits, M, r) of ``drop(x)·wᵀ`` for a thin w (r rows)."""
     M, K = x.shape
     if M == 0 or K == 0:  # no rows, or an empty sum: one zero partial
@@ -548,7 +512,7 @@ def _skinny_parts(x: torch.Tensor, w: torch.Tensor, **drop) -> torch.Tensor:
     k_per = triton.cdiv(triton.cdiv(K, splits), 64) * 64
     splits = triton.cdiv(K, k_per)
     part = torch.empty((splits, M, w.shape[0]), dtype=torch.float32, device=x.device)
-    mm(x, w, part, k_splits=splits, **drop)
+    fused_matmul(x, w, part, k_splits=splits, **drop)
     return part
 
 
@@ -570,7 +534,7 @@ def reduce_scale(part: torch.Tensor, S: torch.Tensor, scale: float,
     meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_R")}
     launch = {k: cfg[k] for k in ("num_warps",) if k in cfg}
     grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_R"]))
-    with device_guard(part.device):
+    with _device.device_guard(part.device):
         sorsa_scale_kernel[grid](part, S, out, xa, splits, M, R, float(scale),
                                  part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),
                                  xa.stride(0), xa.stride(1), WRITE_XA=splits > 1, BIG=_big(part, out),
@@ -597,9 +561,9 @@ def linear_fwd(x, weight, A, S, B, bias, scale: float, p: float, seed) -> Tuple[
     M, K = x.shape
     dt = x.dtype
     seed = _seed_int(seed)
-    xa, s = reduce_scale(_skinny_parts(x, A.to(dt), seed=seed, p=p, drop_in=p > 0, drop_ld=K), S, scale, dt)
+    xa, s = reduce_scale(_shrink_partials(x, A.to(dt), seed=seed, p=p, drop_in=p > 0, drop_ld=K), S, scale, dt)
     y = torch.empty((M, weight.shape[0]), dtype=dt, device=x.device)
-    mm(x, weight, y, x2=s, w2=_rank_weight(B, dt), bias=None if bias is None else bias.to(dt))
+    fused_matmul(x, weight, y, x2=s, w2=_rank_weight(B, dt), bias=None if bias is None else bias.to(dt))
     return y, xa
 
 
@@ -622,22 +586,22 @@ def linear_bwd(dy, x, weight, A, S, B, xa, scale: float, p: float, seed, need_dx
     s = reduce_scale(xa.unsqueeze(0), S, scale, dt)[1] if need_dB else None
     db_part = None
     if need_dB and one_pass_dy(M, N, R, dt, dy.device):
-        g_part, db_part = gdb(dy, Bd, s)
+        g_part, db_part = g_and_db(dy, Bd, s)
     else:
-        g_part = _skinny_parts(dy, Bd.t())
+        g_part = _shrink_partials(dy, Bd.t())
     g, gs = reduce_scale(g_part, S, scale, dt)
     dS = (g * xa).sum(0) * scale
     dx = dA = dB = None
     with side_stream(dy.device) as side:  # forked here: before dX is queued
         if need_dx:
             side_work = side.stream is not None and (need_dA or (need_dB and db_part is None))
-            dx = mm(dy, weight.t(), torch.empty_like(x, memory_format=torch.contiguous_format),
+            dx = fused_matmul(dy, weight.t(), torch.empty_like(x, memory_format=torch.contiguous_format),
                     x2=gs, w2=A.to(dt).t(), seed=seed, p=p, drop_out=p > 0, drop_ld=K,
-                    reserve_sms=RESERVE_SMS if side_work else 0)
+                    reserve_sms=options().reserve_sms if side_work else 0)
         with side.run():  # dA (and dB when it needs its own pass over dY) next to the dX GEMM
             if need_dA:
-                dA = side.keep(tn(gs, x, seed=seed, p=p, drop_q=p > 0, drop_ld=K).to(A.dtype))
+                dA = side.keep(tn_matmul(gs, x, seed=seed, p=p, drop_q=p > 0, drop_ld=K).to(A.dtype))
             if need_dB:
-                dB = db_part.sum(0) if db_part is not None else tn(s, dy).t()
+                dB = db_part.sum(0) if db_part is not None else tn_matmul(s, dy).t()
                 dB = side.keep(dB.to(B.dtype).contiguous())
     return dx, dA, dS.to(S.dtype), dB

@@ -1,0 +1,2 @@
+"""The package version (a leaf: modules that record it import nothing else of the package)."""
+__version__ = "0.1.0"

@@ -1,0 +1,191 @@
+"""Fused forward for PEFT LoRA / KaSA layers: :func:`accelerate` swaps the class of every servable
+``lora.Linear`` for a subclass whose ``forward`` calls :func:`sorsa_kernels.ops.linear.sorsa_linear`
+(see :mod:`sorsa_kernels.integrations.peft`)."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+try:
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import Linear as LoraLinear
+except ImportError as exc:  # pragma: no cover - exercised only without peft
+    raise ImportError("sorsa_kernels.integrations.peft needs the 'peft' package (pip install peft)") from exc
+try:
+    from peft.tuners.lora.variants import KasaLinearVariant
+except ImportError:  # pragma: no cover - peft < 0.21 has no KaSA: LoRA / PiSSA still served
+
+    class KasaLinearVariant:  # type: ignore[no-redef]
+        """Placeholder: nothing is an instance of it."""
+
+from ... import _backend
+from ...ops.linear import OP as LINEAR_OP
+from ...ops.linear import sorsa_linear
+
+def servable_reason(layer: nn.Module, adapter: str) -> Optional[str]:
+    """Why ``adapter`` of ``layer`` cannot run through the fused op (None: it can).
+
+    Only static properties; per-call state (merged, disabled, several active adapters) is
+    checked in the forward."""
+    if type(layer) not in (LoraLinear, AcceleratedLoraLinear):
+        return f"{type(layer).__module__}.{type(layer).__name__} is not a plain lora.Linear"
+    base = layer.base_layer
+    fifo = bool(getattr(layer, "fan_in_fan_out", False))
+    if type(base) is not (_CONV1D if fifo else nn.Linear):  # quantised (bnb, hqq, ...), nested, custom
+        want = "transformers Conv1D (fan_in_fan_out=True)" if fifo else "torch.nn.Linear"
+        return f"base layer is {type(base).__name__}, not {want}"
+    if base._forward_hooks or base._forward_pre_hooks:  # e.g. accelerate's device-map hooks
+        return "the base layer has forward hooks"
+    variant = layer.lora_variant.get(adapter)
+    if variant is not None and not isinstance(variant, KasaLinearVariant):
+        return f"LoRA variant {type(variant).__name__}"
+    if layer.lora_bias.get(adapter, False):
+        return "lora_bias=True"
+    if type(layer.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
+        return f"dropout module {type(layer.lora_dropout[adapter]).__name__}"
+    return None
+
+
+def _conv1d_cls():
+    """transformers' GPT-2 ``Conv1D`` (weight stored in × out), or None without transformers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+
+
+_CONV1D = _conv1d_cls()  # peft imports transformers anyway; resolved once, not per forward
+_ONES: Dict[Tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _ones(r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The constant S of plain LoRA (never trainable, never in a state dict); cached."""
+    key = (r, dtype, device)
+    t = _ONES.get(key)
+    if t is None:
+        t = _ONES[key] = torch.ones(r, dtype=dtype, device=device)
+    return t
+
+
+class AcceleratedLoraLinear(LoraLinear):
+    """``peft.tuners.lora.Linear`` whose single active LoRA / KaSA adapter runs through the
+    fused SORSA linear op. Instances are made by :func:`accelerate` (class swap); everything
+    but ``forward`` is PEFT's."""
+
+    _sk_backend: str = "auto"
+
+    def _sk_operands(self, x: torch.Tensor, args, kwargs):
+        """The fused op's operands for this call, or None to take PEFT's path."""
+        if args or kwargs or self.disable_adapters or self.merged:
+            return None
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if len(active) != 1:
+            return None
+        a = active[0]
+        if servable_reason(self, a) is not None:
+            return None
+        kasa = isinstance(self.lora_variant.get(a), KasaLinearVariant)
+        if kasa and a in getattr(self, "_lora_kasa_truncation_deferred", ()):
+            return None  # PEFT applies the deferred truncation on its first forward
+        base = self.base_layer
+        A, B = self.lora_A[a].weight, self.lora_B[a].weight
+        S = self.lora_diag[a] if kasa else _ones(A.shape[0], A.dtype, A.device)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        # the op's dtype rule (ops/linear.py); anything else goes to PEFT, which casts or raises
+        if not autocast and (base.weight.dtype != x.dtype or A.dtype not in (x.dtype, torch.float32)):
+            return None
+        if not (A.dtype == B.dtype == S.dtype):
+            return None
+        drop = self.lora_dropout[a]
+        p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+        W = base.weight.t() if self.fan_in_fan_out else base.weight  # Conv1D stores in × out: a view
+        return W, A, S, B, self.scaling[a], base.bias, p, drop.training
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        ops = self._sk_operands(x, args, kwargs)
+        if ops is None:
+            return super().forward(x, *args, **kwargs)
+        weight, A, S, B, scale, bias, p, training = ops
+        return sorsa_linear(x, weight, A, S, B, scale, bias, dropout_p=p, training=training,
+                            backend=self._sk_backend)
+
+
+@dataclass
+class AccelerateReport:
+    """What :func:`accelerate` did: module names served by the fused op, and the LoRA layers
+    left on PEFT's path with the reason."""
+
+    accelerated: List[str] = field(default_factory=list)
+    skipped: Dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.accelerated)} PEFT LoRA layers accelerated, {len(self.skipped)} left on PEFT's path"]
+        lines += [f"  {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def accelerate(model: nn.Module, *, backend: str = "auto", warn: bool = True) -> AccelerateReport:
+    """Run the adapter branch of a PEFT model's ``lora.Linear`` layers through the fused op.
+
+    Served: plain LoRA (any init: default, gaussian, PiSSA, OLoRA, ...), rsLoRA, KaSA, on
+    ``nn.Linear`` or (``fan_in_fan_out``) transformers ``Conv1D`` bases; with or
+    without ``lora_dropout`` (one mask per module call on the adapter branch's input, as PEFT);
+    one active adapter per call. Left on PEFT's path (listed in the returned report and, when
+    ``warn``, in one warning): other layer types (Embedding, Conv, quantised or hooked base
+    layers), DoRA and other variants, ``lora_bias``; layers with several
+    active adapters are listed too and fall back per call. Idempotent; undo with
+    :func:`unaccelerate`.
+
+    Args:
+        model: a ``PeftModel`` (or any module containing PEFT LoRA layers).
+        backend: the fused op's backend, ``"auto"`` | ``"torch"`` | ``"triton"``.
+        warn: emit one ``UserWarning`` listing the layers left on PEFT's path.
+
+    Returns:
+        An :class:`AccelerateReport`.
+    """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (a PeftModel), got {type(model).__name__}")
+    report = AccelerateReport()
+    serve = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        adapters = list(mod.lora_A.keys()) or list(getattr(mod, "lora_embedding_A", {}).keys())
+        reasons = {a: servable_reason(mod, a) for a in adapters}
+        if any(why is None for why in reasons.values()):
+            serve.append(mod)
+            report.accelerated.append(name)
+        bad = [f"{a}: {why}" for a, why in reasons.items() if why is not None]
+        n_active = sum(a in mod.lora_A for a in mod.active_adapters)
+        if n_active > 1:
+            bad.append(f"{n_active} active adapters (served only while one is active)")
+        if bad or not adapters:
+            report.skipped[name] = "; ".join(bad) or "no adapters"
+    # a forced backend that cannot run on the layers' devices fails now (nothing changed yet)
+    for dev in {m.base_layer.weight.device for m in serve}:
+        _backend.resolve(LINEAR_OP, backend, dev)
+    for mod in serve:
+        mod.__class__ = AcceleratedLoraLinear
+        mod._sk_backend = backend
+    if warn and report.skipped:
+        warnings.warn(f"sorsa_kernels.integrations.peft.accelerate: {report}", UserWarning, stacklevel=2)
+    return report
+
+
+def unaccelerate(model: nn.Module) -> nn.Module:
+    """Undo :func:`accelerate`: every accelerated layer gets PEFT's ``lora.Linear`` back."""
+    for mod in model.modules():
+        if type(mod) is AcceleratedLoraLinear:
+            mod.__class__ = LoraLinear
+            mod.__dict__.pop("_sk_backend", None)
+    return model
+
+
