@@ -14,7 +14,7 @@ from sorsa_kernels import check as C
 from sorsa_kernels.ops.linear.check import philox_keep_mask
 
 from conftest import needs_triton
-from test_linear_fused import replay_mask
+from linear_helpers import replay_mask
 
 
 def _run(args, **env):

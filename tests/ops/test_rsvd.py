@@ -188,6 +188,10 @@ def test_core_ops_bad_input_and_opcheck():
         torch.ops.sorsa_kernels.philox_normal_(torch.empty(3, dtype=torch.float16), 1)
     R = torch.linalg.cholesky(torch.eye(6, dtype=torch.float64) * 2)[None].mT.contiguous()
     torch.library.opcheck(torch.ops.sorsa_kernels.jacobi_svd.default, (R, 10))
+    G = (torch.eye(5, dtype=torch.float64) * 3 + 0.1)[None].repeat(2, 1, 1).contiguous()
+    torch.library.opcheck(torch.ops.sorsa_kernels.cholesky_upper_.default, (G,))
+    for dt in (torch.float32, torch.float64):
+        torch.library.opcheck(torch.ops.sorsa_kernels.philox_normal_.default, (torch.empty(4, 7, dtype=dt), 3))
 
 
 def test_rsvd_bad_input():

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "train_tiny_llama.py")
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "train_tiny_llama.py")
 
 
 def load_example():

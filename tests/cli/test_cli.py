@@ -14,7 +14,7 @@ import sorsa_kernels as sk
 from sorsa_kernels import bench, cli
 from sorsa_kernels.bench import report
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU = torch.device("cpu")
 
 

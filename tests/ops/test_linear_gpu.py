@@ -8,7 +8,7 @@ from sorsa_kernels.ops.linear import launch as L
 from sorsa_kernels.ops import sorsa_linear, sorsa_linear_naive
 
 from conftest import HAS_TRITON, assert_tolerance, set_launch_options
-from test_linear_fused import operands, replay_mask, run, seed_of
+from linear_helpers import operands, replay_mask, run, seed_of
 
 pytestmark = [
     pytest.mark.gpu,
