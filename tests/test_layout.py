@@ -122,7 +122,7 @@ def test_every_op_package_registers_itself():
     from sorsa_kernels import _backend
     names = {s.name for s in _backend.specs()}
     packages = {m.split(".")[2] for m in _modules() if re.fullmatch(r"sorsa_kernels\.ops\.\w+", m)}
-    assert len(names) == len(packages) == 3, (names, packages)
+    assert len(names) == len(packages) and packages >= {"linear", "ortho", "rsvd"}, (names, packages)
     for s in _backend.specs():
         for ref in (s.check, s.aot, s.bench):
             assert ref is None or ref.startswith("sorsa_kernels.ops."), ref
