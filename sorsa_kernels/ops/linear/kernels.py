@@ -251,16 +251,17 @@ def _tma_rank_r(acc, s_desc, b_desc, off_m, off_n, r_steps, B_T: tl.constexpr, U
     # acc += S[off_m:, :R]·B[off_n:, :R]ᵀ, boxes zero-filled past R. ONE_STEP (R <= BLOCK_K, the
     # flattened kernel): straight-line code, so the K loop stays the tile loop's only inner loop.
     if ONE_STEP:
-        acc = _tma_rank_r_step(acc, s_desc, b_desc, off_m, off_n, 0, B_T, UPCAST)
+        acc = _tma_step(acc, s_desc, b_desc, off_m, off_n, 0, B_T, UPCAST)
     else:
         for step in range(0, r_steps):
-            acc = _tma_rank_r_step(acc, s_desc, b_desc, off_m, off_n, step * BLOCK_K, B_T, UPCAST)
+            acc = _tma_step(acc, s_desc, b_desc, off_m, off_n, step * BLOCK_K, B_T, UPCAST)
     return acc
 
 
 @triton.jit
-def _tma_rank_r_step(acc, s_desc, b_desc, off_m, off_n, k, B_T: tl.constexpr, UPCAST: tl.constexpr):
-    a = s_desc.load([off_m, k])
+def _tma_step(acc, a_desc, b_desc, off_m, off_n, k, B_T: tl.constexpr, UPCAST: tl.constexpr):
+    # acc += A[off_m:, k:]·B[off_n:, k:]ᵀ for one BLOCK_K step (B stored (K, N) when B_T)
+    a = a_desc.load([off_m, k])
     if B_T:
         b = b_desc.load([k, off_n])
     else:
@@ -315,16 +316,7 @@ def sorsa_mm_tma_kernel(
             keep = _keep4(seed, rows[:, None], off_n, drop_ld4, thr, BLOCK_N)
             acc = tl.where(keep, acc * inv_keep, 0.0)
         for step in range(0, k_steps):  # pipelined (TMA multi-buffered) main loop
-            k = step * BLOCK_K
-            a = x_desc.load([off_m, k])
-            if W_T:
-                b = w_desc.load([k, off_n])
-            else:
-                b = w_desc.load([off_n, k]).T
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+            acc = _tma_step(acc, x_desc, w_desc, off_m, off_n, step * BLOCK_K, W_T, UPCAST)
         # Rank-r tail (1 step for r <= BLOCK_K). A descriptor switch inside the loop above
         # compiles to an scf.if around the TMA loads and the pipeliner then single-buffers
         # the whole loop (checked: 80 KB instead of 176 KB smem at 128×256×64/3 stages).

@@ -16,7 +16,7 @@ loads wide and spill-free is what matters; the AOT check compiles these for sm_8
             (fp32: L step 32, 8 warps; general strides: 8 warps, fp32 L step 16)
   finalize  64×64 tile, 8 warps
   grad      64 rows × 128 L-columns, K step 32, 8 warps, 3 stages (fp32: 64 columns, K step 16)
-fp32 adapters use ``tf32x3`` split products (≈ fp32 accuracy, see tests/test_ortho_fast.py's
+fp32 adapters use ``tf32x3`` split products (≈ fp32 accuracy, see tests/ops/test_ortho.py's
 emulation) on the GPU; bf16/fp16 products are exact in fp32 accumulators.
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ from .kernels import FP_FUSION, NF, ortho_finalize_kernel, ortho_grad_kernel, or
 
 META_FIELDS = ("offset", "r", "L", "s_r", "s_l", "ws_off", "e_off", "split_len", "nsplit",
                "grad_ptr", "g_r", "g_l", "accum")
-assert len(META_FIELDS) == NF
+assert len(META_FIELDS) == NF.value
+GRAD_COLS = slice(META_FIELDS.index("grad_ptr"), META_FIELDS.index("accum") + 1)  # rewritten when grads move
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 INT32_LIMIT = 2 ** 31
 
@@ -356,7 +357,7 @@ def ortho_triton_backward(mats: Sequence[torch.Tensor], state, coef: torch.Tenso
                 if key is not None and any(r[3] == 0 for r in rows):
                     key = None  # off-layout grads go through temporaries: never a steady state
         if rows is not None:  # grads moved: re-upload the four grad columns (no sync)
-            g.meta[:, 9:13].copy_(_upload(rows, plan.device))
+            g.meta[:, GRAD_COLS].copy_(_upload(rows, plan.device))
         g.grad_key = key
         ortho_grad_kernel[(g.w3.shape[0],)](mats[g.idx[0]], g.meta, g.w3, E, coef[g.vidx].contiguous(),
                                             DT=g.tl_dtype, num_warps=dw, num_stages=ds,
