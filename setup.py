@@ -21,6 +21,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -211,6 +212,25 @@ def extensions():
     return [ext], {"build_ext": BuildExt.with_options(no_python_abi_suffix=False)}, version
 
 
+def drop_stale_build_sources(root: str = ROOT) -> list:
+    """Delete ``build/lib*/sorsa_kernels/**/*.py`` files whose source no longer exists: setuptools
+    copies sources into build/lib and installs everything there, so a module moved or removed in
+    the tree would otherwise still be installed from an earlier build. Returns what was deleted."""
+    import glob
+    gone = []
+    for lib in glob.glob(os.path.join(root, "build", "lib*", "sorsa_kernels")):
+        for path in glob.glob(os.path.join(lib, "**", "*.py"), recursive=True):
+            if not os.path.exists(os.path.join(root, "sorsa_kernels", os.path.relpath(path, lib))):
+                os.remove(path)
+                gone.append(path)
+        for d, _, _ in sorted(os.walk(lib), reverse=True):  # then folders left with no module
+            if not glob.glob(os.path.join(d, "**", "*.py"), recursive=True) and not os.path.exists(
+                    os.path.join(root, "sorsa_kernels", os.path.relpath(d, lib))):
+                shutil.rmtree(d)
+    return gone
+
+
 if __name__ == "__main__":
+    drop_stale_build_sources()
     ext_modules, cmdclass, version = extensions()
     setup(version=version, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -10,8 +10,8 @@ branches on the backend name.
   implementations when it was built with nvcc).
 * ``"auto"``: the op's accelerated backend when it can run on the tensors' device (Triton
   only for CUDA tensors: the interpreter is a test vehicle), else ``"torch"``. An op may set
-  its own per-device-type order (``OpSpec.auto_order``; e.g. rsvd: torch on the CPU). Ops with a
-  ``timed_case`` get, on CUDA, a timed per-shape choice between the fused path and the torch path
+  its own per-device-type order (``OpSpec.auto_order``; e.g. rsvd: torch on the CPU). Ops whose spec says
+  ``timed`` get, on CUDA, a timed per-shape choice between the fused path and the torch path
   (:mod:`sorsa_kernels._autotune`).
 
 The registry: each op's package describes itself in one :class:`OpSpec` and calls

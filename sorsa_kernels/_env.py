@@ -30,6 +30,8 @@ def _probe_triton() -> Tuple[bool, str]:
 
 
 def _probe_ext() -> Tuple[bool, bool, str]:
+    if os.environ.get("SORSA_KERNELS_NO_EXT", "0") not in ("", "0"):
+        return False, False, "SORSA_KERNELS_NO_EXT=1: the compiled extension is not loaded"
     from ._build_info import load_extension  # checks the build record against torch before loading
     ok, why = load_extension()
     if not ok:

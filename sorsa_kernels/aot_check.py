@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 SMEM_LIMIT = {80: 166912, 90: 232448}
 # Room every program must leave below the limit: a Triton update that adds scratch space (barriers,
 # reduction or layout-conversion buffers) must not make a shipped program fail at launch. Programs
-# whose launcher relaunches a leaner variant on OutOfResources (linear_kernels.SMEM_FALLBACK) are
+# whose launcher relaunches a leaner variant on OutOfResources (the op's ``aot.SMEM_FALLBACK``) are
 # reported, not failed.
 SMEM_HEADROOM = 8 * 1024
 # What the launchers see for each arch (SM count, capability): A100, H100/H200 SXM.
@@ -316,10 +316,10 @@ def compile_unit(i: int) -> dict:
 
 def _unaligned_operands(u: Unit, signature: Dict[str, Any], divisible: List[str]) -> List[str]:
     """Why the main loop's operands cannot be proven 16-byte aligned (empty: they can): a kernel's
-    own ``VEC`` constexpr when it has one (1: unaligned), else its ``linear_kernels.PIPELINE_OPERANDS``
+    own ``VEC`` constexpr when it has one (1: unaligned), else its op's ``aot.PIPELINE_OPERANDS``
     (or every pointer and ``s_*`` stride) that the specialisation could not prove 16-divisible."""
     PIPELINE_OPERANDS = {k: v for m in _op_modules() for k, v in m.PIPELINE_OPERANDS.items()}
-    if "VEC" in u.jit.arg_names:  # the kernel's own alignment flag (ortho kernels: strides come from a table)
+    if "VEC" in u.jit.arg_names:  # the kernel's own alignment flag (its strides come from a table)
         vec = _constexpr(u, "VEC")
         return [] if vec is not None and vec > 1 else ["VEC=1 (the launcher found no 16-byte alignment)"]
     names = PIPELINE_OPERANDS.get(u.kernel)
@@ -348,7 +348,7 @@ def _dot_in_loop(ttir: str) -> bool:
 
 def _smem_fallback(u: Unit) -> Optional[str]:
     """The constexpr whose True value this program has and whose launcher falls back without it
-    on OutOfResources (``linear_kernels.SMEM_FALLBACK``), else None."""
+    on OutOfResources (the op's ``aot.SMEM_FALLBACK``), else None."""
     SMEM_FALLBACK = {k: v for m in _op_modules() for k, v in m.SMEM_FALLBACK.items()}
     flag = SMEM_FALLBACK.get(u.kernel)
     return flag if flag is not None and _constexpr(u, flag) is True else None
@@ -432,7 +432,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", nargs="+", type=int, default=[80, 90], choices=sorted(SMEM_LIMIT))
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    ap.add_argument("--ops", nargs="+", help="only these ops' cases (short names: linear, ortho; default all)")
+    ap.add_argument("--ops", nargs="+", help="only the cases of these ops (the short name that starts each case name; default all)")
     ap.add_argument("--quick", action="store_true", help="only the first case of each op per dtype")
     ap.add_argument("--jobs", type=int, default=2, help="compile workers (default 2: CI has 2 shared cores)")
     ap.add_argument("--json", dest="json_path", help="write one record per program here")

@@ -6,7 +6,7 @@ Each row: case, status (``ok`` / ``mismatch`` / ``crashed`` / ``timeout``), the 
 ``error / tolerance`` over the op's outputs (tolerance rule: fused error vs float64 ≤ 2× the
 torch path's error in the same dtype + a small floor; ≤ 1 passes), and the fused and torch times.
 The cases come from the registry (each op's ``OpSpec.check_cases``); each runs its op and returns
-the error/tolerance per output. Without a GPU it says so and exits 2 within seconds;
+the error/tolerance per output (``OpSpec.check``). Without a GPU it says so and exits 2 within seconds;
 ``--interpret`` runs tiny cases on the CPU under the Triton interpreter (how the harness itself is
 tested).
 
@@ -171,4 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module, not this __main__ copy: the ops' check modules import
+    # sorsa_kernels.check, and its Skipped (and Case) must be the classes run_one catches
+    from sorsa_kernels import check as _check
+    sys.exit(_check.main())

@@ -289,7 +289,7 @@ def test_timing_runs_on_the_tensors_device(monkeypatch):
     assert seen == [["cuda:1"]] * (2 * _autotune.ROUNDS)
 
 
-# ---------------------------------------------------------------- review item 1: device memory
+# ---------------------------------------------------------------- device memory
 GIB = 1 << 30
 
 
@@ -389,7 +389,7 @@ def test_both_candidates_out_of_memory_takes_the_leaner_fused_path(isolated):
     assert _autotune.report()[0]["persisted"] is False and not _disk(isolated)
 
 
-# ---------------------------------------------------------------- review item 2: train vs inference
+# ---------------------------------------------------------------- train vs inference
 def test_train_and_inference_keys_are_separate_and_inference_times_forward_only(monkeypatch):
     _needs_triton()
     backwards = []
@@ -446,7 +446,7 @@ def test_sorsa_linear_tells_the_dispatcher_whether_a_backward_follows(monkeypatc
     assert seen == [True, False, False, False, True, True, True]
 
 
-# ---------------------------------------------------------------- review item 4: noise
+# ---------------------------------------------------------------- noise
 def test_noisy_winner_is_unclear_fuses_and_is_not_persisted(isolated):
     """One fast torch sample (1.0 among 3.0, 3.0) decided everything before; the medians 2.0 vs
     3.0 differ by less than torch's spread (2.0): unclear, the fused path, not on disk."""
@@ -485,7 +485,7 @@ def test_candidate_failing_in_a_later_round_is_never_chosen():
     assert t.calls == ["triton", "torch", "triton", "torch", "triton"], "a failed candidate is not timed again"
 
 
-# ---------------------------------------------------------------- review item 3: distributed ranks
+# ---------------------------------------------------------------- distributed ranks
 def _rank_worker(rank, world, init_file, out_dir):
     from datetime import timedelta
 

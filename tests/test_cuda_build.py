@@ -120,3 +120,20 @@ def test_quick_start_installs_torch_once():
         torch_first = [i for i, s in enumerate(steps) if re.match(r"\S*pip install .*\btorch\b", s)]
         assert len(build) == 1 and "--no-build-isolation" in steps[build[0]], line
         assert torch_first and torch_first[0] < build[0], line
+
+
+def test_stale_build_sources_are_dropped_before_a_build(tmp_path):
+    """A module moved out of the tree must not be installed again from build/lib."""
+    drop = SETUP["drop_stale_build_sources"]
+    (tmp_path / "sorsa_kernels" / "ops").mkdir(parents=True)
+    (tmp_path / "sorsa_kernels" / "__init__.py").write_text("")
+    (tmp_path / "sorsa_kernels" / "ops" / "linear.py").write_text("")
+    lib = tmp_path / "build" / "lib.x" / "sorsa_kernels"
+    (lib / "ops").mkdir(parents=True)
+    (lib / "old").mkdir()
+    for f in ("__init__.py", "_dispatch.py", "ops/linear.py", "old/gone.py", "_C.so"):
+        (lib / f).write_text("")
+    gone = drop(str(tmp_path))
+    assert sorted(os.path.relpath(g, lib) for g in gone) == ["_dispatch.py", os.path.join("old", "gone.py")]
+    assert (lib / "__init__.py").exists() and (lib / "ops" / "linear.py").exists() and (lib / "_C.so").exists()
+    assert not (lib / "old").exists()

@@ -107,7 +107,7 @@ def test_kernels_import_nothing_of_the_package_and_launchers_only_leaves():
 
 GENERIC = ("sorsa_kernels._backend", "sorsa_kernels._autotune", "sorsa_kernels._env", "sorsa_kernels.cli",
            "sorsa_kernels.check", "sorsa_kernels.aot_check", "sorsa_kernels.bench", "sorsa_kernels.bench.cases",
-           "sorsa_kernels.bench.report", "sorsa_kernels.bench.timing")
+           "sorsa_kernels.bench.report", "sorsa_kernels.bench.timing", "sorsa_kernels.bench.runners")
 
 
 @pytest.mark.parametrize("module", GENERIC)
@@ -126,3 +126,24 @@ def test_every_op_package_registers_itself():
     for s in _backend.specs():
         for ref in (s.check, s.aot, s.bench):
             assert ref is None or ref.startswith("sorsa_kernels.ops."), ref
+
+
+WORK_ITEM = re.compile(r"\b[Ii]ssue[- ]?#?\d+|\breview (item|blocker)|\b(GPU|the) review\b|\bH[0-9]\b|\bstop \d+\b")
+
+
+def test_no_work_item_names_in_the_tree():
+    """Code, tests and docs say what and why, not which work item asked for it."""
+    hits = []
+    for top in ("sorsa_kernels", "tests", "benchmarks", "examples", "scripts", "docs", "csrc", ".ci"):
+        for d, _, files in os.walk(os.path.join(ROOT, top)):
+            for f in files:
+                if f.endswith((".py", ".md", ".sh", ".h", ".cpp", ".cu")) and f != "test_layout.py":
+                    path = os.path.join(d, f)
+                    for i, line in enumerate(open(path, encoding="utf-8"), 1):
+                        if WORK_ITEM.search(line):
+                            hits.append(f"{os.path.relpath(path, ROOT)}:{i}: {line.strip()[:100]}")
+    for f in ("README.md", "BENCHMARKS.md", "CONTRIBUTING.md", "setup.py", "pyproject.toml"):
+        for i, line in enumerate(open(os.path.join(ROOT, f), encoding="utf-8"), 1):
+            if WORK_ITEM.search(line):
+                hits.append(f"{f}:{i}: {line.strip()[:100]}")
+    assert not hits, "\n".join(hits)

@@ -46,7 +46,18 @@ def test_wrong_and_crashing_kernels_get_their_rows_and_the_rest_still_runs(tmp_p
     assert rows[crash]["status"] == "crashed" and rows[crash]["returncode"] != 0, rows[crash]
     ok = rows[C.cases(True)[1].name]  # the dropout case, vs float64 with the replayed mask
     assert ok["status"] == "ok" and ok["fused_ms"] > 0 and ok["torch_ms"] > 0, ok
-    assert "sorsa-kernels check: 1/3 ok" in r.stdout, r.stdout
+    assert "sorsa-kernels check: 2/4 ok" in r.stdout, r.stdout  # + the rsvd case (ok, or skipped)
+
+
+def test_a_case_that_cannot_run_here_is_skipped_not_crashed(tmp_path):
+    """The rsvd case without the extension: its op module raises the harness's Skipped, which the
+    child (run as ``python -m``) must catch as the same class: a "skipped" row, exit status 0."""
+    out = tmp_path / "check.json"
+    r = _run(["--interpret", "--only", "rsvd", "--json", str(out)], TRITON_INTERPRET="1",
+             SORSA_KERNELS_NO_EXT="1")
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["status"] for row in rows] == ["skipped"], rows
+    assert "extension is not loaded" in rows[0]["error"] and r.returncode == 0, r.stdout + r.stderr
 
 
 def test_packaged_mask_reference_matches_the_independent_one():

@@ -41,7 +41,7 @@ def test_launch_options_are_frozen_scoped_and_checked():
         assert not L.options().overlap
     assert L.options() == L.LaunchOptions()
     with pytest.raises(TypeError, match="unknown launch option"):
-        with L.launch_options(OVERLAP=False):
+        with L.launch_options(Overlap=False):
             pass
 
 

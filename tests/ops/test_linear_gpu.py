@@ -1,4 +1,4 @@
-"""GPU checks of the issue-10 kernels (benchmarks/gpu_check.sh): the sm_90 TMA kernel really
+"""GPU checks of the fused linear kernels (benchmarks/gpu_check.sh): the sm_90 TMA kernel really
 runs for aligned bf16 shapes, and dropout p = 0.05 gradients match float64 with the exact
 Philox mask replayed in numpy."""
 import pytest

@@ -267,6 +267,7 @@ def _fake_cuda_streams(monkeypatch, events, current):
     monkeypatch.setattr(L, "_SIDE_STREAMS", {})
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: __import__("contextlib").nullcontext())
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream("side"))
     monkeypatch.setattr(torch.cuda, "stream", StreamCtx)
 

@@ -28,5 +28,20 @@ from .forward import AccelerateReport, AcceleratedLoraLinear, accelerate, servab
 from .init import fast_svd_init
 from .regularizer import kasa_loss, lora_ortho_loss, lora_orthonormal_grad_
 
+# names before 0.1.0's split: still importable, with a DeprecationWarning
+_RENAMED = {"ortho_loss": "lora_ortho_loss", "orthonormal_grad_": "lora_orthonormal_grad_",
+            "export_lora": "export_plain_lora"}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        import warnings
+        new = _RENAMED[name]
+        warnings.warn(f"sorsa_kernels.integrations.peft.{name} is now {new} (sorsa_kernels.{name} is the "
+                      "SORSA-model function of that name)", DeprecationWarning, stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["accelerate", "unaccelerate", "AccelerateReport", "AcceleratedLoraLinear", "fast_svd_init",
            "lora_ortho_loss", "lora_orthonormal_grad_", "kasa_loss", "servable_reason", "export_plain_lora"]

@@ -96,7 +96,7 @@ class AcceleratedLoraLinear(LoraLinear):
         A, B = self.lora_A[a].weight, self.lora_B[a].weight
         S = self.lora_diag[a] if kasa else _ones(A.shape[0], A.dtype, A.device)
         autocast = torch.is_autocast_enabled(x.device.type)
-        # the op's dtype rule (ops/linear.py); anything else goes to PEFT, which casts or raises
+        # the op's dtype rule (sorsa_kernels.ops.linear); anything else goes to PEFT, which casts or raises
         if not autocast and (base.weight.dtype != x.dtype or A.dtype not in (x.dtype, torch.float32)):
             return None
         if not (A.dtype == B.dtype == S.dtype):

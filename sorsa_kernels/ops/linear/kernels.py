@@ -36,7 +36,7 @@ import triton.language as tl
 # sm_80/sm_90, bf16 + fp32): with it off every linear program's SASS is identical (the fp32
 # ``ieee`` dot emits explicit FFMAs either way, tensor-core dots are unaffected, the epilogues have
 # no contractible a·b + c), so "on" keeps today's programs and costs nothing; where it does contract
-# (ortho_kernels) one rounding instead of two can only shrink the error the tolerance rule bounds.
+# (the regularizer's kernels) one rounding instead of two can only shrink the error the tolerance rule bounds.
 # Arguments of the main (long) loop's operands: when the specialisation proves them 16-divisible,
 # the AOT check requires that loop's loads to be pipelined (cp.async/TMA); when it cannot (a row
 # stride of 4097), synchronous loads are unavoidable and only reported.

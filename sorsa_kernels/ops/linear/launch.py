@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple, Union
 
@@ -135,6 +136,7 @@ class LaunchOptions:
 
 
 _options = LaunchOptions()
+_options_lock = threading.Lock()
 
 
 def options() -> LaunchOptions:
@@ -144,20 +146,27 @@ def options() -> LaunchOptions:
 
 @contextlib.contextmanager
 def launch_options(**changes) -> Iterator[LaunchOptions]:
-    """Change some :class:`LaunchOptions` inside the ``with`` block (process-wide; restored on exit)::
+    """Change some :class:`LaunchOptions` inside the ``with`` block, restored on exit::
 
         with launch_options(overlap=False):
-            y = sorsa_linear(...)
+            loss = step(batch); loss.backward()
+
+    Process-wide, not per thread (autograd runs a CUDA backward on its own worker thread, which
+    must see the forward's options): wrap whole steps, and do not change options from several
+    threads at once. A CUDA graph keeps the options in force when it was captured.
     """
     global _options
     unknown = sorted(set(changes) - set(LaunchOptions.__dataclass_fields__))
     if unknown:
         raise TypeError(f"unknown launch option(s) {unknown}; known: {sorted(LaunchOptions.__dataclass_fields__)}")
-    prev, _options = _options, dataclasses.replace(_options, **changes)
+    with _options_lock:
+        prev, _options = _options, dataclasses.replace(_options, **changes)
+        mine = _options
     try:
-        yield _options
+        yield mine
     finally:
-        _options = prev
+        with _options_lock:
+            _options = prev
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -485,7 +494,12 @@ def side_stream(device: torch.device) -> Iterator[_Side]:
     graph is being captured (no cross-stream allocator bookkeeping inside a capture). The join
     also runs when the body raises.
     """
-    if device.type != "cuda" or not options().overlap or torch.cuda.is_current_stream_capturing():
+    if device.type != "cuda" or not options().overlap:
+        yield _Side()
+        return
+    with torch.cuda.device(device):  # the capture that matters is on the tensors' device
+        capturing = torch.cuda.is_current_stream_capturing()
+    if capturing:
         yield _Side()
         return
     main = torch.cuda.current_stream(device)

@@ -52,6 +52,12 @@ G_R = tl.constexpr(10)
 G_L = tl.constexpr(11)
 ACCUM = tl.constexpr(12)
 NF = tl.constexpr(13)
+# the launcher builds the rows by these names; each constexpr above is its name's column
+META_FIELDS = ("offset", "r", "L", "s_r", "s_l", "ws_off", "e_off", "split_len", "nsplit",
+               "grad_ptr", "g_r", "g_l", "accum")
+_COLUMNS = (OFFSET, R, LEN, S_R, S_L, WS_OFF, E_OFF, SPLIT_LEN, NSPLIT, GRAD_PTR, G_R, G_L, ACCUM)
+if [c.value for c in _COLUMNS] != list(range(len(META_FIELDS))) or NF.value != len(META_FIELDS):
+    raise RuntimeError("ortho kernels: META column constants out of order with META_FIELDS")
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Launcher for the grouped orthonormal-regularizer kernels (see ortho_kernels.py).
+"""Launcher for the grouped orthonormal-regularizer kernels (see :mod:`.kernels`).
 
 Host work per step is a few C-level list comparisons: the per-matrix table (``META``) and the
 work tables live on the device in a :class:`TritonPlan`, cached by the parameters and rebuilt
@@ -32,11 +32,8 @@ import triton.language as tl
 
 from ... import _device
 from ..._env import triton_interpret
-from .kernels import FP_FUSION, NF, ortho_finalize_kernel, ortho_grad_kernel, ortho_gram_kernel
+from .kernels import FP_FUSION, META_FIELDS, ortho_finalize_kernel, ortho_grad_kernel, ortho_gram_kernel
 
-META_FIELDS = ("offset", "r", "L", "s_r", "s_l", "ws_off", "e_off", "split_len", "nsplit",
-               "grad_ptr", "g_r", "g_l", "accum")
-assert len(META_FIELDS) == NF.value
 GRAD_COLS = slice(META_FIELDS.index("grad_ptr"), META_FIELDS.index("accum") + 1)  # rewritten when grads move
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 INT32_LIMIT = 2 ** 31
@@ -83,7 +80,7 @@ def _layout(s_r: int, s_l: int, r: int, L: int) -> int:
 
 
 def _vec(m: torch.Tensor, layout: int, r: int, L: int, s_r: int, s_l: int) -> int:
-    """Elements per 16 bytes when the alignment hints hold (see ortho_kernels._align), else 1."""
+    """Elements per 16 bytes when the alignment hints hold (see kernels._align), else 1."""
     v = 16 // m.element_size()
     if layout == 2 or m.data_ptr() % 16:
         return 1

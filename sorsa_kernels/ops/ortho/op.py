@@ -24,6 +24,8 @@ def backend_pair(backend: str, device: torch.device, sharded: bool, mats: Sequen
     dts = {m.dtype for m in mats}
     dtype = next(iter(dts)) if len(dts) == 1 else (torch.float64 if torch.float64 in dts else None)
     name = _backend.resolve(OP, backend, device, dtype)
+    if backend == "auto" and len({m.device for m in mats}) > 1:
+        name = "torch"  # a model spread over several GPUs: the fused launch takes one device's adapters
     if sharded:
         if backend == "triton":
             raise RuntimeError("backend='triton' is not available for sharded (DTensor) adapters: "

@@ -30,4 +30,5 @@ def run(case: Case, device: torch.device, fault: bool):
     return {"sigma": err / (2 * base + 1e-6)}, time_ms(t_fused, device), time_ms(t_torch, device)
 
 
-CASES = [Case("rsvd ext fp32 8x1024x1024 r64", "rsvd", "float32", (8, 1024, 1024, 64), run)]
+CASES = [Case("rsvd ext fp32 8x1024x1024 r64", "rsvd", "float32", (8, 1024, 1024, 64), run),
+         Case("rsvd ext fp32 2x64x48 r5", "rsvd", "float32", (2, 64, 48, 5), run, gpu=False, interpret=True)]
