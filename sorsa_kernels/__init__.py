@@ -2,6 +2,7 @@
 Vectors Adaptation, arXiv 2409.00055) layers, regularizer and init for PyTorch."""
 from . import integrations, ops
 from ._build_info import build_info
+from .analysis import SpectralShiftCallback, SpectralTracker, spectral_shift
 from .adapters import load_adapter, save_adapter
 from .export import export_lora, merge_and_unload
 from .init import init_layers, sorsa_decompose, svd_factors
@@ -23,5 +24,5 @@ __all__ = [
     "rsvd", "SORSARegularizer", "SORSACallback", "ops", "build_info", "__version__",
     "save_adapter", "load_adapter", "export_lora", "merge_and_unload",
     "SORSAConv1D", "disable_adapters", "print_trainable_parameters", "target_matcher",
-    "sorsa_linear",
+    "sorsa_linear", "spectral_shift", "SpectralTracker", "SpectralShiftCallback",
 ]

@@ -5,10 +5,12 @@
   sorsa-kernels bench --quick      a short smoke run (CI)
   sorsa-kernels bench --full       a wider sweep
   sorsa-kernels check              every fused op vs the torch path and float64, one subprocess per case (GPU)
+  sorsa-kernels analyze BASE TUNED...  ΔΣ and ΔD of every weight (the SORSA paper's analysis)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -75,10 +77,20 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sorsa-kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"sorsa-kernels {__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{info,bench,check}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{info,bench,check,analyze}")
     sub.add_parser("info", help="what will run on this machine: versions, GPU, backends, extension")
     sub.add_parser("check", add_help=False, help="every fused op vs the torch path and float64, each case in a "
                                                  "subprocess (needs a GPU; --help for options)")
+    an = sub.add_parser("analyze", help="ΔΣ and ΔD of every weight of fine-tuned checkpoints against the base "
+                                        "(the SORSA paper's analysis)")
+    an.add_argument("base", help="the pre-trained weights: a .safetensors file, a .bin/.pt state dict or a folder")
+    an.add_argument("tuned", nargs="+", help="fine-tuned checkpoints (same kinds), in order")
+    an.add_argument("--names", nargs="+", default=None, help="only weights whose name contains one of these")
+    an.add_argument("--json", default=None, metavar="PATH", help="write the per-layer and mean shifts here")
+    an.add_argument("--plot", default=None, metavar="PATH", help="the paper's figure as a PNG")
+    an.add_argument("--compare", nargs="+", default=None, metavar="JSON",
+                    help="earlier --json outputs (other runs of the same base) drawn as panels beside this one")
+    an.add_argument("--device", default=None, help="where the SVDs run (default: cuda when visible, else cpu)")
     b = sub.add_parser("bench", help="benchmark ours vs sorsa 1.0.1 vs the floor on this machine",
                        description="Times every op (ours, sorsa 1.0.1, the floor) interleaved in rounds and "
                                    "prints a verdict table, then the details. Default: about 2 minutes on a "
@@ -99,6 +111,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def analyze(a: argparse.Namespace) -> int:
+    """``sorsa-kernels analyze``: per checkpoint, every layer's (ΔΣ, ΔD) and their mean."""
+    from . import analysis
+    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    results = analysis.spectral_shift(a.base, list(a.tuned), names=a.names, device=dev)
+    out = analysis.trajectory_json(a.base, list(a.tuned), results)
+    print(f"{'checkpoint':<48} {'layers':>6} {'mean ΔΣ':>12} {'mean ΔD':>12}")
+    for cp in out["checkpoints"]:
+        print(f"{cp['path'][-48:]:<48} {len(cp['layers']):>6} {cp['mean']['delta_sigma']:>12.5g} "
+              f"{cp['mean']['delta_d']:>12.5g}")
+    print(f"{sum(len(c['layers']) for c in out['checkpoints'])} weights analysed on {dev} in "
+          f"{time.perf_counter() - t0:.1f} s")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"json: {a.json}")
+    if a.plot:
+        runs = [out] + [json.load(open(p)) for p in (a.compare or [])]
+        print(f"plot: {analysis.plot_shift(runs, a.plot)}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["check"]:  # its own options: sorsa_kernels.check parses them
@@ -109,6 +144,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.cmd == "info":
         print(info())
         return 0
+    if a.cmd == "analyze":
+        return analyze(a)
     from . import bench
     if a.ops:
         bad = [o for o in a.ops if o not in bench.op_texts()]
