@@ -158,9 +158,37 @@ def _svd(W: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------- the API
+def _fingerprint(names: Sequence[str], W: torch.Tensor) -> str:
+    """Names, shape and bytes of a chunk of base weights: the key of its cached SVD."""
+    import hashlib
+    h = hashlib.sha256()
+    h.update(repr((list(names), tuple(W.shape), str(W.dtype))).encode())
+    h.update(W.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _base_svd(names: Sequence[str], W0: torch.Tensor, target: torch.device, cache_dir: Optional[str]):
+    """The base chunk's thin SVD, read from / written to ``cache_dir`` when given."""
+    path = None
+    if cache_dir:
+        path = os.path.join(cache_dir, f"spectral-base-{_fingerprint(names, W0)}.safetensors")
+        if os.path.exists(path):
+            from safetensors.torch import load_file
+            f = load_file(path)
+            return f["U"].to(target), f["S"].to(target), f["V"].to(target)
+    U0, S0, V0 = _svd(W0.to(target, torch.float32))
+    if path:
+        from safetensors.torch import save_file
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        save_file({"U": U0.contiguous().cpu(), "S": S0.contiguous().cpu(), "V": V0.contiguous().cpu()}, tmp)
+        os.replace(tmp, path)
+    return U0, S0, V0
+
+
 def spectral_shift(base: Source, tuned: Union[Source, Sequence[Source]], *, names=None,
-                   device: Union[str, torch.device, None] = None,
-                   chunk_bytes: int = CHUNK_BYTES) -> Union[Dict[str, Shift], List[Dict[str, Shift]]]:
+                   device: Union[str, torch.device, None] = None, chunk_bytes: int = CHUNK_BYTES,
+                   cache_dir: Optional[str] = None) -> Union[Dict[str, Shift], List[Dict[str, Shift]]]:
     """ΔΣ and ΔD of every 2-D weight of ``tuned`` against ``base`` (see the module docstring).
 
     Args:
@@ -171,6 +199,8 @@ def spectral_shift(base: Source, tuned: Union[Source, Sequence[Source]], *, name
         device: where the SVDs run (default: where the base's first weight lives; a GPU batches
             them there).
         chunk_bytes: float32 bytes of base weights decomposed at once (memory bound).
+        cache_dir: keep the base's SVD here between calls (one file per chunk, keyed by a
+            fingerprint of the names and weight bytes: a changed base is decomposed again).
 
     Returns:
         ``{name: (delta_sigma, delta_d)}`` (a list of them for a list of ``tuned``). Raises
@@ -210,7 +240,7 @@ def spectral_shift(base: Source, tuned: Union[Source, Sequence[Source]], *, name
             target = dev or (W0.device if W0.device.type != "meta" else torch.device("cpu"))
             if W0.device.type == "meta":
                 raise ValueError(f"spectral_shift: base weight {chunk[0]} is on the meta device (no values)")
-            U0, S0, V0 = _svd(W0.to(target, torch.float32))
+            U0, S0, V0 = _base_svd(chunk, W0, target, cache_dir)
             del W0
             for i, t in enumerate(ts):
                 mats = []

@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                     help="earlier --json outputs (other runs of the same base) drawn as panels beside this one")
     an.add_argument("--device", default=None, help="where the SVDs run (default: cuda when visible, else cpu)")
+    an.add_argument("--cache", default=None, metavar="DIR",
+                    help="keep the base's SVD in DIR and reuse it in later runs (keyed by the weights' bytes)")
     b = sub.add_parser("bench", help="benchmark ours vs sorsa 1.0.1 vs the floor on this machine",
                        description="Times every op (ours, sorsa 1.0.1, the floor) interleaved in rounds and "
                                    "prints a verdict table, then the details. Default: about 2 minutes on a "
@@ -116,7 +118,7 @@ def analyze(a: argparse.Namespace) -> int:
     from . import analysis
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    results = analysis.spectral_shift(a.base, list(a.tuned), names=a.names, device=dev)
+    results = analysis.spectral_shift(a.base, list(a.tuned), names=a.names, device=dev, cache_dir=a.cache)
     out = analysis.trajectory_json(a.base, list(a.tuned), results)
     print(f"{'checkpoint':<48} {'layers':>6} {'mean ΔΣ':>12} {'mean ΔD':>12}")
     for cp in out["checkpoints"]:

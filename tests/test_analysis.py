@@ -3,6 +3,7 @@ source (modules read as the weights they compute with, state dicts, safetensors 
 lists of checkpoints), clear errors, the CLI's JSON and plot, and tracking in a real Trainer run."""
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -141,6 +142,26 @@ def test_chunking_gives_the_same_numbers():
     whole = sk.spectral_shift(base, tuned)
     small = sk.spectral_shift(base, tuned, chunk_bytes=1)  # one matrix at a time
     _close(small, whole, rel=1e-6, abs=1e-7)
+
+
+def test_base_svd_cache_is_reused_and_keyed_by_the_weights(tmp_path, monkeypatch):
+    from sorsa_kernels import analysis
+    base, tuned = _pair()
+    want = sk.spectral_shift(base, tuned)
+    calls = []
+    real = analysis._svd
+    monkeypatch.setattr(analysis, "_svd", lambda W: calls.append(W.shape[0]) or real(W))
+    first = sk.spectral_shift(base, tuned, cache_dir=str(tmp_path))
+    n_first = len(calls)
+    files = sorted(os.listdir(tmp_path))
+    again = sk.spectral_shift(base, tuned, cache_dir=str(tmp_path))
+    _close(first, want)
+    _close(again, want)
+    assert len(calls) - n_first == n_first - len(files)  # the second call decomposes only the tuned chunks
+    changed = {k: v.clone() for k, v in base.items()}
+    changed["layers.0.weight"][0, 0] += 1.0
+    sk.spectral_shift(changed, tuned, cache_dir=str(tmp_path))
+    assert len(os.listdir(tmp_path)) == len(files) + 1  # that chunk's bytes changed: a new entry
 
 
 def test_cli_analyze_writes_json_and_plot_that_agree_with_the_api(tmp_path):
