@@ -38,66 +38,119 @@ CHUNK_BYTES = 1 << 30  # float32 bytes of weights decomposed at once (a 7B model
 
 
 # ----------------------------------------------------------------------------- reading weights
+class _Weight:
+    """One 2-D weight of a source: its shape (known without loading it) and a loader."""
+    __slots__ = ("shape", "load")
+
+    def __init__(self, shape: Tuple[int, ...], load: Callable[[], torch.Tensor]):
+        self.shape, self.load = tuple(shape), load
+
+
 def _clean(name: str) -> str:
     """The name a weight has in the original, unadapted model."""
     name = re.sub(r"^base_model\.model\.", "", name)
     return name.replace(".base_layer.", ".")
 
 
-def _module_weights(model: nn.Module) -> Dict[str, Callable[[], torch.Tensor]]:
-    """name -> thunk giving the weight the module computes with (stored orientation)."""
+_ADAPTER_KEYS = ("sorsa_A", "sorsa_S", "sorsa_B", "lora_A", "lora_B", "lora_embedding_A", "lora_magnitude_vector")
+
+
+def _refuse_adapter_files(keys: Iterable[str], where: str) -> None:
+    """Adapter checkpoints hold factors, not the weights the model computes with: say how to read them."""
+    found = sorted({k for k in keys for a in _ADAPTER_KEYS if f".{a}" in k or k.startswith(a)})
+    if found:
+        raise ValueError(
+            f"spectral_shift: {where} holds adapter factors ({found[0]}, ...), not merged weights: load it "
+            "into its model (sk.load_adapter for SORSA, peft.PeftModel.from_pretrained for PEFT) and pass the "
+            "model, or merge first (sk.merge_and_unload / merge_and_unload()) and save the merged weights")
+
+
+def _peft_weight(m: nn.Module) -> torch.Tensor:
+    """A PEFT LoRA-family linear layer's weight as computed: base + each active adapter, through the
+    adapter's variant where it has one (KaSA's diag, DoRA's magnitude: get_delta_weight omits them)."""
+    w = m.get_base_layer().weight.detach().float()
+    if getattr(m, "merged", False) or getattr(m, "disable_adapters", False):
+        return w
+    variants = getattr(m, "lora_variant", {}) or {}
+    for a in m.active_adapters:
+        if a not in m.lora_A:
+            continue
+        v = variants.get(a)
+        if v is not None:
+            w = v.merge_safe(m, a, w.clone()).float()
+        else:
+            w = w + m.get_delta_weight(a).float()
+    return w
+
+
+def _module_weights(model: nn.Module) -> Dict[str, _Weight]:
+    """name -> the weight the module computes with (stored orientation)."""
     from .layer import SORSALinear
-    out: Dict[str, Callable[[], torch.Tensor]] = {}
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft is optional
+        BaseTunerLayer = ()
+    out: Dict[str, _Weight] = {}
     covered = set()
     for mname, mod in model.named_modules():
         prefix = f"{mname}." if mname else ""
         if isinstance(mod, SORSALinear):
-            out[_clean(prefix + "weight")] = (lambda m=mod: m.effective_weight().T if m.fan_in_fan_out
-                                              else m.effective_weight())
+            out[_clean(prefix + "weight")] = _Weight(
+                mod.weight.shape, lambda m=mod: m.effective_weight().T if m.fan_in_fan_out else m.effective_weight())
             covered.update(prefix + p for p in ("weight", "sorsa_A", "sorsa_S", "sorsa_B"))
         elif all(hasattr(mod, a) for a in ("sorsa_A", "sorsa_S", "sorsa_B", "weight")) and hasattr(mod, "scale"):
-            # sorsa 1.0.1's layer: weight is W_r while unmerged
-            def ref(m=mod):
+            def ref(m=mod):  # sorsa 1.0.1's layer: weight is W_r while unmerged
                 w = m.weight.detach().float()
                 if getattr(m, "merged", False):
                     return w
                 return w + m.scale * (m.sorsa_B.float() * m.sorsa_S.float()) @ m.sorsa_A.float()
-            out[_clean(prefix + "weight")] = ref
+            out[_clean(prefix + "weight")] = _Weight(mod.weight.shape, ref)
             covered.update(prefix + p for p in ("weight", "sorsa_A", "sorsa_S", "sorsa_B"))
-        elif hasattr(mod, "get_base_layer") and hasattr(mod, "lora_A") and hasattr(mod, "get_delta_weight"):
-            def peft(m=mod):  # PEFT LoRA family: base weight + the active adapters' delta, unmerged
-                w = m.get_base_layer().weight.detach().float()
-                if not getattr(m, "merged", False) and not getattr(m, "disable_adapters", False):
-                    for a in m.active_adapters:
-                        if a in m.lora_A:
-                            w = w + m.get_delta_weight(a).float()
-                return w
-            out[_clean(prefix + "weight")] = peft
+        elif BaseTunerLayer and isinstance(mod, BaseTunerLayer):
+            base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else None
+            w = getattr(base, "weight", None)
+            linear_lora = (hasattr(mod, "lora_A") and len(getattr(mod, "lora_A", {})) > 0 and w is not None
+                           and w.dim() == 2 and not getattr(mod, "lora_embedding_A", None))
+            if not linear_lora:
+                raise ValueError(
+                    f"spectral_shift: {mname} is a PEFT {type(mod).__module__}.{type(mod).__name__} layer; only "
+                    "LoRA-family linear layers (LoRA, PiSSA, OLoRA, KaSA, DoRA) are read as the weight they compute "
+                    "with: call merge_and_unload() on the model first, or leave it out with names=")
+            out[_clean(prefix + "weight")] = _Weight(w.shape, lambda m=mod: _peft_weight(m))
             covered.update(n for n, _ in mod.named_parameters(prefix=mname))
     for pname, p in model.named_parameters():
-        if pname in covered or p.dim() != 2 or "lora_" in pname:
+        if pname in covered or p.dim() != 2 or not p.is_floating_point():
             continue
-        out.setdefault(_clean(pname), lambda p=p: p.detach())
+        out.setdefault(_clean(pname), _Weight(p.shape, lambda p=p: p.detach()))
     return out
 
 
-def _file_weights(path: str) -> Dict[str, Callable[[], torch.Tensor]]:
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else [path]
-    if os.path.isdir(path) and not files:
-        files = sorted(glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt")))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors, .bin or .pt weights in {path!r}")
-    out: Dict[str, Callable[[], torch.Tensor]] = {}
+_NOT_WEIGHTS = ("optimizer", "scheduler", "training_args", "rng_state", "trainer_state", "scaler")
+
+
+def _file_weights(path: str) -> Dict[str, _Weight]:
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:  # a .bin checkpoint folder: the model's shards only
+            files = sorted(f for f in glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
+                           if not os.path.basename(f).startswith(_NOT_WEIGHTS))
+    else:
+        files = [path]
+    if not files or not all(os.path.exists(f) for f in files):
+        raise FileNotFoundError(f"spectral_shift: no .safetensors, .bin or .pt weights at {path!r}")
+    out: Dict[str, _Weight] = {}
     for f in files:
         if f.endswith(".safetensors"):
             from safetensors import safe_open
             with safe_open(f, framework="pt") as fh:
-                for k in fh.keys():
-                    if len(fh.get_slice(k).get_shape()) == 2:
-                        out[_clean(k)] = (lambda f=f, k=k: _load_one(f, k))
+                keys = list(fh.keys())
+                _refuse_adapter_files(keys, f)
+                for k in keys:
+                    sl = fh.get_slice(k)
+                    if len(sl.get_shape()) == 2 and sl.get_dtype().startswith(("F", "BF")):
+                        out[_clean(k)] = _Weight(sl.get_shape(), (lambda f=f, k=k: _load_one(f, k)))
         else:
-            sd = torch.load(f, map_location="cpu", weights_only=True)
-            out.update(_dict_weights(sd))
+            out.update(_dict_weights(torch.load(f, map_location="cpu", weights_only=True), f))
     return out
 
 
@@ -107,12 +160,14 @@ def _load_one(f: str, k: str) -> torch.Tensor:
         return fh.get_tensor(k)
 
 
-def _dict_weights(sd: Dict[str, torch.Tensor]) -> Dict[str, Callable[[], torch.Tensor]]:
-    return {_clean(k): (lambda v=v: v) for k, v in sd.items() if isinstance(v, torch.Tensor) and v.dim() == 2}
+def _dict_weights(sd: Dict[str, torch.Tensor], where: str = "the state dict") -> Dict[str, _Weight]:
+    _refuse_adapter_files(sd.keys(), where)
+    return {_clean(k): _Weight(v.shape, lambda v=v: v) for k, v in sd.items()
+            if isinstance(v, torch.Tensor) and v.dim() == 2 and v.is_floating_point()}
 
 
-def weights_of(source: Source) -> Dict[str, Callable[[], torch.Tensor]]:
-    """name -> thunk returning that 2-D weight (loaded or computed only when called)."""
+def weights_of(source: Source) -> Dict[str, _Weight]:
+    """name -> the source's 2-D floating weights (shape known; values loaded or computed when asked)."""
     if isinstance(source, nn.Module):
         return _module_weights(source)
     if isinstance(source, dict):
@@ -150,6 +205,12 @@ def spectral_shift_naive(W0: torch.Tensor, W: torch.Tensor) -> Shift:
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
     ds, dd = shift_of(U0[None], S0[None], V0h.mT[None], U[None], S[None], Vh.mT[None])
     return float(ds), float(dd)
+
+
+def _values(w: torch.Tensor, name: str, side: str) -> torch.Tensor:
+    if w.device.type == "meta":
+        raise ValueError(f"spectral_shift: {side} weight {name} is on the meta device (it has no values)")
+    return w.detach().float()
 
 
 def _svd(W: torch.Tensor):
@@ -226,7 +287,16 @@ def spectral_shift(base: Source, tuned: Union[Source, Sequence[Source]], *, name
             problems.append(f"{tag} has {len(extra)} weight(s) the base lacks: {extra[:8]}")
     if problems:
         raise ValueError("spectral_shift: the models do not match:\n  - " + "\n  - ".join(problems))
-    shapes = {n: tuple(b[n]().shape) for n in sel}
+    problems = []
+    shapes = {n: b[n].shape for n in sel}
+    for i, t in enumerate(ts):
+        tag = f"tuned[{i}]" if many else "tuned"
+        bad = [f"{n}: {t[n].shape} in {tag}, {shapes[n]} in the base" for n in sel
+               if t[n].shape not in (shapes[n], shapes[n][::-1])]
+        if bad:
+            problems.append(f"{tag}: {len(bad)} weight(s) of another shape: " + "; ".join(bad[:8]))
+    if problems:
+        raise ValueError("spectral_shift: the models do not match:\n  - " + "\n  - ".join(problems))
     dev = torch.device(device) if device is not None else None
     results: List[Dict[str, Shift]] = [{} for _ in ts]
     groups: Dict[tuple, List[str]] = {}
@@ -236,29 +306,24 @@ def spectral_shift(base: Source, tuned: Union[Source, Sequence[Source]], *, name
         step = max(1, chunk_bytes // (4 * shape[0] * shape[1]))
         for s in range(0, len(group), step):
             chunk = group[s:s + step]
-            W0 = torch.stack([b[n]().detach() for n in chunk])
-            target = dev or (W0.device if W0.device.type != "meta" else torch.device("cpu"))
-            if W0.device.type == "meta":
-                raise ValueError(f"spectral_shift: base weight {chunk[0]} is on the meta device (no values)")
+            loads = [_values(b[n].load(), n, "base") for n in chunk]
+            target = dev or loads[0].device
+            W0 = torch.stack([w.to(target) for w in loads])
+            del loads
             U0, S0, V0 = _base_svd(chunk, W0, target, cache_dir)
             del W0
             for i, t in enumerate(ts):
-                mats = []
-                for n in chunk:
-                    w = t[n]().detach()
-                    if tuple(w.shape) != shape:
-                        if tuple(w.shape) == shape[::-1]:  # stored the other way round (Conv1D)
-                            w = w.T
-                        else:
-                            raise ValueError(f"spectral_shift: {n} has shape {tuple(w.shape)} in the tuned model, "
-                                             f"{shape} in the base")
-                    if w.device.type == "meta":
-                        raise ValueError(f"spectral_shift: tuned weight {n} is on the meta device (no values)")
-                    mats.append(w.to(target, torch.float32))
-                U, S, V = _svd(torch.stack(mats))
+                # a weight stored the other way round (GPT-2's Conv1D in one model, Linear in the
+                # other) is compared in the base's orientation; a square one cannot be told apart
+                W = torch.stack([_values(w if w.shape == shape else w.T, n, "tuned").to(target, torch.float32)
+                                 for n in chunk for w in (t[n].load(),)])
+                U, S, V = _svd(W)
+                del W
                 ds, dd = shift_of(U0, S0, V0, U, S, V)
+                del U, S, V
                 for n, a, c in zip(chunk, ds.tolist(), dd.tolist()):
                     results[i][n] = (a, c)
+            del U0, S0, V0
     return results if many else results[0]
 
 
@@ -276,15 +341,19 @@ class SpectralTracker:
         ...; tracker.record(step)
         tracker.write("shift.json", plot="shift.png")
 
-    ``base`` (default: the model's weights at construction, copied to the CPU) is any source
-    :func:`spectral_shift` takes."""
+    ``base`` (default: the model's weights at construction, copied to the CPU in float32: for a
+    large model pass ``names=`` or a base on disk) is any source :func:`spectral_shift` takes.
+    ``cache_dir`` keeps the base's SVD on disk, so each record decomposes only the model."""
 
     def __init__(self, model: nn.Module, base: Optional[Source] = None, *, names=None,
-                 device: Union[str, torch.device, None] = None):
-        self.model, self.names, self.device = model, names, device
+                 device: Union[str, torch.device, None] = None, cache_dir: Optional[str] = None):
+        first = next(model.parameters(), None)
+        self.model, self.names, self.cache_dir = model, names, cache_dir
+        # the SVDs run where the model is (the base copy waits on the CPU)
+        self.device = device if device is not None else (first.device if first is not None else None)
         if base is None:
             w = weights_of(model)
-            base = {n: w[n]().detach().float().cpu().clone() for n in _select(w, names)}
+            base = {n: w[n].load().detach().float().cpu().clone() for n in _select(w, names)}
         self.base = base
         self.steps: List[int] = []
         self.results: List[Dict[str, Shift]] = []
@@ -292,7 +361,7 @@ class SpectralTracker:
     @torch.no_grad()
     def record(self, step: int) -> Dict[str, Shift]:
         """ΔΣ, ΔD of every selected weight now; kept with ``step``."""
-        r = spectral_shift(self.base, self.model, names=self.names, device=self.device)
+        r = spectral_shift(self.base, self.model, names=self.names, device=self.device, cache_dir=self.cache_dir)
         self.steps.append(int(step))
         self.results.append(r)
         return r
@@ -320,13 +389,13 @@ def trajectory_json(base: str, labels: Sequence[str], results: Sequence[Dict[str
 def plot_shift(runs: Sequence[dict], path: str, titles: Optional[Sequence[str]] = None) -> str:
     """The paper's figure: one panel per run (a :func:`trajectory_json` dict), every layer a point
     (ΔΣ, ΔD) per checkpoint coloured by order, the mean as a thick path from the origin."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
+    fig = Figure(figsize=(5 * len(runs), 4))
+    axes = fig.subplots(1, len(runs), squeeze=False)
+    cmap = colormaps["viridis"]
     for k, (ax, run) in enumerate(zip(axes[0], runs)):
         cps = run["checkpoints"]
-        cmap = plt.get_cmap("viridis")
         for i, cp in enumerate(cps):
             xs = [v["delta_sigma"] for v in cp["layers"].values()]
             ys = [v["delta_d"] for v in cp["layers"].values()]
@@ -340,7 +409,6 @@ def plot_shift(runs: Sequence[dict], path: str, titles: Optional[Sequence[str]] 
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -348,17 +416,24 @@ def SpectralShiftCallback(every: int, *, names=None, base: Optional[Source] = No
                           plot: Optional[str] = None, device: Union[str, torch.device, None] = None):
     """A ``transformers.TrainerCallback`` recording ΔΣ/ΔD every ``every`` steps (and at the end):
     the mean goes to the Trainer's logs (``spectral_delta_sigma``, ``spectral_delta_d``), the
-    trajectory to ``callback.tracker`` and, at the end of training, to ``json_path`` / ``plot``."""
+    trajectory to ``callback.tracker`` and, at the end of training, to ``json_path`` / ``plot``.
+
+    The base defaults to the model's weights when training begins: when resuming from a
+    checkpoint, pass the pre-trained weights as ``base``. Under DDP only the main process
+    records (every rank holds the same weights); sharded models (ZeRO-3, FSDP) are not supported."""
     from transformers import TrainerCallback
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be an int >= 1, got {every!r}")
+    if plot:
+        import matplotlib  # noqa: F401  (fail now, not after training)
 
     class _Callback(TrainerCallback):
         def __init__(self):
             self.tracker: Optional[SpectralTracker] = None
 
         def on_train_begin(self, args, state, control, model=None, **kw):
-            self.tracker = SpectralTracker(model, base=base, names=names, device=device)
+            if state.is_world_process_zero:
+                self.tracker = SpectralTracker(model, base=base, names=names, device=device)
 
         def _record(self, state):
             r = self.tracker.record(state.global_step)

@@ -118,7 +118,11 @@ def analyze(a: argparse.Namespace) -> int:
     from . import analysis
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    results = analysis.spectral_shift(a.base, list(a.tuned), names=a.names, device=dev, cache_dir=a.cache)
+    try:
+        results = analysis.spectral_shift(a.base, list(a.tuned), names=a.names, device=dev, cache_dir=a.cache)
+    except (ValueError, FileNotFoundError, TypeError) as exc:  # the user's input: say it, no traceback
+        print(f"sorsa-kernels analyze: {exc}", file=sys.stderr)
+        return 2
     out = analysis.trajectory_json(a.base, list(a.tuned), results)
     print(f"{'checkpoint':<48} {'layers':>6} {'mean ΔΣ':>12} {'mean ΔD':>12}")
     for cp in out["checkpoints"]:

@@ -126,8 +126,9 @@ def test_mismatched_models_are_listed_in_one_clear_error():
         sk.spectral_shift(base, tuned)
     base2, tuned2 = _pair()
     tuned2["layers.1.weight"] = torch.randn(5, 5)
-    with pytest.raises(ValueError, match=r"layers\.1\.weight has shape \(5, 5\)"):
-        sk.spectral_shift(base2, tuned2)
+    tuned2["layers.2.weight"] = torch.randn(4, 4)
+    with pytest.raises(ValueError, match=r"2 weight\(s\) of another shape: layers\.1\.weight: \(5, 5\).*layers\.2"):
+        sk.spectral_shift(base2, tuned2)  # every mismatch in one error, before any SVD
     with pytest.raises(ValueError, match="no 2-D weight of the base matches"):
         sk.spectral_shift(base2, tuned2, names=["nope"])
     with pytest.raises(TypeError, match="a source must be"):
@@ -135,6 +136,47 @@ def test_mismatched_models_are_listed_in_one_clear_error():
     meta = {k: v.to("meta") for k, v in base.items()}
     with pytest.raises(ValueError, match="meta device"):
         sk.spectral_shift(meta, base)
+
+
+def test_adapter_checkpoints_and_unsupported_peft_layers_get_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+    base, _ = _pair()
+    m = sk.apply_sorsa(nn.Sequential(nn.Linear(16, 24)), ["0"], r=2)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "sorsa.safetensors"))
+    with pytest.raises(ValueError, match=r"holds adapter factors .*sk\.load_adapter"):
+        sk.spectral_shift(str(tmp_path / "sorsa.safetensors"), str(tmp_path / "sorsa.safetensors"))
+    peft = pytest.importorskip("peft")
+    emb = nn.Module()
+    emb.e = nn.Embedding(10, 8)
+    emb.q = nn.Linear(8, 8)
+    pm = peft.get_peft_model(copy.deepcopy(emb), peft.LoraConfig(r=2, target_modules=["e", "q"]))
+    with pytest.raises(ValueError, match=r"is a PEFT .*Embedding layer.*merge_and_unload"):
+        sk.spectral_shift(emb, pm)
+
+
+@pytest.mark.parametrize("variant", ["kasa", "dora"])
+def test_peft_variants_are_read_as_the_weight_their_forward_uses(variant):
+    """KaSA's diag and DoRA's magnitude are not in get_delta_weight: the weight must be the one the
+    layer's forward computes with (checked by running the layer on the identity)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(24, 40, bias=False))
+    kw = dict(use_dora=True) if variant == "dora" else {}
+    if variant == "kasa":
+        if not hasattr(peft, "KasaConfig"):
+            pytest.skip("this peft has no KaSA")
+        kw = dict(kasa_config=peft.KasaConfig())
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], **kw))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    layer = pm.base_model.model[0]
+    with torch.no_grad():
+        W_forward = layer(torch.eye(24)).T  # the layer's output on the basis vectors: its weight
+    got = sk.spectral_shift(base, pm)["0.weight"]
+    want = sk.spectral_shift(base, {"0.weight": W_forward})["0.weight"]
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
 def test_chunking_gives_the_same_numbers():
