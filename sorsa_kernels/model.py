@@ -135,6 +135,15 @@ def apply_sorsa(
             f"target_modules={targets!r} matched no nn.Linear in the model (match={match!r}); "
             f"its linear layers are: {linears[:20]}{' ...' if len(linears) > 20 else ''}"
         )
+    if not isinstance(target_modules, str) and len(targets) > 1:
+        # a typo in one of several targets (["q_proj", "v_prj"]) must not pass as "q_proj only"
+        names = [n for n, _ in model.named_modules() if n]
+        unmatched = [t for t in targets if not any(target_matcher([t], match)(n) for n in names)]
+        if unmatched:
+            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
+            raise ValueError(
+                f"target_modules entries {unmatched} match no module of the model (match={match!r}); the others "
+                f"do. Its linear layers are: {linears[:20]}{' ...' if len(linears) > 20 else ''}")
     if skipped:
         warnings.warn(f"apply_sorsa: target_modules also matched modules that are not nn.Linear/Conv1D; "
                       f"skipped: {skipped[:20]}{' ...' if len(skipped) > 20 else ''}", UserWarning, stacklevel=2)

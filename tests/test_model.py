@@ -93,6 +93,15 @@ def test_state_dict_round_trip_whole_model():
     torch.testing.assert_close(m2(x), m(x))
 
 
+@pytest.mark.parametrize("match", ["substring", "peft"])
+def test_a_typo_in_one_target_is_an_error_not_a_silent_partial_conversion(match):
+    m = model()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError, match=r"entries \['v_prj'\] match no module .*the others do"):
+        sk.apply_sorsa(m, ["q_proj", "v_prj"], r=2, match=match)
+    assert not list(sk.sorsa_layers(m)) and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
 def test_no_match_is_an_error():
     with pytest.raises(ValueError, match="target_modules.*matched no nn.Linear"):
         sk.apply_sorsa(model(), ["nonexistent"], r=2)
