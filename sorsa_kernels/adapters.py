@@ -33,10 +33,11 @@ import torch
 import torch.nn as nn
 
 from .init import adapters_from_factors
-from .layer import SORSAConv1D, SORSALinear, is_conv1d
+from . import checkpoints
+from .checkpoints import CONFIG_FILE, HF_ADAPTER_FILE
+from .layer import SORSAConv1D, SORSALinear, is_conv1d, named_sorsa_layers
 
 ADAPTER_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "sorsa_config.json"
 FORMAT = "sorsa-kernels-adapter/1"
 _PARTS = ("sorsa_A", "sorsa_S", "sorsa_B")
 _INIT_PARTS = ("sorsa_A0", "sorsa_S0", "sorsa_B0")
@@ -106,43 +107,32 @@ def _base_weight(mod: nn.Module) -> torch.Tensor:
     return mod.weight.detach().T if is_conv1d(mod) else mod.weight.detach()
 
 
-def named_sorsa_layers(model: nn.Module) -> List[Tuple[str, SORSALinear]]:
-    """``(name, layer)`` for every SORSA layer with r ≥ 1 (each once, under its first name)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SORSALinear) and m.r > 0]
-
-
 def _uniform(values):
     values = list(values)
     return values[0] if values and all(v == values[0] for v in values) else None
 
 
-def save_adapter(model: nn.Module, path: str) -> None:
-    """Write the adapters of ``model`` to the directory ``path`` (created if needed): see the
-    module docstring for the format. Raises ``ValueError`` when the model has no SORSA layer or a
-    layer's initial adapter is unknown (needed to recompute ``W_r`` on load)."""
-    from safetensors.torch import save_file
-
+def _layers_or_raise(model: nn.Module, what: str) -> List[Tuple[str, SORSALinear]]:
     layers = named_sorsa_layers(model)
     if not layers:
-        raise ValueError("save_adapter: the model has no SORSA layer with r >= 1 (apply_sorsa first)")
+        raise ValueError(f"{what}: the model has no SORSA layer with r >= 1 (apply_sorsa first)")
     unknown = [n for n, m in layers if m.initial_adapter() is None]
     if unknown:
-        raise ValueError(f"save_adapter: the initial adapter of {unknown} is unknown (weights were loaded "
+        raise ValueError(f"{what}: the initial adapter of {unknown} is unknown (weights were loaded "
                          f"from a state dict), so W_r could not be recomputed on load; load adapters with "
                          f"sk.load_adapter instead of load_state_dict")
-    tensors: Dict[str, torch.Tensor] = {}
+    return layers
+
+
+def adapter_config(model: nn.Module) -> dict:
+    """The ``sorsa_config.json`` content for the SORSA layers of ``model`` (see the module docstring)."""
     per_layer = {}
-    for name, m in layers:
-        for part, t in zip(_PARTS + _INIT_PARTS, (m.sorsa_A, m.sorsa_S, m.sorsa_B) + m.initial_adapter()):
-            tensors[f"{name}.{part}"] = t.detach().to("cpu").contiguous().clone()
-        bias_trained = m.bias is not None and m.bias.requires_grad
-        if bias_trained:
-            tensors[f"{name}.bias"] = m.bias.detach().to("cpu").contiguous().clone()
+    for name, m in _layers_or_raise(model, "save_adapter"):
         per_layer[name] = {
             "kind": "conv1d" if m.fan_in_fan_out else "linear",
             "in_features": m.in_features, "out_features": m.out_features,
             "r": m.r, "alpha": m.alpha, "dropout": m.dropout, "bias": m.bias is not None,
-            "bias_trained": bias_trained, "merge_weights": m.merge_weights,
+            "bias_trained": m.bias is not None and m.bias.requires_grad, "merge_weights": m.merge_weights,
             "weight_dtype": _dtype_name(m.weight.dtype), "adapter_dtype": _dtype_name(m.sorsa_A.dtype),
             "init": m.init_config,
             "base_fingerprint": base_fingerprint(m.original_weight()),
@@ -150,11 +140,11 @@ def save_adapter(model: nn.Module, path: str) -> None:
     from ._version import __version__
 
     lv = list(per_layer.values())
-    config = {
+    return {
         "format": FORMAT,
         "library": "sorsa-kernels",
         "library_version": __version__,
-        "target_modules": [n for n, _ in layers],
+        "target_modules": list(per_layer),
         "match": "peft",
         "r": _uniform(v["r"] for v in lv),
         "alpha": _uniform(v["alpha"] for v in lv),
@@ -164,6 +154,21 @@ def save_adapter(model: nn.Module, path: str) -> None:
         "adapter_dtype": _uniform(v["adapter_dtype"] for v in lv),
         "layers": per_layer,
     }
+
+
+def save_adapter(model: nn.Module, path: str) -> None:
+    """Write the adapters of ``model`` to the directory ``path`` (created if needed): see the
+    module docstring for the format. Raises ``ValueError`` when the model has no SORSA layer or a
+    layer's initial adapter is unknown (needed to recompute ``W_r`` on load)."""
+    from safetensors.torch import save_file
+
+    config = adapter_config(model)
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, m in _layers_or_raise(model, "save_adapter"):
+        for part, t in zip(_PARTS + _INIT_PARTS, (m.sorsa_A, m.sorsa_S, m.sorsa_B) + m.initial_adapter()):
+            tensors[f"{name}.{part}"] = t.detach().to("cpu").contiguous().clone()
+        if config["layers"][name]["bias_trained"]:
+            tensors[f"{name}.bias"] = m.bias.detach().to("cpu").contiguous().clone()
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, ADAPTER_FILE), metadata={"format": FORMAT})
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
@@ -175,6 +180,8 @@ def read_adapter(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     cfg_path, ten_path = os.path.join(path, CONFIG_FILE), os.path.join(path, ADAPTER_FILE)
+    if not os.path.isfile(ten_path) and os.path.isfile(os.path.join(path, HF_ADAPTER_FILE)):
+        ten_path = os.path.join(path, HF_ADAPTER_FILE)  # a Trainer checkpoint saved with save="adapter"
     for p in (cfg_path, ten_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p} not found: path must be a directory written by sk.save_adapter")
@@ -262,8 +269,14 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> nn.Mod
     extra = [n for n, _ in named_sorsa_layers(model) if n not in specs]
     if extra:
         problems.append(f"SORSA layers {extra} of the model are not in the adapter")
+    trainable = config.get("trainable", [])  # other trained parameters (adapter-only Trainer checkpoints)
+    params = dict(model.named_parameters())
+    for k in trainable:
+        if k not in tensors or k not in params or tuple(params[k].shape) != tuple(tensors[k].shape):
+            problems.append(f"{k}: a trained parameter of the checkpoint, missing or of another shape in the "
+                            f"{'model' if k in tensors else 'file'}")
     known = {f"{n}.{p}" for n in specs for p in _PARTS + _INIT_PARTS} | {
-        f"{n}.bias" for n, s in specs.items() if s.get("bias_trained")}
+        f"{n}.bias" for n, s in specs.items() if s.get("bias_trained")} | set(trainable)
     unexpected = sorted(set(tensors) - known)
     if unexpected:
         problems.append(f"unexpected tensors in {ADAPTER_FILE}: {unexpected[:20]}")
@@ -311,6 +324,8 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> nn.Mod
             W_r, A0, S0, B0 = adapters_from_factors(W, B0, S0, A0, layer.scale, layer.weight.dtype, adt)
         plan.append((name, mod, layer, new, W_r, (A0, S0, B0), tuple(t.to(dev, adt) for t in (A, S, B)), spec))
 
+    for k in trainable:
+        params[k].data = tensors[k].to(params[k].device, params[k].dtype)
     for name, mod, layer, new, W_r, init, cur, spec in plan:
         was_merged = layer.merged
         layer._merge(False)
@@ -328,4 +343,5 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> nn.Mod
             for full in sites:
                 parent, _, attr = full.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, attr, layer)
+    checkpoints.install(model, adapter_config)  # transformers' save_pretrained must not write W_r alone
     return model

@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,10 @@ from .ops.linear import sorsa_linear
 from .ops.rsvd import check_options as check_rsvd_options, rsvd
 
 _INIT_NAMES = ("sorsa_A0", "sorsa_S0", "sorsa_B0")
+#: in a transformers checkpoint (:mod:`sorsa_kernels.checkpoints`): ``weight`` holds the merged weight
+MERGED_KEY = "sorsa_merged"
+#: state-dict keys only checkpoints carry (the layer's own state dict stays sorsa 1.0.1's)
+CHECKPOINT_KEYS = (MERGED_KEY,) + _INIT_NAMES
 
 
 def check_alpha(alpha: Optional[float]) -> Optional[float]:
@@ -331,17 +335,78 @@ class SORSALinear(nn.Module):
         was_merged = self.merged
         if was_merged and self.r > 0:
             self._merge(False)
-        new_w = state_dict.get(prefix + "weight")
-        # the state dict holds W_r: the initial adapter still applies only if W_r is unchanged
-        same_w = (isinstance(new_w, torch.Tensor) and new_w.shape == self.weight.shape
-                  and not self.weight.is_meta and not new_w.is_meta
-                  and torch.equal(new_w.to(self.weight.device, self.weight.dtype), self.weight))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if self.r > 0 and new_w is not None and not same_w:
-            self._forget_initial()
+        extra = {n: state_dict.get(prefix + n) for n in CHECKPOINT_KEYS}
+        if self.r > 0 and any(v is not None for v in extra.values()):
+            self._load_checkpoint_form(state_dict, prefix, extra, local_metadata, missing_keys,
+                                       unexpected_keys, error_msgs)
+        else:
+            new_w = state_dict.get(prefix + "weight")
+            # the state dict holds W_r: the initial adapter still applies only if W_r is unchanged
+            same_w = (isinstance(new_w, torch.Tensor) and new_w.shape == self.weight.shape
+                      and not self.weight.is_meta and not new_w.is_meta
+                      and torch.equal(new_w.to(self.weight.device, self.weight.dtype), self.weight))
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            if self.r > 0 and new_w is not None and not same_w:
+                self._forget_initial()
         if was_merged:
             self._merge(True)
+
+    @torch.no_grad()
+    def _load_checkpoint_form(self, state_dict, prefix, extra, local_metadata, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        """Load a layer written by :mod:`sorsa_kernels.checkpoints` (transformers checkpoints):
+        ``weight`` is the merged ``W_r + scale·B·diag(S)·A`` when ``sorsa_merged`` is present (so
+        stock ``from_pretrained`` gets the tuned model), absent in adapter-only files; the initial
+        adapter ``sorsa_A0/S0/B0`` comes along. ``W_r`` is kept bit for bit when this layer was
+        initialised like the saved one (same initial adapter: a resume), else recovered from the
+        merged weight (one rounding of the weight dtype)."""
+        merged_form = extra[MERGED_KEY] is not None
+        own = {k: v for k, v in state_dict.items()
+               if k[len(prefix):] not in CHECKPOINT_KEYS and not (merged_form and k == prefix + "weight")}
+        super()._load_from_state_dict(own, prefix, local_metadata, True, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if merged_form and prefix + "weight" in missing_keys:
+            missing_keys.remove(prefix + "weight")  # present, in merged form
+        init0 = tuple(extra[n] for n in _INIT_NAMES)
+        init0 = None if any(t is None for t in init0) else init0
+        cur0 = self.initial_adapter()
+        same_init = (init0 is not None and cur0 is not None and not self.weight.is_meta and all(
+            c.shape == t.shape and torch.equal(c, t.to(c.device, c.dtype)) for c, t in zip(cur0, init0)))
+        name = prefix[:-1] or type(self).__name__
+        merged = state_dict.get(prefix + "weight") if merged_form else None
+        if merged is not None:
+            if tuple(merged.shape) != tuple(self.weight.shape):
+                error_msgs.append(f"size mismatch for {prefix}weight: {tuple(merged.shape)} in the checkpoint, "
+                                  f"{tuple(self.weight.shape)} in the model")
+                return
+            d = self._delta()
+            W = merged.to(self.weight.device, d.dtype)
+            W = W.T if self.fan_in_fan_out else W
+            if same_init:  # a resume: W_r is this layer's own; the merged weight must agree with it
+                u = max(torch.finfo(merged.dtype).eps, torch.finfo(self.weight.dtype).eps)
+                err = float((W - (self.w.to(d.dtype) + d)).abs().max()) if W.numel() else 0.0
+                if not err <= 2 * u * float(W.abs().max()) + 1e-30:
+                    error_msgs.append(f"{name}: the checkpoint's merged weight differs from this layer's W_r + "
+                                      f"adapter by {err:.3g} although both started from the same initial "
+                                      f"adapter: the checkpoint was trained from other base weights")
+                return
+            self._set_w((W - d).to(self.weight.dtype))
+            if init0 is not None:
+                self._record_initial(*(t.to(self.sorsa_A.device, self.sorsa_A.dtype) for t in init0))
+            else:
+                self._forget_initial()
+            # one message for all layers: the warnings filter shows it once per process
+            warnings.warn("SORSA layers' W_r recovered from a checkpoint's merged weights (equal to the trained "
+                          "model within one rounding of the weight dtype); for a bit-exact resume, build the "
+                          "model with apply_sorsa on the same base and settings before loading",
+                          UserWarning, stacklevel=4)
+        elif init0 is not None and not same_init:
+            why = ("this layer's initial adapter is unknown" if cur0 is None
+                   else "this layer was initialised differently (other base weights, rank or init settings)")
+            error_msgs.append(f"{name}: an adapter-only checkpoint, but {why}: its W_r would not be the one the "
+                              f"adapters were trained with; build the model with apply_sorsa on the same base "
+                              f"and settings, or use sk.load_adapter on the base model")
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -383,3 +448,8 @@ class SORSAConv1D(SORSALinear):
                     init: Optional[str] = "svd", **kwargs) -> "SORSAConv1D":
         """Same as :meth:`SORSALinear.from_linear` for a transformers ``Conv1D``."""
         return cls.from_linear(conv, r, alpha=alpha, dropout=dropout, init=init, **kwargs)
+
+
+def named_sorsa_layers(model: nn.Module) -> List[Tuple[str, SORSALinear]]:
+    """``(name, layer)`` for every SORSA layer with r ≥ 1 (each once, under its first name)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SORSALinear) and m.r > 0]

@@ -10,6 +10,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 import torch.nn as nn
 
 from ._validate import check_dropout_p, check_finite, check_float, check_rank
+from . import checkpoints
+from .adapters import adapter_config
 from .init import DEFAULT_CHUNK_BYTES, init_layers
 from .layer import SORSAConv1D, SORSALinear, _check_init_args, check_alpha, is_conv1d
 
@@ -166,6 +168,7 @@ def apply_sorsa(
         for parent, attr, old in sites:  # the old modules were never modified: put them back
             setattr(parent, attr, old)
         raise
+    checkpoints.install(model, adapter_config)  # transformers' save_pretrained must not write W_r alone
     return model
 
 

@@ -11,29 +11,76 @@ schedule).
 """
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import List, Optional
 
 import torch
+import torch.nn as nn
 
+from . import checkpoints
+from .adapters import adapter_config
+from .layer import named_sorsa_layers
 from .regularizer import check_gamma, orthonormal_grad_
 
 
-def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto", lr: str = "current"):
+def trainable_non_adapters(model: nn.Module) -> List[str]:
+    """Names of trainable parameters that are not SORSA adapters (e.g. embeddings, norms, lm_head
+    left trainable after ``apply_sorsa``; trained biases of SORSA layers count too)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and "sorsa_" not in n]
+
+
+def warn_trainable_non_adapters(model: nn.Module, who: str) -> None:
+    """Warn (once per call site) when ``model`` has SORSA layers and other trainable parameters."""
+    names = trainable_non_adapters(model)
+    if not names or not named_sorsa_layers(model):
+        return
+    params = dict(model.named_parameters())
+    n_other = sum(params[n].numel() for n in names)
+    total = sum(p.numel() for p in model.parameters())
+    warnings.warn(f"{who}: {len(names)} parameter tensors besides the SORSA adapters are trainable "
+                  f"({n_other:,d} values, {100 * n_other / max(total, 1):.1f}% of the model: "
+                  f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) and will be trained; call "
+                  f"sk.mark_only_sorsa_trainable(model) before training if that is not intended",
+                  UserWarning, stacklevel=3)
+
+
+def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto", lr: str = "current",
+                  save: Optional[str] = None, warn_trainable: bool = True):
     """A ``transformers.TrainerCallback`` applying the regularizer at the Trainer's
     pre-optimizer-step event (after clipping). ``lr="current"`` (default): the scheduler's
     current learning rate; ``lr="initial"``: ``args.learning_rate``, as sorsa 1.0.1's
     Trainer does. Imports transformers only when called. The last value (a 0-d tensor) is
-    on ``callback.last_value``."""
+    on ``callback.last_value``.
+
+    ``save``: the form of every checkpoint the Trainer writes (``save_model`` and periodic
+    ones; see :mod:`sorsa_kernels.checkpoints`): ``"full"`` (the default of SORSA models:
+    merged weights that any ``from_pretrained`` loads, plus what a resume needs),
+    ``"merged"`` (merged weights only) or ``"adapter"`` (adapter-only, like PEFT); None keeps
+    the model's setting. ``warn_trainable``: warn at the start of training when parameters
+    other than the adapters are trainable (embeddings, norms, ``lm_head`` after ``apply_sorsa``
+    without :func:`sorsa_kernels.mark_only_sorsa_trainable`)."""
     from transformers import TrainerCallback
 
     gamma = check_gamma(gamma)
     if lr not in ("current", "initial"):
         raise ValueError(f"lr must be 'current' or 'initial', got {lr!r}")
+    if save is not None:
+        checkpoints.check_format(save)
 
     class _SORSACallback(TrainerCallback):
         def __init__(self):
             self.gamma, self.squared, self.backend, self.lr_mode = gamma, squared, backend, lr
             self.last_value: Optional[torch.Tensor] = None
+
+        def on_init_end(self, args, state, control, model=None, **kw):
+            if model is not None:
+                checkpoints.install(model, adapter_config, save)
+            return control
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            if model is not None and warn_trainable and state.is_world_process_zero:
+                warn_trainable_non_adapters(model, "SORSACallback")
+            return control
 
         def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
             if self.lr_mode == "initial":

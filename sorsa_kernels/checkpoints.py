@@ -1,0 +1,170 @@
+"""transformers checkpoints of models holding SORSA layers: ``save_pretrained``,
+``Trainer.save_model`` and the Trainer's periodic checkpoints.
+
+A SORSA layer's own state dict is sorsa 1.0.1's (``weight`` = ``W_r``), so a transformers
+checkpoint written from it reloads *silently wrong* with the stock ``from_pretrained`` (``W_r``
+alone). :func:`install` (called by :func:`sorsa_kernels.apply_sorsa`, :func:`sorsa_kernels.load_adapter`
+and the Trainer callbacks) gives a ``transformers.PreTrainedModel`` a ``save_pretrained`` that
+writes one of three forms — everything transformers writes goes through it:
+
+* ``"full"`` (default): ``weight`` = the merged ``W_r + scale·B·diag(S)·A`` in the weight dtype,
+  so any ``from_pretrained`` (transformers, vLLM, ...) gets the fine-tuned model (it lists the
+  extra ``sorsa_*`` keys as unused); plus the adapters, the initial adapter and a
+  ``sorsa_merged`` marker, so ``Trainer(resume_from_checkpoint=…)`` restores the SORSA model:
+  bit-exactly when the model was built the same way (same base, ``apply_sorsa`` settings).
+* ``"merged"``: the merged weights only — a plain model for deployment.
+* ``"adapter"``: the adapters (current and initial), trainable biases and every other trainable
+  parameter, like PEFT's adapter checkpoints: ``model.safetensors`` (the name the Trainer's
+  resume loads), ``sorsa_config.json`` (:func:`sorsa_kernels.load_adapter` reads both) and a
+  ``config.json`` made so that the stock ``from_pretrained`` stops with a message saying what
+  the directory is (see :func:`poisoned_config`). The Trainer resumes from it onto a model built
+  from the base with ``apply_sorsa``.
+
+Choose per call (``model.save_pretrained(path, sorsa_format="merged")``) or for a whole run
+(``SORSACallback(gamma, save="adapter")``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from .layer import _INIT_NAMES, MERGED_KEY, named_sorsa_layers
+
+#: the tensors' file of an adapter-only checkpoint: the name the Trainer loads on resume
+HF_ADAPTER_FILE = "model.safetensors"
+#: written beside it: :func:`sorsa_kernels.adapters.adapter_config` (``sk.load_adapter`` reads both)
+CONFIG_FILE = "sorsa_config.json"
+ConfigFn = Callable[[nn.Module], dict]
+
+FORMATS = ("full", "merged", "adapter")
+_ATTR = "_sorsa_save_format"
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"sorsa_format must be one of {FORMATS}, got {fmt!r}")
+    return fmt
+
+
+def is_pretrained_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``transformers.PreTrainedModel`` (never imports transformers)."""
+    tf = sys.modules.get("transformers")
+    return tf is not None and isinstance(model, getattr(tf, "PreTrainedModel", ()))
+
+
+@torch.no_grad()
+def checkpoint_state_dict(model: nn.Module, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                          fmt: str = "full") -> Dict[str, torch.Tensor]:
+    """The state dict a checkpoint of form ``fmt`` stores (see the module docstring), built from
+    ``state_dict`` (default: ``model.state_dict()``; a gathered one under FSDP / DeepSpeed) and the
+    model's SORSA layers (scale, initial adapter)."""
+    check_format(fmt)
+    sd = dict(model.state_dict() if state_dict is None else state_dict)
+    layers = named_sorsa_layers(model)
+    keep = set()
+    for name, m in layers:
+        p = name + "."
+        if p + "sorsa_A" not in sd:
+            continue  # not in this (partial) state dict
+        A, S, B, W_r = (sd[p + k] for k in ("sorsa_A", "sorsa_S", "sorsa_B", "weight"))
+        init = m.initial_adapter()
+        if fmt != "merged":
+            keep.update(p + k for k in ("sorsa_A", "sorsa_S", "sorsa_B"))
+            if init is not None:
+                sd.update({p + n: t.detach() for n, t in zip(_INIT_NAMES, init)})
+                keep.update(p + n for n in _INIT_NAMES)
+        if fmt != "adapter":
+            work = torch.float64 if W_r.dtype == torch.float64 else torch.float32
+            d = m.scale * (B.to(W_r.device, work) * S.to(W_r.device, work)) @ A.to(W_r.device, work)
+            d = d.T if m.fan_in_fan_out else d
+            sd[p + "weight"] = (W_r.to(work) + d).to(W_r.dtype)
+        if fmt == "full":
+            sd[p + MERGED_KEY] = torch.ones((), dtype=torch.uint8)
+        elif fmt == "merged":
+            for k in ("sorsa_A", "sorsa_S", "sorsa_B"):
+                sd.pop(p + k)
+    if fmt == "adapter":
+        keep.update(n for n, prm in model.named_parameters() if prm.requires_grad and "sorsa_" not in n)
+        sd = {k: v for k, v in sd.items() if k in keep}
+    return sd
+
+
+def save_pretrained_sorsa(model: nn.Module, save_directory: str, *args, sorsa_format: Optional[str] = None,
+                          config_fn: ConfigFn, **kwargs) -> None:
+    """``PreTrainedModel.save_pretrained`` writing the ``sorsa_format`` form (default: the model's,
+    set by ``SORSACallback(save=…)``, else ``"full"``); other arguments are transformers'.
+    ``config_fn`` builds the adapter config (passed in: the adapter format's home imports this one)."""
+    fmt = check_format(sorsa_format or getattr(model, _ATTR, "full"))
+    sd = checkpoint_state_dict(model, kwargs.pop("state_dict", None), fmt)
+    if fmt != "adapter":
+        type(model).save_pretrained(model, save_directory, *args, state_dict=sd, **kwargs)
+        return
+    if args or kwargs.get("push_to_hub"):
+        raise ValueError("save_pretrained(sorsa_format='adapter') takes only save_directory and is_main_process "
+                         "(no push_to_hub)")
+    if not kwargs.get("is_main_process", True):
+        return
+    from safetensors.torch import save_file
+
+    os.makedirs(save_directory, exist_ok=True)
+    cfg = config_fn(model)
+    own = {f"{n}.{part}" for n, _ in named_sorsa_layers(model)
+           for part in ("sorsa_A", "sorsa_S", "sorsa_B", "bias") + _INIT_NAMES}
+    cfg["trainable"] = sorted(k for k in sd if k not in own)  # e.g. an unfrozen lm_head
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()},  # clone: tied weights
+              os.path.join(save_directory, HF_ADAPTER_FILE), metadata={"format": "pt"})
+    with open(os.path.join(save_directory, CONFIG_FILE), "w") as f:
+        json.dump(cfg, f, indent=2)
+    with open(os.path.join(save_directory, "config.json"), "w") as f:
+        json.dump(poisoned_config(model), f, indent=2)
+
+
+NOT_A_MODEL = ("NOT A MODEL: a sorsa-kernels adapter-only checkpoint; load it with "
+               "sk.load_adapter(base_model, path) or resume a Trainer from it")
+
+
+def poisoned_config(model: nn.Module) -> dict:
+    """The model's config with its layer count and weight tying replaced by :data:`NOT_A_MODEL`.
+
+    Without a config.json, ``LlamaForCausalLM.from_pretrained(path)`` builds the class's default
+    config (a 7B model) and fills it with random weights; with the true one, a model with random
+    base weights. Both are silently wrong, so these fields are poisoned: transformers' config
+    validation (or, before 5.0, model construction) stops with the message above, while the
+    Trainer's resume (which reads only the version) still works."""
+    cfg = model.config.to_dict() if hasattr(model, "config") else {}
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "tie_word_embeddings"):
+        if key in cfg:
+            cfg[key] = NOT_A_MODEL
+    cfg["sorsa_kernels_checkpoint"] = "adapter"
+    return cfg
+
+
+def install(model: nn.Module, config_fn: ConfigFn, fmt: Optional[str] = None) -> bool:
+    """Give a ``transformers.PreTrainedModel`` holding SORSA layers the ``save_pretrained`` above
+    (idempotent; an instance attribute, so the class is untouched); ``fmt`` sets its default form.
+    Returns whether ``model`` is such a model."""
+    if not is_pretrained_model(model):
+        return False
+    if fmt is not None:
+        setattr(model, _ATTR, check_format(fmt))
+    if "save_pretrained" not in model.__dict__:
+        model.save_pretrained = _BoundSave(model, config_fn)
+    return True
+
+
+class _BoundSave:
+    """``model.save_pretrained`` bound to its model; picklable and deep-copyable by reference to
+    the model (a bound method of a function would also do, but keeps no docstring for ``help``)."""
+
+    __doc__ = save_pretrained_sorsa.__doc__
+
+    def __init__(self, model: nn.Module, config_fn: ConfigFn):
+        self.model, self.config_fn = model, config_fn
+
+    def __call__(self, save_directory: str, *args, **kwargs) -> None:
+        save_pretrained_sorsa(self.model, save_directory, *args, config_fn=self.config_fn, **kwargs)
