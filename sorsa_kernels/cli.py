@@ -171,9 +171,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     print("Verdict (per op; our default path in each case: geometric mean over its cases, range in brackets)")
     print(bench.verdict_table(results))
-    print()
-    print("Details")
-    print(bench.details_table(results))
+    if bench.isatty(sys.stdout) and bench.isatty(sys.stderr):  # the rows are on screen already, above the verdict
+        print("(each row was printed as it completed, above; --json PATH keeps them all)")
+    else:
+        print()
+        print("Details")
+        print(bench.details_table(results))
     print(f"finished in {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU time "
           f"(this process, all threads)")
     png = a.plot or (os.path.splitext(a.json)[0] + ".png" if a.json else None)

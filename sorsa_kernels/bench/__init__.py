@@ -8,6 +8,7 @@ them together with a progress bar and writes each result as it completes.
 """
 from __future__ import annotations
 
+import importlib
 import platform
 import sys
 import time
@@ -26,6 +27,19 @@ __all__ = ["MODES", "Case", "cases", "models", "op_texts", "plan", "Result", "ru
            "load_reference_layer", "LEGEND", "measure_case", "quartiles"]
 
 
+def _package_status(name: str) -> str:
+    """What ``import name`` does here, in a few words: its version, "not installed", or the error."""
+    import importlib.metadata
+    import importlib.util
+    if importlib.util.find_spec(name) is None:
+        return "not installed"
+    try:
+        mod = importlib.import_module(name)
+    except Exception as exc:  # e.g. sorsa 1.0.1's __init__ under transformers 5
+        return f"installed, but `import {name}` fails: {type(exc).__name__}: {str(exc)[:120]}"
+    return getattr(mod, "__version__", None) or importlib.metadata.version(name)
+
+
 def header(device: torch.device, mode: str) -> dict:
     """Facts printed above the tables and stored in the JSON."""
     from .._version import __version__
@@ -40,15 +54,19 @@ def header(device: torch.device, mode: str) -> dict:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "triton": tv,
         "python": platform.python_version(),
         "reference": REF_LAYER + " for the linear rows" if reference_layer() is not None
-        else REF_FORMULA + " (sorsa is not installed)",
+        else REF_FORMULA + " (sorsa's layer.py was not found)",
+        "sorsa": _package_status("sorsa"), "peft": _package_status("peft"),
     }
 
 
 def header_text(h: dict) -> str:
+    peft = h.get("peft", "not installed")
     lines = [f"sorsa-kernels {h['sorsa_kernels']} bench ({h['mode']}) on {h['device']}, {h['threads']} threads; "
              f"torch {h['torch']}, triton {h['triton']}, python {h['python']}",
              f"Reference: {h['reference']}; the regularizer reference is our copy of sorsa 1.0.1's calc_ortho "
-             "(its package cannot be imported with transformers 5)."]
+             f"(sorsa here: {h.get('sorsa', 'unknown')}).",
+             f"PEFT rows (PEFT's own lora.Linear, LoRA and KaSA, same shapes and dropout): " +
+             (f"peft {peft}." if peft[:1].isdigit() else f"none, peft is {peft} (pip install peft).")]
     if h["device"].startswith("CPU"):
         lines.append("These are CPU numbers: the fused Triton/CUDA kernels need an NVIDIA GPU, so every 'ours' "
                      "row here runs the plain-PyTorch path (what backend='auto' runs on this machine).")
@@ -93,7 +111,7 @@ def measure_case(case: Case, device: torch.device, rounds: int, min_sample_ms: f
 HEARTBEAT_S = 5.0
 
 
-def _isatty(f) -> bool:
+def isatty(f) -> bool:
     try:
         return bool(f.isatty())
     except (AttributeError, ValueError):  # closed or file-like objects without isatty
@@ -118,7 +136,7 @@ def run(ops: Optional[List[str]] = None, mode: str = "default", dtype: Optional[
     head = header(device, mode)
     stream = stream or sys.stderr
     bar = None
-    if progress and _isatty(sys.stderr):
+    if progress and isatty(sys.stderr):
         try:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(todo), desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True,

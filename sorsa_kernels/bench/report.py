@@ -3,18 +3,22 @@
 Every ratio reads one way, higher is better:
 
 * ``× faster than sorsa 1.0.1`` = time(sorsa 1.0.1) / time(row), per round, median over rounds;
+* ``× faster than PEFT LoRA`` = time(PEFT's ``lora.Linear``, same shapes and dropout) / time(row);
 * ``× floor speed`` = time(floor) / time(row): 1.0 means the row runs at the floor (the work it
   cannot avoid), 0.5 means it takes twice the floor's time. A value above 1 is impossible and
   flagged as noise.
 
 The spread is the interquartile range of the per-round ratios relative to their median; a row
-whose spread exceeds ``NOISY`` is marked ``~`` (too noisy to call).
+whose spread exceeds ``NOISY`` is marked ``~`` (too noisy to call). A row whose ratios drift
+(the medians of the first and second half of the rounds differ by more than the spread, and
+by more than ``DRIFT``) is marked ``≈``: the machine's load changed during the run.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -22,11 +26,17 @@ from .cases import modules, op_texts
 from .timing import quartiles
 
 NOISY = 0.25
+DRIFT = 0.05
+#: the comparisons of a row, each ``time(role's row) / time(row)``: field -> (role, column title)
+VERSUS = {"vs_ref": ("ref", "× faster than sorsa 1.0.1"), "vs_peft": ("peft", "× faster than PEFT LoRA"),
+          "vs_floor": ("floor", "× floor speed")}
 
-LEGEND = ("Legend: '× faster than sorsa 1.0.1' = its time ÷ this row's time (higher is better, > 1: faster "
-          "than sorsa 1.0.1); '× floor speed' = the floor's time ÷ this row's time (1.00 = at the floor, "
-          "> 1 is impossible); IQR = interquartile range of the per-round ratios ÷ their median; "
-          f"'~' = IQR > {NOISY:.0%} (too noisy to call); '!' = impossible result (noise, not a finding).")
+LEGEND = textwrap.fill(
+    "Legend: '× faster than sorsa 1.0.1' / '× faster than PEFT LoRA' = its time ÷ this row's time (higher is "
+    "better, > 1: faster than it); '× floor speed' = the floor's time ÷ this row's time (1.00 = at the floor, "
+    "> 1 is impossible); IQR = interquartile range of the per-round ratios ÷ their median; "
+    f"'~' = IQR > {NOISY:.0%} (too noisy to call); '≈' = the ratio drifted during the run (load changed: "
+    "rerun on a quiet machine); '!' = impossible result (noise, not a finding).", 100)
 
 
 @dataclass
@@ -43,6 +53,7 @@ class Result:
     rounds: int = 0
     vs_ref: Optional[Tuple[float, float, float]] = None
     vs_floor: Optional[Tuple[float, float, float]] = None
+    vs_peft: Optional[Tuple[float, float, float]] = None
     flags: List[str] = field(default_factory=list)
     extra: Dict[str, object] = field(default_factory=dict)
     error: Optional[str] = None
@@ -51,7 +62,7 @@ class Result:
     def spread(self) -> float:
         """Largest relative IQR of this row's ratios (0 when it has none)."""
         out = 0.0
-        for t in (self.vs_ref, self.vs_floor):
+        for t in (self.vs_ref, self.vs_floor, self.vs_peft):
             if t and t[0] > 0:
                 out = max(out, (t[2] - t[1]) / t[0])
         return out
@@ -62,6 +73,21 @@ def _ratio(num: Sequence[float], den: Sequence[float]) -> Tuple[float, float, fl
     return med, q1, q3
 
 
+def drifted(ratios: Sequence[float]) -> bool:
+    """Whether per-round ``ratios`` drift: the medians of their first and second half differ by
+    more than the halves' own spread (relative IQR) and more than :data:`DRIFT`. The overall IQR
+    cannot show this: two steady halves at different levels widen it and look merely noisy."""
+    n = len(ratios)
+    if n < 4:
+        return False
+    halves = [quartiles(list(ratios[:n // 2])), quartiles(list(ratios[n - n // 2:]))]
+    if min(h[1] for h in halves) <= 0:
+        return False
+    spread = max((h[2] - h[0]) / h[1] for h in halves)
+    a, b = halves[0][1], halves[1][1]
+    return abs(a - b) / min(a, b) > max(DRIFT, spread)
+
+
 def results_for_case(op: str, case: str, roles: Dict[str, str], samples: Dict[str, List[float]],
                      extra: Dict[str, dict], errors: Dict[str, str]) -> List[Result]:
     """Rows of one case from its per-round samples (see timing.time_interleaved)."""
@@ -70,8 +96,8 @@ def results_for_case(op: str, case: str, roles: Dict[str, str], samples: Dict[st
     for name, ex in extra.items():  # a time computed by the runner (e.g. an extrapolation)
         if "ms_override" in ex and name not in samples:
             samples[name] = [ex.pop("ms_override")]
-    ref = next((n for n, r in roles.items() if r == "ref" and n in samples), None)
-    floor = next((n for n, r in roles.items() if r == "floor" and n in samples), None)
+    against = {key: next((n for n, r in roles.items() if r == role and n in samples), None)
+               for key, (role, _) in VERSUS.items()}
     out = []
     for name, role in roles.items():
         ex = extra.get(name, {})
@@ -81,19 +107,23 @@ def results_for_case(op: str, case: str, roles: Dict[str, str], samples: Dict[st
         s = samples[name]
         q1, med, q3 = quartiles(s)
         rr = Result(op, case, name, role, med, q1, q3, len(s), extra=ex)
-        if ref:
-            refs = samples[ref]
-            if len(refs) == len(s):
-                rr.vs_ref = _ratio(refs, s)
+        drift = False
+        for key, other in against.items():
+            if other is None:
+                continue
+            den = samples[other]
+            if len(den) == len(s):
+                setattr(rr, key, _ratio(den, s))
+                drift |= name != other and drifted([a / b for a, b in zip(den, s)])
             else:  # a single-shot row: ratio of medians
-                m = quartiles(refs)[1] / med
-                rr.vs_ref = (m, m, m)
-        if floor:
-            rr.vs_floor = _ratio(samples[floor], s)
-            if role != "floor" and rr.vs_floor[1] > 1.0:
-                rr.flags.append("! faster than the floor (noise)")
+                m = quartiles(den)[1] / med
+                setattr(rr, key, (m, m, m))
+        if rr.vs_floor and role != "floor" and rr.vs_floor[1] > 1.0:
+            rr.flags.append("! faster than the floor (noise)")
         if rr.spread > NOISY:
             rr.flags.append("~ noisy")
+        if drift:
+            rr.flags.append("≈ drifted")
         out.append(rr)
     return out
 
@@ -114,7 +144,7 @@ def _fmt_ratio(t) -> str:
 
 
 DETAIL_HEAD = (f"{'op':<14} {'case':<40} {'implementation':<46} {'ms/call':>9} {'× faster than sorsa 1.0.1':>26} "
-               f"{'× floor speed':>18}  notes")
+               f"{'× faster than PEFT LoRA':>24} {'× floor speed':>18}  notes")
 
 
 def format_row(r: Result) -> str:
@@ -127,7 +157,7 @@ def format_row(r: Result) -> str:
         if k in r.extra:
             notes.append(fmt.format(r.extra[k]))
     return (f"{r.op:<14} {r.case:<40} {r.impl:<46} {r.ms:>9.3f} {_fmt_ratio(r.vs_ref):>26} "
-            f"{_fmt_ratio(r.vs_floor):>18}  {'; '.join(notes)}")
+            f"{_fmt_ratio(r.vs_peft):>24} {_fmt_ratio(r.vs_floor):>18}  {'; '.join(notes)}")
 
 
 def details_table(results: List[Result]) -> str:
@@ -144,8 +174,9 @@ def _geo(xs):
 def verdict_table(results: List[Result]) -> str:
     """One line per op over its cases, using the primary ``ours`` row of each case: geometric
     mean (and range) of the ratios, the largest spread, and what ``auto`` ran."""
-    head = (f"{'op':<18} {'cases':>5}  {'× faster than sorsa 1.0.1 (range)':<34} {'× floor speed (range)':<24} "
-            f"{'worst IQR':>9}  {'ours ran':<10} notes")
+    head = (f"{'op':<18} {'cases':>5}  {'× faster than sorsa 1.0.1 (range)':<34} "
+            f"{'× faster than PEFT LoRA (range)':<32} {'× floor speed (range)':<24} {'worst IQR':>9}  "
+            f"{'ours ran':<10} notes")
     lines = [head, "-" * len(head)]
     texts = op_texts()
     for op in texts:
@@ -154,7 +185,7 @@ def verdict_table(results: List[Result]) -> str:
             continue
         ok = [r for r in rows if r.ms]
         cols = []
-        for key in ("vs_ref", "vs_floor"):
+        for key in VERSUS:
             v = [getattr(r, key)[0] for r in ok if getattr(r, key)]
             cols.append(f"{_geo(v):.2f}× ({min(v):.2f}–{max(v):.2f})" if v else "-")
         spread = max((r.spread for r in ok), default=0.0)
@@ -166,10 +197,12 @@ def verdict_table(results: List[Result]) -> str:
             notes.append("some rows flagged as noise (see details)")
         if spread > NOISY:
             notes.append("~ too noisy to call")
+        if any(f.startswith("≈") for r in ok for f in r.flags):
+            notes.append("≈ drifted: rerun on a quiet machine")
         errs = [r.extra["sigma_err"] for r in ok if "sigma_err" in r.extra]
         if errs:
             notes.append(f"max σ err {max(errs):.2%}")
-        lines.append(f"{texts[op]:<18} {len(rows):>5}  {cols[0]:<34} {cols[1]:<24} {100 * spread:>8.0f}%  "
+        lines.append(f"{texts[op]:<18} {len(rows):>5}  {cols[0]:<34} {cols[1]:<32} {cols[2]:<24} {100 * spread:>8.0f}%  "
                      f"{','.join(ran)[:10]:<10} {'; '.join(notes)}")
     return "\n".join(lines)
 
@@ -179,7 +212,7 @@ def to_json(results: List[Result]) -> List[dict]:
 
 
 def from_json(rows: List[dict]) -> List[Result]:
-    return [Result(**{k: (tuple(v) if k in ("vs_ref", "vs_floor") and v else v) for k, v in d.items()})
+    return [Result(**{k: (tuple(v) if k in VERSUS and v else v) for k, v in d.items()})
             for d in rows]
 
 

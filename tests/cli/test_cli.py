@@ -78,6 +78,11 @@ def test_bench_tables_json_plot(tiny, tmp_path, capsys):
     for text in ("linear forward", "linear backward", "linear fwd+bwd", "regularizer step", "SVD init"):
         assert text in verdict
     assert "× faster than sorsa 1.0.1" in verdict and "× floor speed" in verdict and "IQR" in verdict
+    assert "× faster than PEFT LoRA" in verdict
+    # the legend fits 100 columns; the header says what is installed, truthfully
+    legend = out[out.index("Legend"):out.index("Verdict")].strip().splitlines()
+    assert len(legend) > 1 and max(map(len, legend)) <= 100
+    assert f"peft {__import__('peft').__version__}" in out
     # rows named for what they are; the installed reference layer is used when present
     ref_name = bench.REF_LAYER if bench.load_reference_layer() is not None else bench.REF_FORMULA
     assert ref_name in out and "floor: dense F.linear" in out and "floor: copy of the same bytes" in out
@@ -91,6 +96,12 @@ def test_bench_tables_json_plot(tiny, tmp_path, capsys):
     ours = [r for r in data["results"] if r["role"] == "ours"]
     assert all(r["ms"] > 0 and r["error"] is None for r in ours), ours
     assert all(r["vs_ref"] and r["vs_ref"][0] > 0 for r in ours)
+    # PEFT's own LoRA and KaSA layers are timed beside ours in every linear case
+    linear = {r["case"] for r in data["results"] if r["op"].startswith("linear")}
+    for kind, role in (("PEFT LoRA (lora.Linear)", "peft"), ("PEFT KaSA (lora.Linear + KaSA)", "other")):
+        rows = [r for r in data["results"] if r["impl"] == kind]
+        assert {r["case"] for r in rows} == linear and all(r["role"] == role and r["ms"] > 0 for r in rows)
+    assert all(r["vs_peft"] and r["vs_peft"][0] > 0 for r in ours if r["op"].startswith("linear"))
     model = [r for r in ours if "tiny" in r["case"]]
     assert model and model[0]["extra"]["sigma_err"] < 0.01 and model[0]["extra"]["matrices"] == 14
     try:
@@ -143,6 +154,34 @@ def test_flags_noise_and_impossible_results():
     report.cross_check([fwd, fb])
     assert any("slower than fwd+bwd" in f for f in fwd.flags) and fwd.flags == fb.flags
     assert "!" in report.format_row(fwd)
+
+
+def test_drift_is_flagged_even_with_a_small_spread():
+    roles = {"ours": "ours", "ref": "ref"}
+    # two steady halves at different levels (a load change): IQR small per half, ratio 1.6 → 1.0
+    s = {"ours": [1.0] * 8, "ref": [1.6, 1.6, 1.61, 1.6, 1.0, 1.0, 1.01, 1.0]}
+    ours = report.results_for_case("linear_fwd", "c", roles, s, {}, {})[0]
+    assert any(f.startswith("≈") for f in ours.flags), ours.flags
+    assert "≈ drifted" in report.verdict_table([ours])
+    steady = {"ours": [1.0] * 8, "ref": [1.6, 1.62, 1.58, 1.6, 1.61, 1.59, 1.6, 1.6]}
+    assert not report.results_for_case("linear_fwd", "c", roles, steady, {}, {})[0].flags
+
+
+def test_header_says_what_is_installed(monkeypatch):
+    h = bench.header(CPU, "quick")
+    monkeypatch.setitem(h, "peft", "not installed")
+    monkeypatch.setitem(h, "sorsa", "not installed")
+    text = bench.header_text(h)
+    assert "peft is not installed (pip install peft)" in text and "sorsa here: not installed" in text
+    assert "transformers 5" not in text
+
+
+def test_on_a_terminal_rows_are_not_printed_twice(tiny, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "isatty", lambda f: True)
+    assert cli.main(["bench", "--no-progress", "--ops", "linear_fwd", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "Verdict" in out and "Details" not in out and "printed as it completed" in out
+    assert out.count("ours[auto:torch]") == 0  # the rows went to the terminal once, live (stderr)
 
 
 def test_reference_rows_match_the_layer():

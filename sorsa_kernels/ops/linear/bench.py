@@ -71,6 +71,39 @@ def reference_forward(x, weight, A, S, B, scale, bias=None):
     return result if bias is None else result + bias
 
 
+PEFT_LORA = "PEFT LoRA (lora.Linear)"
+PEFT_KASA = "PEFT KaSA (lora.Linear + KaSA)"
+
+
+def peft_layers(W, A, S, B, scale, drop) -> Dict[str, tuple]:
+    """PEFT's own ``lora.Linear`` for plain LoRA and KaSA on the same base weight, rank, scale
+    and dropout (what PEFT users run today): name -> (the layer, its trainable params); empty
+    without peft. Their adapters hold A and B·diag(S) (LoRA) or A, S, B (KaSA): equal work."""
+    try:
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import KasaConfig
+    except ImportError:
+        return {}
+    out = {}
+    r, (N, K) = A.shape[0], W.shape
+    for name, kasa in ((PEFT_LORA, None), (PEFT_KASA, KasaConfig())):
+        base = torch.nn.Module()
+        base.proj = torch.nn.Linear(K, N, bias=False, device=W.device, dtype=W.dtype)
+        with torch.no_grad():
+            base.proj.weight.copy_(W)
+        conf = LoraConfig(r=r, lora_alpha=scale * r, lora_dropout=drop, target_modules=["proj"],
+                          kasa_config=kasa)
+        layer = get_peft_model(base, conf).base_model.model.proj
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(A)
+            layer.lora_B["default"].weight.copy_(B if kasa else B * S)
+            if kasa:
+                layer(torch.zeros(1, K, device=W.device, dtype=W.dtype))  # KaSA's deferred base truncation
+                layer.lora_diag["default"].copy_(S)
+        out[name] = (layer, [p for p in layer.parameters() if p.requires_grad])
+    return out
+
+
 def build(case: Case, device: torch.device) -> Built:
     """The three linear rows: ours (auto, the other backends, compiled), sorsa 1.0.1, the dense floor."""
     p = case.params
@@ -113,10 +146,15 @@ def build(case: Case, device: torch.device) -> Built:
         ref_params = []
         fwds[REF_FORMULA] = lambda: reference_forward(x, W, A, S, B, scale)
         roles[REF_FORMULA] = "ref"
+    peft_params = []
+    for kind, (layer, params) in peft_layers(W, A, S, B, scale, drop).items():
+        fwds[kind] = lambda layer=layer: layer(x)
+        roles[kind] = "peft" if kind == PEFT_LORA else "other"
+        peft_params += params
     fwds["floor: dense F.linear"] = lambda: F.linear(x, W)  # with backward: dX only (frozen W)
     roles["floor: dense F.linear"] = "floor"
     extra = {n: {"auto": auto} for n in fwds if n.startswith("ours")}
-    grads = [x, A, S, B] + ref_params
+    grads = [x, A, S, B] + ref_params + peft_params
 
     def clear():
         for t in grads:
