@@ -305,6 +305,19 @@ def _lr_getter(lr: LrSource) -> Callable[[], float]:
     raise TypeError(f"lr must be a float, a callable returning the current lr, or an optimizer; got {type(lr).__name__}")
 
 
+def unscale_once(scaler, optimizer: torch.optim.Optimizer) -> None:
+    """Unscale ``optimizer``'s grads with the ``GradScaler`` unless that happened this iteration
+    (e.g. for clipping): the regularizer's gradient is added unscaled, so the grads it joins must be."""
+    from torch.amp.grad_scaler import OptState
+    if not scaler.is_enabled():
+        return
+    state = scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
+    elif state["stage"] is OptState.STEPPED:
+        raise RuntimeError("the regularizer's step came after scaler.step(optimizer): call it before the optimizer step")
+
+
 class SORSARegularizer:
     """Apply the orthonormal regularizer in a plain training loop::
 
@@ -365,14 +378,7 @@ class SORSARegularizer:
         self.last_value: Optional[torch.Tensor] = None
 
     def _unscale(self) -> None:
-        from torch.amp.grad_scaler import OptState
-        if not self.scaler.is_enabled():
-            return
-        state = self.scaler._per_optimizer_states[id(self.optimizer)]
-        if state["stage"] is OptState.READY:
-            self.scaler.unscale_(self.optimizer)
-        elif state["stage"] is OptState.STEPPED:
-            raise RuntimeError("SORSARegularizer.step() after scaler.step(optimizer): call it before the optimizer step")
+        unscale_once(self.scaler, self.optimizer)
 
     def step(self) -> Optional[torch.Tensor]:
         """Add the regularizer's gradient; returns its value as a 0-d tensor (no host sync),

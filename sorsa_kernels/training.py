@@ -20,7 +20,7 @@ import torch.nn as nn
 from . import checkpoints
 from .adapters import adapter_config
 from .layer import named_sorsa_layers
-from .regularizer import check_gamma, orthonormal_grad_
+from .regularizer import check_gamma, orthonormal_grad_, unscale_once
 
 
 def trainable_non_adapters(model: nn.Module) -> List[str]:
@@ -61,6 +61,11 @@ def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto",
     without :func:`sorsa_kernels.mark_only_sorsa_trainable`)."""
     from transformers import TrainerCallback
 
+    if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # added in transformers 4.45
+        import transformers
+        raise RuntimeError(f"SORSACallback needs transformers >= 4.45 (the Trainer's pre-optimizer-step event), "
+                           f"this is {transformers.__version__}: upgrade it, or use "
+                           f"sorsa_kernels.compat.SORSATrainer, which also runs on older versions")
     gamma = check_gamma(gamma)
     if lr not in ("current", "initial"):
         raise ValueError(f"lr must be 'current' or 'initial', got {lr!r}")
@@ -93,6 +98,9 @@ def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto",
                 lr = float(args.learning_rate)
             if model is None or lr == 0.0:
                 return control
+            scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer under fp16
+            if scaler is not None:  # clipping unscales; without it (max_grad_norm=0) the grads are still scaled
+                unscale_once(scaler, optimizer.optimizer)
             v = orthonormal_grad_(model, self.gamma, lr, squared=self.squared, backend=self.backend)
             self.last_value = v
             return control

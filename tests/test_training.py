@@ -144,3 +144,25 @@ def test_trainer_callback_applies_regularizer_before_optimizer_step(tmp_path):
     trainer.train()
     assert cb.last_value is not None and len(seen) == 3
     assert float(cb.last_value) == pytest.approx(seen[-1], rel=1e-5)
+
+
+def test_trainer_callback_unscales_accelerates_scaled_grads_first():
+    """fp16 without clipping (max_grad_norm=0): at the pre-optimizer-step event accelerate's grads
+    are still scaled; the callback unscales them (once) before adding the regularizer's gradient,
+    which would otherwise be divided by the loss scale in scaler.step."""
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    def grads(use_scaler):
+        m = small_model()
+        inner = torch.optim.SGD(sk.sorsa_parameters(m), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=use_scaler)
+        opt = SimpleNamespace(optimizer=inner, scaler=scaler if use_scaler else None)  # AcceleratedOptimizer's fields
+        loss = nn.functional.mse_loss(m(torch.randn(8, 12, generator=torch.Generator().manual_seed(0))),
+                                      torch.zeros(8, 6))
+        scaler.scale(loss).backward()
+        cb = sk.SORSACallback(0.01, lr="initial")
+        cb.on_pre_optimizer_step(SimpleNamespace(learning_rate=0.1), None, None, model=m, optimizer=opt)
+        return [p.grad.clone() for p in sk.sorsa_parameters(m)]
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
