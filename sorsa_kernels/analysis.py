@@ -386,13 +386,16 @@ def trajectory_json(base: str, labels: Sequence[str], results: Sequence[Dict[str
     return {"base": base, "checkpoints": cps}
 
 
-def plot_shift(runs: Sequence[dict], path: str, titles: Optional[Sequence[str]] = None) -> str:
+def plot_shift(runs: Sequence[dict], path: str, titles: Optional[Sequence[str]] = None, *,
+               share_axes: bool = False) -> str:
     """The paper's figure: one panel per run (a :func:`trajectory_json` dict), every layer a point
-    (ΔΣ, ΔD) per checkpoint coloured by order, the mean as a thick path from the origin."""
+    (ΔΣ, ΔD) per checkpoint coloured by order, the mean as a thick path from the origin.
+    ``share_axes``: one ΔΣ and one ΔD scale for all panels (to compare how far methods moved;
+    by default each panel is scaled to its own run, as in the paper)."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
     fig = Figure(figsize=(5 * len(runs), 4))
-    axes = fig.subplots(1, len(runs), squeeze=False)
+    axes = fig.subplots(1, len(runs), squeeze=False, sharex=share_axes, sharey=share_axes)
     cmap = colormaps["viridis"]
     for k, (ax, run) in enumerate(zip(axes[0], runs)):
         cps = run["checkpoints"]
