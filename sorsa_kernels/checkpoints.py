@@ -57,40 +57,68 @@ def is_pretrained_model(model: nn.Module) -> bool:
     return tf is not None and isinstance(model, getattr(tf, "PreTrainedModel", ()))
 
 
+#: name segments wrappers insert in module names but not in the state dicts the Trainer passes
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _clean(name: str) -> str:
+    for seg in _WRAPPER_SEGMENTS:
+        name = name.replace(seg, "")
+    return name
+
+
 @torch.no_grad()
 def checkpoint_state_dict(model: nn.Module, state_dict: Optional[Dict[str, torch.Tensor]] = None,
                           fmt: str = "full") -> Dict[str, torch.Tensor]:
     """The state dict a checkpoint of form ``fmt`` stores (see the module docstring), built from
     ``state_dict`` (default: ``model.state_dict()``; a gathered one under FSDP / DeepSpeed) and the
-    model's SORSA layers (scale, initial adapter)."""
+    model's SORSA layers (scale, initial adapter). Each layer's keys are contiguous, ``weight``
+    first (so a sharded save keeps them together unless a shard fills up right there; the loader
+    copes either way); merged weights are made one layer at a time on the CPU (no extra device
+    memory at a mid-run checkpoint)."""
     check_format(fmt)
-    sd = dict(model.state_dict() if state_dict is None else state_dict)
-    layers = named_sorsa_layers(model)
-    keep = set()
-    for name, m in layers:
-        p = name + "."
-        if p + "sorsa_A" not in sd:
-            continue  # not in this (partial) state dict
-        A, S, B, W_r = (sd[p + k] for k in ("sorsa_A", "sorsa_S", "sorsa_B", "weight"))
-        init = m.initial_adapter()
-        if fmt != "merged":
-            keep.update(p + k for k in ("sorsa_A", "sorsa_S", "sorsa_B"))
-            if init is not None:
-                sd.update({p + n: t.detach() for n, t in zip(_INIT_NAMES, init)})
-                keep.update(p + n for n in _INIT_NAMES)
-        if fmt != "adapter":
+    src = model.state_dict() if state_dict is None else state_dict
+    layers = {}
+    for name, m in named_sorsa_layers(model):
+        name = _clean(name)
+        if name + ".sorsa_A" in src:
+            layers[name] = m
+    if src and named_sorsa_layers(model) and not layers:
+        raise ValueError("save_pretrained: the state dict holds none of the model's SORSA layers under their "
+                         "names (a wrapper renamed them?); refusing to write W_r as if it were the weight")
+    sd: Dict[str, torch.Tensor] = {}
+    own = {f"{n}.{k}" for n in layers for k in ("weight", "sorsa_A", "sorsa_S", "sorsa_B")}
+    for key, t in src.items():
+        if key not in own:
+            sd[key] = t
+            continue
+        name, _, part = key.rpartition(".")
+        if part != "weight":
+            continue  # written with its layer's weight
+        m, p = layers[name], name + "."
+        A, S, B, W_r = (src[p + k] for k in ("sorsa_A", "sorsa_S", "sorsa_B", "weight"))
+        if any(x.is_meta for x in (A, S, B, W_r)):
+            raise ValueError(f"save_pretrained: {name} has tensors on the meta device (an offloaded layer?): "
+                             f"its merged weight cannot be computed; save with the model loaded")
+        if fmt == "adapter":
+            pass
+        elif m.merged and state_dict is None:  # merged already: as is, not rounded twice
+            sd[p + "weight"] = m.weight.detach().to("cpu")
+        else:
             work = torch.float64 if W_r.dtype == torch.float64 else torch.float32
-            d = m.scale * (B.to(W_r.device, work) * S.to(W_r.device, work)) @ A.to(W_r.device, work)
+            d = m.scale * (B.to("cpu", work) * S.to("cpu", work)) @ A.to("cpu", work)
             d = d.T if m.fan_in_fan_out else d
-            sd[p + "weight"] = (W_r.to(work) + d).to(W_r.dtype)
+            sd[p + "weight"] = (W_r.to("cpu", work) + d).to(W_r.dtype)
         if fmt == "full":
             sd[p + MERGED_KEY] = torch.ones((), dtype=torch.uint8)
-        elif fmt == "merged":
-            for k in ("sorsa_A", "sorsa_S", "sorsa_B"):
-                sd.pop(p + k)
+        if fmt != "merged":
+            sd.update({p + k: src[p + k] for k in ("sorsa_A", "sorsa_S", "sorsa_B")})
+            init = m.initial_adapter()
+            if init is not None:
+                sd.update({p + n: t.detach() for n, t in zip(_INIT_NAMES, init)})
     if fmt == "adapter":
-        keep.update(n for n, prm in model.named_parameters() if prm.requires_grad and "sorsa_" not in n)
-        sd = {k: v for k, v in sd.items() if k in keep}
+        train = {_clean(n) for n, prm in model.named_parameters() if prm.requires_grad and "sorsa_" not in n}
+        sd = {k: v for k, v in sd.items() if "sorsa_" in k.rpartition(".")[2] or k in train}
     return sd
 
 
@@ -148,8 +176,8 @@ def install(model: nn.Module, config_fn: ConfigFn, fmt: Optional[str] = None) ->
     """Give a ``transformers.PreTrainedModel`` holding SORSA layers the ``save_pretrained`` above
     (idempotent; an instance attribute, so the class is untouched); ``fmt`` sets its default form.
     Returns whether ``model`` is such a model."""
-    if not is_pretrained_model(model):
-        return False
+    if not is_pretrained_model(model) or getattr(model, "_sorsa_keeps_save_pretrained", False):
+        return False  # (a class with its own checkpoint format opts out, e.g. compat.SORSAModel)
     if fmt is not None:
         setattr(model, _ATTR, check_format(fmt))
     if "save_pretrained" not in model.__dict__:

@@ -115,6 +115,9 @@ class SORSAModel(PreTrainedModel):
     """
 
     config_class = SORSAConfig
+    # sorsa_kernels.checkpoints leaves this class's save_pretrained alone: it writes sorsa 1.0.1's W_r
+    # form (which sorsa loads), not the merged weights other models get for the stock from_pretrained
+    _sorsa_keeps_save_pretrained = True
 
     def __init__(self, config: SORSAConfig):
         if not isinstance(config, SORSAConfig):
@@ -130,13 +133,22 @@ class SORSAModel(PreTrainedModel):
         # on the wrapper, so names carry the "model." prefix sorsa 1.0.1 matches its targets against
         apply_sorsa(self, config.target_modules, r=config.rank, alpha=config.alpha, dropout=config.dropout,
                     init=None)
-        # apply_sorsa gives a PreTrainedModel an instance save_pretrained writing merged weights (so the
-        # stock from_pretrained loads them); this wrapper keeps sorsa 1.0.1's W_r form, which sorsa loads
-        vars(self).pop("save_pretrained", None)
 
-    def forward(self, *args, **kwargs):
-        """The wrapped model's forward."""
-        return self.model(*args, **kwargs)
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        """The wrapped model's forward. Named arguments (not ``*args``) so that the Trainer finds
+        ``labels`` (eval loss, ``label_names``) and keeps the dataset's columns."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    # the Trainer counts a batch's loss tokens by loss_type (shifted labels for causal LMs): the
+    # wrapper's class name would give none, and a loss off by a factor (n-1)/n per sequence
+    @property
+    def loss_type(self):
+        inner = self.__dict__.get("_modules", {}).get("model")
+        return getattr(inner, "loss_type", None) if inner is not None else self.__dict__.get("_loss_type")
+
+    @loss_type.setter
+    def loss_type(self, value) -> None:  # PreTrainedModel.__init__ sets it from the class name
+        self.__dict__["_loss_type"] = value
 
     def generate(self, *args, **kwargs):
         """The wrapped model's ``generate`` (sorsa 1.0.1's wrapper has none of its own)."""

@@ -335,10 +335,14 @@ class SORSALinear(nn.Module):
         was_merged = self.merged
         if was_merged and self.r > 0:
             self._merge(False)
-        extra = {n: state_dict.get(prefix + n) for n in CHECKPOINT_KEYS}
-        if self.r > 0 and any(v is not None for v in extra.values()):
-            self._load_checkpoint_form(state_dict, prefix, extra, local_metadata, missing_keys,
-                                       unexpected_keys, error_msgs)
+        ckpt = any(prefix + n in state_dict for n in CHECKPOINT_KEYS)
+        pending = self.__dict__.get("_sorsa_pending")
+        if pending is not None and pending.get("unmarked") and not ckpt and prefix + "weight" in state_dict:
+            del self.__dict__["_sorsa_pending"]  # another plain weight: the earlier one was no shard
+            pending = None
+        if self.r > 0 and (ckpt or pending is not None):
+            self._load_checkpoint_form(state_dict, prefix, local_metadata, missing_keys, unexpected_keys,
+                                       error_msgs)
         else:
             new_w = state_dict.get(prefix + "weight")
             # the state dict holds W_r: the initial adapter still applies only if W_r is unchanged
@@ -347,35 +351,51 @@ class SORSALinear(nn.Module):
                       and torch.equal(new_w.to(self.weight.device, self.weight.dtype), self.weight))
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
+            seen = {n for n in ("sorsa_A", "sorsa_S", "sorsa_B") if prefix + n in state_dict}
+            if self.r > 0 and new_w is None and seen:  # adapters alone: maybe a shard of a checkpoint
+                self.__dict__.setdefault("_sorsa_seen", set()).update(seen)
             if self.r > 0 and new_w is not None and not same_w:
                 self._forget_initial()
+                if len(seen) < 3:  # a weight without its adapters: maybe a shard of a checkpoint
+                    self._sorsa_pending = {"unmarked": True, "got": seen}  # whose marker comes later
         if was_merged:
             self._merge(True)
 
     @torch.no_grad()
-    def _load_checkpoint_form(self, state_dict, prefix, extra, local_metadata, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
+    def _load_checkpoint_form(self, state_dict, prefix, local_metadata, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
         """Load a layer written by :mod:`sorsa_kernels.checkpoints` (transformers checkpoints):
         ``weight`` is the merged ``W_r + scale·B·diag(S)·A`` when ``sorsa_merged`` is present (so
         stock ``from_pretrained`` gets the tuned model), absent in adapter-only files; the initial
-        adapter ``sorsa_A0/S0/B0`` comes along. ``W_r`` is kept bit for bit when this layer was
-        initialised like the saved one (same initial adapter: a resume), else recovered from the
-        merged weight (one rounding of the weight dtype)."""
-        merged_form = extra[MERGED_KEY] is not None
-        own = {k: v for k, v in state_dict.items()
-               if k[len(prefix):] not in CHECKPOINT_KEYS and not (merged_form and k == prefix + "weight")}
+        adapter ``sorsa_A0/S0/B0`` comes along. A sharded checkpoint may split a layer's keys over
+        files loaded in any order: the pieces are collected here until the layer is complete.
+        ``W_r`` is kept bit for bit when this layer was initialised like the saved one (same
+        initial adapter: a resume), else recovered from the merged weight (one rounding)."""
+        pend = self.__dict__.pop("_sorsa_pending", None) or {"got": set()}
+        pend.update({n: state_dict[prefix + n] for n in CHECKPOINT_KEYS if prefix + n in state_dict})
+        if prefix + "weight" in state_dict:
+            pend["weight"] = state_dict[prefix + "weight"]
+        own = {k: v for k, v in state_dict.items() if k[len(prefix):] not in CHECKPOINT_KEYS + ("weight",)}
         super()._load_from_state_dict(own, prefix, local_metadata, True, missing_keys, unexpected_keys,
                                       error_msgs)
-        if merged_form and prefix + "weight" in missing_keys:
-            missing_keys.remove(prefix + "weight")  # present, in merged form
-        init0 = tuple(extra[n] for n in _INIT_NAMES)
+        if prefix + "weight" in missing_keys:
+            missing_keys.remove(prefix + "weight")  # present (merged), elsewhere, or not part of the form
+        pend["got"] |= {n for n in ("sorsa_A", "sorsa_S", "sorsa_B") if prefix + n in state_dict}
+        pend["got"] |= self.__dict__.pop("_sorsa_seen", set())  # adapters an earlier shard brought alone
+        merged_form = MERGED_KEY in pend
+        have_weight = "weight" in pend or pend.get("unmarked")
+        if len(pend["got"]) < 3 or (merged_form and not have_weight) or (pend.get("unmarked") and not merged_form):
+            self._sorsa_pending = pend  # the rest of this layer is in another shard
+            return
+        init0 = tuple(pend.get(n) for n in _INIT_NAMES)
         init0 = None if any(t is None for t in init0) else init0
         cur0 = self.initial_adapter()
         same_init = (init0 is not None and cur0 is not None and not self.weight.is_meta and all(
             c.shape == t.shape and torch.equal(c, t.to(c.device, c.dtype)) for c, t in zip(cur0, init0)))
         name = prefix[:-1] or type(self).__name__
-        merged = state_dict.get(prefix + "weight") if merged_form else None
-        if merged is not None:
+        if merged_form:
+            # the weight came in this load, or earlier alone and went in as W_r (its initial adapter forgotten)
+            merged = pend["weight"] if "weight" in pend else self.weight.detach().clone()
             if tuple(merged.shape) != tuple(self.weight.shape):
                 error_msgs.append(f"size mismatch for {prefix}weight: {tuple(merged.shape)} in the checkpoint, "
                                   f"{tuple(self.weight.shape)} in the model")

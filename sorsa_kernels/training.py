@@ -54,23 +54,25 @@ def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto",
 
     ``save``: the form of every checkpoint the Trainer writes (``save_model`` and periodic
     ones; see :mod:`sorsa_kernels.checkpoints`): ``"full"`` (the default of SORSA models:
-    merged weights that any ``from_pretrained`` loads, plus what a resume needs),
-    ``"merged"`` (merged weights only) or ``"adapter"`` (adapter-only, like PEFT); None keeps
-    the model's setting. ``warn_trainable``: warn at the start of training when parameters
+    merged weights that any ``from_pretrained`` loads, plus what a resume needs) or
+    ``"adapter"`` (adapter-only, like PEFT); None keeps the model's setting. (``"merged"`` is
+    refused here: such checkpoints cannot be resumed.) ``warn_trainable``: warn at the start of training when parameters
     other than the adapters are trainable (embeddings, norms, ``lm_head`` after ``apply_sorsa``
     without :func:`sorsa_kernels.mark_only_sorsa_trainable`)."""
     from transformers import TrainerCallback
 
-    if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # added in transformers 4.45
-        import transformers
-        raise RuntimeError(f"SORSACallback needs transformers >= 4.45 (the Trainer's pre-optimizer-step event), "
-                           f"this is {transformers.__version__}: upgrade it, or use "
-                           f"sorsa_kernels.compat.SORSATrainer, which also runs on older versions")
     gamma = check_gamma(gamma)
     if lr not in ("current", "initial"):
         raise ValueError(f"lr must be 'current' or 'initial', got {lr!r}")
     if save is not None:
-        checkpoints.check_format(save)
+        try:
+            checkpoints.check_format(save)
+        except ValueError:
+            raise ValueError(f"save must be one of {checkpoints.FORMATS} or None, got {save!r}") from None
+        if save == "merged":  # a resume would load merged weights as W_r and add the adapters again
+            raise ValueError("save='merged' would make checkpoints a Trainer cannot resume from; the default "
+                             "'full' checkpoints load with any from_pretrained too. For a deployment copy call "
+                             "model.save_pretrained(path, sorsa_format='merged') after training")
 
     class _SORSACallback(TrainerCallback):
         def __init__(self):
@@ -78,6 +80,11 @@ def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto",
             self.last_value: Optional[torch.Tensor] = None
 
         def on_init_end(self, args, state, control, model=None, **kw):
+            if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # added in transformers 4.45
+                import transformers
+                raise RuntimeError(f"SORSACallback needs transformers >= 4.45 (the Trainer's pre-optimizer-step "
+                                   f"event), this is {transformers.__version__}: upgrade it, or use "
+                                   f"sorsa_kernels.compat.SORSATrainer, which also runs on older versions")
             if model is not None:
                 checkpoints.install(model, adapter_config, save)
             return control

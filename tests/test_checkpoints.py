@@ -196,8 +196,10 @@ def test_bad_format_is_an_error(base_dir):
     m = sorsa_model(base_dir)
     with pytest.raises(ValueError, match="sorsa_format must be one of"):
         m.save_pretrained("/nonexistent", sorsa_format="lora")
-    with pytest.raises(ValueError, match="sorsa_format must be one of"):
+    with pytest.raises(ValueError, match="save must be one of"):
         sk.SORSACallback(1e-3, save="peft")
+    with pytest.raises(ValueError, match="cannot resume"):
+        sk.SORSACallback(1e-3, save="merged")
 
 
 def test_bf16_model_full_checkpoint(base_dir, tmp_path):
@@ -211,3 +213,47 @@ def test_bf16_model_full_checkpoint(base_dir, tmp_path):
     ref = logits(m).float()
     err = float((logits(plain).float() - ref).abs().max())
     assert err < 0.1 * float(ref.abs().max()), err  # one bf16 rounding of each merged weight
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_sharded_full_checkpoint_resumes_in_any_shard_order(trained, base_dir, tmp_path, order):
+    """Shards can split a layer's keys (the Trainer loads them one by one, in set order): its weight
+    and its marker may arrive in either order."""
+    m, _ = trained
+    m.save_pretrained(tmp_path / "sh", max_shard_size="20KB")
+    index = json.load(open(tmp_path / "sh" / "model.safetensors.index.json"))["weight_map"]
+    files = sorted(set(index.values()))[::order]
+    assert len(files) > 3
+    split = [n for n in {k.rsplit(".", 1)[0] for k in index if k.endswith(".sorsa_merged")}
+             if index[n + ".weight"] != index[n + ".sorsa_merged"]]
+    fresh = sorsa_model(base_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a weight before its marker: W_r recovered (warned)
+        for f in files:
+            fresh.load_state_dict(load_file(tmp_path / "sh" / f), strict=False)
+    torch.testing.assert_close(logits(fresh), logits(m), rtol=1e-5, atol=1e-5)
+    for (n, a), b in zip(adapters(m).items(), adapters(fresh).values()):
+        assert torch.equal(a, b), n
+    if order == 1 and not split:  # every layer whole in one shard: bit-exact
+        torch.testing.assert_close(logits(fresh), logits(m), rtol=0, atol=0)
+    from transformers.trainer_utils import load_sharded_checkpoint
+    again = sorsa_model(base_dir)
+    load_sharded_checkpoint(again, str(tmp_path / "sh"), strict=False)
+    torch.testing.assert_close(logits(again), logits(m), rtol=1e-5, atol=1e-5)
+
+
+def test_wrapper_names_and_merged_layers(trained, base_dir, tmp_path):
+    m, _ = trained
+    sd = sk.checkpoints.checkpoint_state_dict(m)
+    sk.merge_sorsa(m)
+    try:  # a merged layer writes its weight as is
+        merged = sk.checkpoints.checkpoint_state_dict(m)
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert torch.equal(merged[name], m.get_submodule(name[:-7]).weight.cpu())
+        torch.testing.assert_close(merged[name], sd[name], rtol=0, atol=1e-6)
+    finally:
+        sk.unmerge_sorsa(m)
+    # a state dict none of whose keys name the SORSA layers (a wrapper renamed them): refused
+    renamed = {"x." + k: v for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="none of the model's SORSA layers"):
+        sk.checkpoints.checkpoint_state_dict(m, renamed)

@@ -1,11 +1,11 @@
 """Fused forward for PEFT LoRA / KaSA layers: :func:`accelerate` swaps the class of every servable
 ``lora.Linear`` for a subclass whose ``forward`` calls :func:`sorsa_kernels.ops.linear.sorsa_linear`
-(see :mod:`sorsa_kernels.integrations.peft`)."""
+where that is faster than PEFT's own forward (see :mod:`sorsa_kernels.integrations.peft`)."""
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -60,22 +60,35 @@ def _conv1d_cls():
 
 
 _CONV1D = _conv1d_cls()  # peft imports transformers anyway; resolved once, not per forward
-_ONES: Dict[Tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+# Why backend="auto" keeps a call on PEFT's own forward: where the linear op has no fused kernel
+# (CPU; CUDA without Triton; dtypes the kernels lack) it would run its torch path, which does
+# PEFT's GEMMs plus a fixed per-call cost (argument checks, the custom op's dispatch and autograd
+# node; on small layers more than the whole LoRA branch) and, with dropout, draws the mask twice
+# (regenerated in backward instead of stored): never faster than PEFT's forward, often slower.
+PEFT_PATH_REASON = ("no fused kernel for this device/dtype: PEFT's own forward is faster than the op's torch "
+                    "path (per-call op overhead; with dropout the mask is drawn twice); backend='torch' "
+                    "forces the op")
 
 
-def _ones(r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The constant S of plain LoRA (never trainable, never in a state dict); cached."""
-    key = (r, dtype, device)
-    t = _ONES.get(key)
-    if t is None:
-        t = _ONES[key] = torch.ones(r, dtype=dtype, device=device)
-    return t
+def fused_here(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a call on ``device`` / ``dtype`` runs the fused op (False: PEFT's own forward).
+
+    A forced backend (``"torch"``, ``"triton"``) always runs the op; ``"auto"`` runs it where the
+    op has a fused kernel (:func:`sorsa_kernels._backend.resolve` gives other than ``"torch"``).
+    On the CPU that is never (``"auto"`` does not pick the Triton interpreter), so the CPU answer
+    needs no registry look-up."""
+    if backend != "auto":
+        return True
+    if device.type == "cpu":
+        return False
+    return _backend.resolve(LINEAR_OP, "auto", device, dtype) != "torch"
 
 
 class AcceleratedLoraLinear(LoraLinear):
     """``peft.tuners.lora.Linear`` whose single active LoRA / KaSA adapter runs through the
-    fused SORSA linear op. Instances are made by :func:`accelerate` (class swap); everything
-    but ``forward`` is PEFT's."""
+    fused SORSA linear op where :func:`fused_here` says so. Instances are made by
+    :func:`accelerate` (class swap); everything but ``forward`` is PEFT's."""
 
     _sk_backend: str = "auto"
 
@@ -94,7 +107,9 @@ class AcceleratedLoraLinear(LoraLinear):
             return None  # PEFT applies the deferred truncation on its first forward
         base = self.base_layer
         A, B = self.lora_A[a].weight, self.lora_B[a].weight
-        S = self.lora_diag[a] if kasa else _ones(A.shape[0], A.dtype, A.device)
+        # plain LoRA's S: made per call, never cached (a process-wide cache filled under
+        # torch.inference_mode() would hand later training calls an inference tensor to save)
+        S = self.lora_diag[a] if kasa else torch.ones(A.shape[0], dtype=A.dtype, device=A.device)
         autocast = torch.is_autocast_enabled(x.device.type)
         # the op's dtype rule (sorsa_kernels.ops.linear); anything else goes to PEFT, which casts or raises
         if not autocast and (base.weight.dtype != x.dtype or A.dtype not in (x.dtype, torch.float32)):
@@ -107,6 +122,8 @@ class AcceleratedLoraLinear(LoraLinear):
         return W, A, S, B, self.scaling[a], base.bias, p, drop.training
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not fused_here(self._sk_backend, x.device, x.dtype):
+            return super().forward(x, *args, **kwargs)
         ops = self._sk_operands(x, args, kwargs)
         if ops is None:
             return super().forward(x, *args, **kwargs)
@@ -115,16 +132,40 @@ class AcceleratedLoraLinear(LoraLinear):
                             backend=self._sk_backend)
 
 
+# PEFT names its layers by class name: repr ("lora.Linear(...)"), hence get_layer_status() /
+# get_model_status()'s module_type, and name checks in its tuners. The swap must not show there;
+# __qualname__ stays, so pickle still finds the class and type() still tells it apart.
+AcceleratedLoraLinear.__name__ = LoraLinear.__name__
+
+
 @dataclass
 class AccelerateReport:
-    """What :func:`accelerate` did: module names served by the fused op, and the LoRA layers
-    left on PEFT's path with the reason."""
+    """What :func:`accelerate` did and where each layer runs now.
+
+    Attributes:
+        accelerated: LoRA layers taken over (class swapped); each call runs the fused op or PEFT's
+            own forward, re-decided per call by the input's device (a model moved to CUDA after
+            :func:`accelerate` runs fused there).
+        fused: of ``accelerated``, those that run the fused op on their weight's current device.
+        peft_path: of ``accelerated``, those that run PEFT's own forward there, with why
+            (:func:`fused_here`: ``backend="auto"`` where the op has no fused kernel).
+        skipped: LoRA layers left on PEFT's path for good (cannot be served), with why.
+    """
 
     accelerated: List[str] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)
+    fused: List[str] = field(default_factory=list)
+    peft_path: Dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"{len(self.accelerated)} PEFT LoRA layers accelerated, {len(self.skipped)} left on PEFT's path"]
+        lines = [f"{len(self.accelerated)} PEFT LoRA layers taken over: {len(self.fused)} run the fused op, "
+                 f"{len(self.peft_path)} PEFT's own forward (faster on their device); "
+                 f"{len(self.skipped)} left on PEFT's path"]
+        by_reason: Dict[str, List[str]] = {}
+        for name, why in self.peft_path.items():
+            by_reason.setdefault(why, []).append(name)
+        lines += [f"  PEFT's forward, {len(names)} layers ({why}): {', '.join(names[:3])}"
+                  f"{', ...' if len(names) > 3 else ''}" for why, names in by_reason.items()]
         lines += [f"  {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -141,10 +182,17 @@ def accelerate(model: nn.Module, *, backend: str = "auto", warn: bool = True) ->
     active adapters are listed too and fall back per call. Idempotent; undo with
     :func:`unaccelerate`.
 
+    Where it is not faster, a taken-over layer runs PEFT's own forward: with ``backend="auto"``,
+    calls on a device where the op has no fused kernel (the CPU, CUDA without Triton) take PEFT's
+    path, decided per call by the input's device (:func:`fused_here`); the report's ``fused`` /
+    ``peft_path`` say where each layer runs on its current device. ``"torch"`` and ``"triton"``
+    force the op.
+
     Args:
         model: a ``PeftModel`` (or any module containing PEFT LoRA layers).
-        backend: the fused op's backend, ``"auto"`` | ``"torch"`` | ``"triton"``.
-        warn: emit one ``UserWarning`` listing the layers left on PEFT's path.
+        backend: ``"auto"`` | ``"torch"`` | ``"triton"`` (the op's backend; ``"auto"`` also picks
+            between the op and PEFT's forward, as above).
+        warn: emit one ``UserWarning`` listing the layers left on PEFT's path for good.
 
     Returns:
         An :class:`AccelerateReport`.
@@ -172,9 +220,14 @@ def accelerate(model: nn.Module, *, backend: str = "auto", warn: bool = True) ->
     # a forced backend that cannot run on the layers' devices fails now (nothing changed yet)
     for dev in {m.base_layer.weight.device for m in serve}:
         _backend.resolve(LINEAR_OP, backend, dev)
-    for mod in serve:
+    for name, mod in zip(report.accelerated, serve):
         mod.__class__ = AcceleratedLoraLinear
         mod._sk_backend = backend
+        w = mod.base_layer.weight
+        if fused_here(backend, w.device, w.dtype):
+            report.fused.append(name)
+        else:
+            report.peft_path[name] = f"{w.device.type}, backend={backend!r}: {PEFT_PATH_REASON}"
     if warn and report.skipped:
         warnings.warn(f"sorsa_kernels.integrations.peft.accelerate: {report}", UserWarning, stacklevel=2)
     return report

@@ -81,19 +81,24 @@ def peft_layers(W, A, S, B, scale, drop) -> Dict[str, tuple]:
     without peft. Their adapters hold A and B·diag(S) (LoRA) or A, S, B (KaSA): equal work."""
     try:
         from peft import LoraConfig, get_peft_model
-        from peft.tuners.lora import KasaConfig
     except ImportError:
         return {}
+    try:
+        from peft.tuners.lora import KasaConfig
+        kinds = ((PEFT_LORA, None), (PEFT_KASA, KasaConfig()))
+    except ImportError:  # peft < 0.21: LoRA only
+        kinds = ((PEFT_LORA, None),)
     out = {}
     r, (N, K) = A.shape[0], W.shape
-    for name, kasa in ((PEFT_LORA, None), (PEFT_KASA, KasaConfig())):
+    for name, kasa in kinds:
         base = torch.nn.Module()
         base.proj = torch.nn.Linear(K, N, bias=False, device=W.device, dtype=W.dtype)
         with torch.no_grad():
             base.proj.weight.copy_(W)
         conf = LoraConfig(r=r, lora_alpha=scale * r, lora_dropout=drop, target_modules=["proj"],
                           kasa_config=kasa)
-        layer = get_peft_model(base, conf).base_model.model.proj
+        # adapters in the model's dtype (PEFT's default upcasts bf16 adapters to float32: slower, not its usual run)
+        layer = get_peft_model(base, conf, autocast_adapter_dtype=False).base_model.model.proj
         with torch.no_grad():
             layer.lora_A["default"].weight.copy_(A)
             layer.lora_B["default"].weight.copy_(B if kasa else B * S)
