@@ -18,6 +18,7 @@ from peft.tuners.lora import Linear as LoraLinear  # noqa: E402
 import sorsa_kernels as sk  # noqa: E402
 import sorsa_kernels.init as sk_init  # noqa: E402
 from sorsa_kernels.integrations import peft as skp  # noqa: E402
+from sorsa_kernels.integrations.peft import forward as skf  # noqa: E402
 from sorsa_kernels.ops.linear.reference import sorsa_linear_naive
 from sorsa_kernels.ops.linear.torch_path import keep_mask as _torch_keep  # noqa: E402
 from sorsa_kernels.synthetic import exact_sigmas, max_rel_sigma_err, synthetic_weights  # noqa: E402
@@ -261,6 +262,77 @@ def test_report_skips_unservable_and_unaccelerate():
     assert type(meta.base_model.model.q) is LoraLinear  # nothing changed
     with pytest.raises(TypeError, match="model"):
         skp.accelerate("not a model")
+
+
+def test_inference_mode_call_then_training():
+    """A fused call under torch.inference_mode() leaves nothing behind that a later training call
+    saves for backward (plain LoRA's constant S is made per call, not cached)."""
+    pm = make()
+    ref = copy.deepcopy(pm)
+    skp.accelerate(pm, backend="torch")
+    x, dy = inputs(torch.float32)
+    with torch.inference_mode():
+        assert pm(x).is_inference()
+    out = run(pm, x, dy)  # same r, dtype and device as the inference call
+    compare(out, run(ref, x, dy), run(copy.deepcopy(ref).double(), x.double(), dy.double()))
+    assert_fused(pm, x)
+
+
+def test_peft_sees_its_own_class_names():
+    """repr, get_layer_status() and get_model_status() read PEFT's class name (module_type
+    'lora.Linear'), as without accelerate; type() and pickle still see the accelerated class."""
+    import pickle
+
+    pm = make()
+    ref = copy.deepcopy(pm)
+    skp.accelerate(pm, backend="torch")
+    q = pm.base_model.model.q
+    assert type(q) is skp.AcceleratedLoraLinear
+    assert repr(q) == repr(ref.base_model.model.q) and repr(q).startswith("lora.Linear(")
+    status = pm.get_layer_status()
+    assert [s.module_type for s in status] == ["lora.Linear", "lora.Linear"]
+    assert status == ref.get_layer_status()
+    assert pm.get_model_status() == ref.get_model_status()
+    back = pickle.loads(pickle.dumps(pm))
+    assert type(back.base_model.model.q) is skp.AcceleratedLoraLinear
+    x, _ = inputs(torch.float32)
+    torch.testing.assert_close(back(x), pm(x), rtol=0, atol=0)
+
+
+def test_auto_runs_peft_forward_where_it_is_faster(monkeypatch):
+    """backend='auto' on the CPU (no fused kernel there): every call takes PEFT's own forward
+    (bit-identical to PEFT, dropout included) and the report says so; 'torch' forces the op."""
+    pm = make(p=0.1)
+    ref = copy.deepcopy(pm)
+    names = ["base_model.model.q", "base_model.model.v"]
+    rep = skp.accelerate(pm)
+    assert sorted(rep.accelerated) == names and not rep.fused and not rep.skipped
+    assert sorted(rep.peft_path) == names and all(w.startswith("cpu, backend='auto': ") for w in rep.peft_path.values())
+    assert "0 run the fused op, 2 PEFT's own forward" in str(rep)
+    ops = []
+    real = skf.sorsa_linear
+    monkeypatch.setattr(skf, "sorsa_linear", lambda *a, **k: ops.append(1) or real(*a, **k))
+    x, dy = inputs(torch.float32)
+    pm.train(), ref.train()
+    torch.manual_seed(7)
+    ours = run(pm, x, dy)
+    torch.manual_seed(7)
+    theirs = run(ref, x, dy)
+    assert not ops
+    for a, b in zip(ours[:2], theirs[:2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for n in theirs[2]:
+        torch.testing.assert_close(ours[2][n], theirs[2][n], rtol=0, atol=0)
+    rep = skp.accelerate(pm, backend="torch")
+    assert sorted(rep.fused) == names and not rep.peft_path
+    pm(x)
+    assert len(ops) == 2
+    # the rule per device: forced backends always run the op; 'auto' where the op is fused
+    assert skf.fused_here("torch", torch.device("cpu"), torch.float32)
+    assert not skf.fused_here("auto", torch.device("meta"), torch.float32)
+    monkeypatch.setattr(skf._backend, "resolve", lambda op, b, dev, dt=None: "triton")
+    assert skf.fused_here("auto", torch.device("cuda"), torch.float32)
+    assert not skf.fused_here("auto", torch.device("cpu"), torch.float32)
 
 
 # ---------------------------------------------------------------- batched SVD init
