@@ -184,7 +184,10 @@ def read_adapter(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
         ten_path = os.path.join(path, HF_ADAPTER_FILE)  # a Trainer checkpoint saved with save="adapter"
     for p in (cfg_path, ten_path):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p} not found: path must be a directory written by sk.save_adapter")
+            raise FileNotFoundError(
+                f"{p} not found: path must be a directory written by sk.save_adapter or a Trainer checkpoint "
+                f"saved with SORSACallback(save='adapter'); a full checkpoint (save_pretrained's default) "
+                f"loads with load_state_dict / resume_from_checkpoint into a model prepared with apply_sorsa")
     with open(cfg_path) as f:
         config = json.load(f)
     if config.get("format") != FORMAT:

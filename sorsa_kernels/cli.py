@@ -170,6 +170,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         progress=not a.no_progress)
     print()
     print("Verdict (per op; our default path in each case: geometric mean over its cases, range in brackets)")
+    busy = bench.busy_warning(results)
+    if busy:
+        print(busy)
     print(bench.verdict_table(results))
     if bench.isatty(sys.stdout) and bench.isatty(sys.stderr):  # the rows are on screen already, above the verdict
         print("(each row was printed as it completed, above; --json PATH keeps them all)")

@@ -42,8 +42,17 @@ def check_alpha(alpha: Optional[float]) -> Optional[float]:
 _RSVD_KWARGS = tuple(p for p in inspect.signature(rsvd).parameters if p not in ("W", "rank"))
 
 
+_PEFT_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "rank": "r", "lora_r": "r",
+               "target_modules": "target_modules (the second positional argument)"}
+
+
 def _check_init_args(init: Optional[str], svd_kwargs: dict) -> None:
     """``init`` is None or an init method; only the randomized methods take (rsvd's) keywords."""
+    # PEFT's / sorsa 1.0.1's names for our arguments: say which one was meant
+    renamed = {k: _PEFT_NAMES[k] for k in svd_kwargs if k in _PEFT_NAMES}
+    if renamed:
+        raise TypeError("unexpected keyword argument(s) " + ", ".join(f"{k!r} (did you mean {v!r}?)"
+                                                                      for k, v in renamed.items()))
     if init is None:
         if svd_kwargs:
             raise TypeError(f"init=None takes no SVD arguments, got {sorted(svd_kwargs)}")

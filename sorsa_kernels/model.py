@@ -51,6 +51,21 @@ def target_matcher(target_modules: Union[str, Sequence[str]], match: str = "subs
     return lambda name: any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _suggest(model: nn.Module, targets: Sequence[str]) -> str:
+    """The model's linear layers by their short names (the last name component, as PEFT users
+    write targets), with the closest to each unmatched target."""
+    import difflib
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
+    short = sorted({n.rpartition(".")[2] for n in linears})
+    hints = []
+    for t in targets:
+        close = difflib.get_close_matches(t.rpartition(".")[2], short, n=1)
+        if close:
+            hints.append(f"{t!r} → {close[0]!r}?")
+    text = f"Its linear layers' names end in: {short[:30]}{' ...' if len(short) > 30 else ''}"
+    return text + (f"; did you mean {', '.join(hints)}" if hints else "")
+
+
 def _validate_site(name: str, mod: nn.Module, r, init) -> None:
     check_float(f"{name}.weight", mod.weight)
     out_f, in_f = (mod.weight.shape[1], mod.weight.shape[0]) if is_conv1d(mod) else mod.weight.shape
@@ -132,20 +147,16 @@ def apply_sorsa(
                 f"target_modules={targets!r} matched only layers that are already SORSA layers "
                 f"({converted[:10]}{' ...' if len(converted) > 10 else ''}): apply_sorsa converts nn.Linear/"
                 f"Conv1D; to re-initialise existing adapters use sk.init_layers(list(sk.sorsa_layers(model)))")
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
-        raise ValueError(
-            f"target_modules={targets!r} matched no nn.Linear in the model (match={match!r}); "
-            f"its linear layers are: {linears[:20]}{' ...' if len(linears) > 20 else ''}"
-        )
+        raise ValueError(f"target_modules={targets!r} matched no nn.Linear in the model (match={match!r}). "
+                         f"{_suggest(model, targets)}")
     if not isinstance(target_modules, str) and len(targets) > 1:
         # a typo in one of several targets (["q_proj", "v_prj"]) must not pass as "q_proj only"
         names = [n for n, _ in model.named_modules() if n]
         unmatched = [t for t in targets if not any(target_matcher([t], match)(n) for n in names)]
         if unmatched:
-            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
             raise ValueError(
                 f"target_modules entries {unmatched} match no module of the model (match={match!r}); the others "
-                f"do. Its linear layers are: {linears[:20]}{' ...' if len(linears) > 20 else ''}")
+                f"do. {_suggest(model, unmatched)}")
     if skipped:
         warnings.warn(f"apply_sorsa: target_modules also matched modules that are not nn.Linear/Conv1D; "
                       f"skipped: {skipped[:20]}{' ...' if len(skipped) > 20 else ''}", UserWarning, stacklevel=2)

@@ -90,8 +90,16 @@ def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto",
             return control
 
         def on_train_begin(self, args, state, control, model=None, **kw):
-            if model is not None and warn_trainable and state.is_world_process_zero:
+            if model is None or not state.is_world_process_zero:
+                return control
+            if warn_trainable:
                 warn_trainable_non_adapters(model, "SORSACallback")
+            zero = [n for n, m in named_sorsa_layers(model) if not m.sorsa_S.detach().any()]
+            if zero:  # apply_sorsa(init=None) / sorsa 1.0.1 without sorsa_init(): nothing would train
+                warnings.warn(f"SORSACallback: {len(zero)} SORSA layers have all-zero adapters ({zero[0]}, ...): "
+                              f"their A and B get no gradient, so training changes nothing there; initialise them "
+                              f"first (apply_sorsa's init=, model.sorsa_init(), or sk.load_adapter)",
+                              UserWarning, stacklevel=2)
             return control
 
         def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):

@@ -257,3 +257,11 @@ def test_wrapper_names_and_merged_layers(trained, base_dir, tmp_path):
     renamed = {"x." + k: v for k, v in m.state_dict().items()}
     with pytest.raises(ValueError, match="none of the model's SORSA layers"):
         sk.checkpoints.checkpoint_state_dict(m, renamed)
+
+
+def test_all_zero_adapters_are_warned(base_dir, tmp_path):
+    m = LlamaForCausalLM.from_pretrained(base_dir)
+    sk.apply_sorsa(m, TARGETS, r=4, init=None)  # forgot to initialise (sorsa 1.0.1: no sorsa_init())
+    sk.mark_only_sorsa_trainable(m)
+    with pytest.warns(UserWarning, match="all-zero adapters"):
+        trainer(m, tmp_path, 1).train()

@@ -97,9 +97,16 @@ def test_state_dict_round_trip_whole_model():
 def test_a_typo_in_one_target_is_an_error_not_a_silent_partial_conversion(match):
     m = model()
     before = copy.deepcopy(m.state_dict())
-    with pytest.raises(ValueError, match=r"entries \['v_prj'\] match no module .*the others do"):
+    with pytest.raises(ValueError, match=r"entries \['v_prj'\] match no module .*the others do") as e:
         sk.apply_sorsa(m, ["q_proj", "v_prj"], r=2, match=match)
+    assert "did you mean 'v_prj' → 'v_proj'?" in str(e.value)  # short names, the closest one
     assert not list(sk.sorsa_layers(m)) and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_peft_argument_names_get_a_suggestion():
+    for kw, ours in (("lora_alpha", "'alpha'"), ("rank", "'r'"), ("lora_dropout", "'dropout'")):
+        with pytest.raises(TypeError, match=f"'{kw}' \\(did you mean {ours}\\?\\)"):
+            sk.apply_sorsa(model(), ["q_proj"], r=2, **{kw: 8})
 
 
 def test_no_match_is_an_error():

@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 import torch
 
 from .cases import MODES, Case, cases, models, op_texts, plan
-from .report import (LEGEND, Result, cross_check, details_table, format_row, from_json, plot, results_for_case,
+from .report import (LEGEND, Result, busy_warning, cross_check, details_table, format_row, from_json, plot, results_for_case,
                      to_json, verdict_table, write_json, DETAIL_HEAD)
 from .runners import REF_FORMULA, REF_LAYER, Built, build, load_reference_layer, reference_layer
 from .timing import ImplError, quartiles, time_interleaved
@@ -36,7 +36,8 @@ def _package_status(name: str) -> str:
     try:
         mod = importlib.import_module(name)
     except Exception as exc:  # e.g. sorsa 1.0.1's __init__ under transformers 5
-        return f"installed, but `import {name}` fails: {type(exc).__name__}: {str(exc)[:120]}"
+        msg = str(exc).split(" (")[0]  # ImportError appends "(/long/path/__init__.py)"
+        return f"installed, but `import {name}` fails: {type(exc).__name__}: {msg[:100]}"
     return getattr(mod, "__version__", None) or importlib.metadata.version(name)
 
 

@@ -207,6 +207,17 @@ def verdict_table(results: List[Result]) -> str:
     return "\n".join(lines)
 
 
+def busy_warning(results: List[Result]) -> Optional[str]:
+    """One line for the top of the verdict when most of our rows are too noisy (or drifted) to
+    call: their numbers then say more about the machine's load than about the code."""
+    ours = [r for r in results if r.role == "ours" and r.ms]
+    bad = [r for r in ours if any(f[:1] in "~≈" for f in r.flags)]
+    if ours and len(bad) * 2 > len(ours):
+        return (f"INCONCLUSIVE: {len(bad)} of {len(ours)} of our rows are too noisy or drifted (the machine was "
+                f"busy); the ratios below are not findings. Rerun on a quiet machine.")
+    return None
+
+
 def to_json(results: List[Result]) -> List[dict]:
     return [asdict(r) for r in results]
 

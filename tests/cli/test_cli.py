@@ -167,6 +167,14 @@ def test_drift_is_flagged_even_with_a_small_spread():
     assert not report.results_for_case("linear_fwd", "c", roles, steady, {}, {})[0].flags
 
 
+def test_a_busy_machine_makes_the_verdict_inconclusive():
+    roles = {"ours": "ours", "ref": "ref"}
+    noisy = report.results_for_case("linear_fwd", "c", roles, {"ours": [1.0, 2.0, 4.0], "ref": [3.0] * 3}, {}, {})
+    assert "INCONCLUSIVE" in report.busy_warning(noisy)
+    calm = report.results_for_case("linear_fwd", "c", roles, {"ours": [1.0] * 3, "ref": [3.0] * 3}, {}, {})
+    assert report.busy_warning(calm) is None
+
+
 def test_header_says_what_is_installed(monkeypatch):
     h = bench.header(CPU, "quick")
     monkeypatch.setitem(h, "peft", "not installed")
