@@ -98,6 +98,10 @@ _linear_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 _linear_fwd_dropout_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# where plain autograd computes what the torch path does (its fp32 xa and dS are the dtype itself)
+_EAGER_DTYPES = (torch.float32, torch.float64)
+
+
 def linear(x2: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, S: torch.Tensor, B: torch.Tensor,
            bias: Optional[torch.Tensor], scale: float, p: float, backend: str) -> torch.Tensor:
     """The differentiable op on 2-D ``x2`` with a concrete ``backend`` and validated operands.
@@ -106,5 +110,7 @@ def linear(x2: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, S: torch.Ten
     governs it): kernels and the torch path read it as a host int without a device sync, and
     every call (layer, step) gets a fresh one, so masks are independent across layers and steps.
     Without dropout there is no seed: no host tensor in the call, so CUDA graphs keep the op."""
+    if (backend == "torch" and p == 0 and x2.dtype in _EAGER_DTYPES and not torch.compiler.is_compiling()):
+        return torch_path.eager(x2, weight, A, S, B, bias, scale)  # graphs keep the custom op (compile, export)
     seed = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64) if p > 0 else None
     return fwd_op(p)(x2, weight, A, S, B, bias, scale, p, seed, backend)[0]
