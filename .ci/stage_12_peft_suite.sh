@@ -33,13 +33,15 @@ touch "$SRC/tests/__init__.py"
 MAIN_SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 PTH=$VENV/main_venv.pth.path
 if [ "$(cat "$PTH" 2>/dev/null)" != "$MAIN_SITE" ] || ! "$VENV/bin/python" -c \
-    "import diffusers, datasets, scipy, parameterized, attr, peft; assert peft.__version__ == '$PEFT'" 2>/dev/null; then
+    "import diffusers, datasets, scipy, parameterized, attr, peft; assert peft.__version__ == '$PEFT'; assert diffusers.__version__ == '0.42.1'" 2>/dev/null; then
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
   echo "$MAIN_SITE" > "$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/main_venv.pth"
   echo "$MAIN_SITE" > "$PTH"
   "$ROOT/.venv/bin/pip" freeze --exclude-editable | grep -v ' @ ' > "$WORK/constraints.txt"
-  pipq "$VENV/bin/pip" install -c "$WORK/constraints.txt" diffusers datasets scipy parameterized attrs
+  # the versions this stage was last run with (a new upstream release must not turn CI red by itself)
+  pipq "$VENV/bin/pip" install -c "$WORK/constraints.txt" diffusers==0.42.1 datasets==5.2.0 scipy==1.17.1 \
+    parameterized==0.9.0 attrs==26.1.0
 fi
 echo "== peft $PEFT sdist and test venv ready in $(( $(date +%s) - T0 )) s"
 
@@ -47,7 +49,7 @@ run() {  # $1 name, then extra pytest options
   local name=$1; shift
   (cd "$SRC" && HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
      PYTHONPATH="$ROOT/tests/peft_suite:$ROOT" timeout 900 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-     -o addopts= --rootdir=. -W ignore --tb=short -p sk_peft_plugin \
+     -o addopts= --rootdir=. --basetemp="$WORK/tmp-$name" -W ignore --tb=short -p sk_peft_plugin \
      --sk-exclude="$ROOT/tests/peft_suite/hub_tests.txt" --sk-outcomes="$WORK/$name.json" "$@" \
      tests/test_custom_models.py tests/test_initialization.py tests/test_tuners_utils.py) > "$WORK/$name.log" 2>&1
 }

@@ -636,7 +636,7 @@ def test_decode_sized_rows_go_to_torch_by_rule_untimed(M, isolated):
     assert _backend.choose(OP, "triton", CUDA, _case(M=M)) == "triton"  # a forced backend is obeyed
 
 
-def test_selective_checkpoint_region_is_not_timed_and_grads_stay_right(isolated):
+def test_selective_checkpoint_region_is_not_timed_and_grads_stay_right(isolated, monkeypatch):
     """Selective activation checkpointing is a torch dispatch mode that counts the op's calls: a
     bench run inside it shifted the recompute's cached outputs (dA off by 1e3). Inside any
     dispatch mode nothing is timed or recorded; the next plain call times the key."""
@@ -644,6 +644,8 @@ def test_selective_checkpoint_region_is_not_timed_and_grads_stay_right(isolated)
     import functools
     from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
     LIN, MM = torch.ops.sorsa_kernels.linear_fwd.default, torch.ops.aten.mm.default
+    import sorsa_kernels.ops.linear.op as lin_op
+    monkeypatch.setattr(lin_op, "_EAGER", False)  # the op itself, as on CUDA
 
     def policy(ctx, op, *a, **k):
         return CheckpointPolicy.MUST_SAVE if op in (LIN, MM) else CheckpointPolicy.PREFER_RECOMPUTE

@@ -30,7 +30,9 @@ def grads_of(fn, x, W, A, S, B, b, dy):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M_shape,k,n,r", [((7,), 19, 13, 1), ((2, 5), 33, 21, 13), ((1,), 16, 24, 16), ((9,), 12, 40, 12)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_forward_backward_vs_float64(dtype, M_shape, k, n, r, bias):
+@pytest.mark.parametrize("eager", [True, False], ids=["eager-fp32-cpu", "custom-op"])
+def test_forward_backward_vs_float64(dtype, M_shape, k, n, r, bias, eager, monkeypatch):
+    monkeypatch.setattr(sk.ops.linear.op, "_EAGER", eager)
     x, W, A, S, B, b, dt, _ = make(M_shape, k, n, r, dtype, bias)
     dy = torch.randn(*M_shape, n, dtype=torch.float64)
     low = lambda t: None if t is None else t.to(dt)  # noqa: E731
@@ -97,3 +99,25 @@ def test_autocast_bf16_like_linear():
         y = sorsa_linear(x, W, A, S, B, 1.0, b)
         ylin = torch.nn.functional.linear(x, W, b)
     assert y.dtype == ylin.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_eager_cpu_path_equals_the_custom_op(p, monkeypatch):
+    """fp32 CPU calls run plain autograd ops (no per-call custom-op cost); they must give exactly
+    the op's output and gradients: dx, dW (W unfrozen), dA, dS, dB, dbias, the same dropout mask."""
+    g = torch.Generator().manual_seed(3)
+    x, W = torch.randn(2, 7, 19, generator=g), torch.randn(13, 19, generator=g)
+    A, S, B, b = torch.randn(5, 19, generator=g), torch.rand(5, generator=g), torch.randn(13, 5, generator=g), \
+        torch.randn(13, generator=g)
+    dy = torch.randn(2, 7, 13, generator=g)
+
+    def run(eager):
+        monkeypatch.setattr(sk.ops.linear.op, "_EAGER", eager)
+        ts = [t.clone().requires_grad_() for t in (x, W, A, S, B, b)]
+        torch.manual_seed(11)  # the dropout seed is drawn from the global generator
+        y = sorsa_linear(ts[0], ts[1], ts[2], ts[3], ts[4], 0.7, ts[5], dropout_p=p, backend="torch")
+        y.backward(dy)
+        return [y.detach()] + [t.grad for t in ts]
+    for name, a, c in zip(["y", "dx", "dW", "dA", "dS", "dB", "dbias"], run(True), run(False)):
+        assert a.dtype == c.dtype, name
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5, msg=name)

@@ -176,20 +176,24 @@ def test_no_host_sync_per_step_with_dropout(backend):
 def test_dropout_seed_is_a_cpu_tensor_and_fresh_per_call(monkeypatch):
     """The seed is drawn on the host (no device read to turn it into an int) and differs
     between calls, so masks differ between layers and steps."""
-    import sorsa_kernels.ops.linear.op as opl
+    import sorsa_kernels.ops.linear.torch_path as tp
     seen = []
-    real = opl._linear_fwd_dropout_op
+    real = tp.keep_mask
 
-    def spy(*a):
-        seen.append(a[8])
-        return real(*a)
+    def spy(x2, p, seed):
+        seen.append(seed)
+        return real(x2, p, seed)
 
-    monkeypatch.setattr(opl, "_linear_fwd_dropout_op", spy)
+    monkeypatch.setattr(tp, "keep_mask", spy)
     x, W, A, S, B = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.ones(2), torch.randn(6, 2)
-    sorsa_linear(x, W, A, S, B, dropout_p=0.2)
-    sorsa_linear(x, W, A, S, B, dropout_p=0.2)
-    assert all(s.device.type == "cpu" for s in seen)
-    assert int(seen[0]) != int(seen[1])
+    # fp32: the eager path; bf16: the custom op (the seed reaches both the same way)
+    for dt in (torch.float32, torch.bfloat16):
+        seen.clear()
+        args = [t.to(dt) for t in (x, W, A, S, B)]
+        sorsa_linear(*args, dropout_p=0.2)
+        sorsa_linear(*args, dropout_p=0.2)
+        assert seen and all(s.device.type == "cpu" for s in seen)
+        assert int(seen[0]) != int(seen[-1])
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])

@@ -48,11 +48,13 @@ def backward(dy, x2, weight, A, S, B, xa, scale: float, p: float, seed, need_dx:
     return dx, dA, dS.to(S.dtype), dB
 
 
-def eager(x2, weight, A, S, B, bias, scale: float):
-    """The dropout-free forward as plain autograd ops, for eager fp32/fp64 calls: the same GEMMs
-    as :func:`forward` / :func:`backward` (every gradient, in the same dtypes) without the
-    custom op's per-call dispatch and autograd node, which cost ~0.2 ms on the CPU — more than
-    a small layer's whole adapter branch (PEFT's forward was 2.25× faster at 64×64, r = 4)."""
+def eager(x2, weight, A, S, B, bias, scale: float, p: float = 0.0, seed=None):
+    """:func:`forward` as plain autograd ops, for eager fp32 CPU calls: the same GEMMs, the same
+    mask from the same seed and every gradient, without the custom op's per-call dispatch and
+    autograd node (~0.2 ms on the CPU: more than a small layer's whole adapter branch; PEFT's
+    forward was 2.25× faster at 64×64, r = 4). Autograd keeps the dropped input for backward
+    instead of regenerating the mask (drawn once, not twice)."""
     dt = x2.dtype
+    xd = x2 * keep_mask(x2, p, seed).to(dt) / (1.0 - p) if p > 0 else x2
     y = F.linear(x2, weight, None if bias is None else bias.to(dt))
-    return torch.addmm(y, (x2 @ A.to(dt).t()) * (S.to(dt) * scale), B.to(dt).t())
+    return torch.addmm(y, (xd @ A.to(dt).t()) * (S.to(dt) * scale), B.to(dt).t())
