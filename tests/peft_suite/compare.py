@@ -36,7 +36,11 @@ def main(argv: List[str]) -> int:
         print(f"{name}: {run['selected']} selected, {len(run['excluded'])} hub tests excluded: {tally}")
     c = acc["counts"]
     print(f"accelerated: {c['layers']} LoRA layers served, {c['calls']} calls of served layers, "
-          f"{c['fused']} fused (the rest took PEFT's forward: merged, disabled, several adapters, ...)")
+          f"{c['fused']} fused (the rest took PEFT's forward: merged, disabled, several adapters, ...); "
+          f"{c.get('checked', 0)} fused calls compared with PEFT's forward ({c.get('grad_checked', 0)} in every gradient)")
+    if c.get("fused") and not c.get("grad_checked"):
+        print("no fused call's gradients were compared with PEFT's: the accelerated run proves nothing", file=sys.stderr)
+        return 1
     bad = regressions(asis, acc)
     for t in bad:
         print(f"REGRESSION ({acc['outcomes'].get(t, 'missing')} accelerated, passed as-is): {t}")

@@ -89,6 +89,8 @@ class _Counts:
         self.layers = 0
         self.calls = 0
         self.fused = 0
+        self.checked = 0  # fused calls compared with PEFT's forward
+        self.grad_checked = 0  # ... and their gradients
 
 
 def _install_accelerate(counts: _Counts) -> None:
@@ -119,9 +121,46 @@ def _install_accelerate(counts: _Counts) -> None:
 
     def counted_forward(self, *args, **kwargs):
         counts.calls += 1
-        return fwd(self, *args, **kwargs)
+        fused_before = counts.fused
+        out = fwd(self, *args, **kwargs)
+        if counts.fused > fused_before and counts.checked < CHECKS:
+            _check_against_peft(self, out, args, kwargs, counts)
+        return out
 
     skf.AcceleratedLoraLinear.forward = counted_forward
+
+
+#: fused calls per process whose output and gradients are compared with PEFT's own forward (a test
+#: passing accelerated proves little where it never looks at a gradient)
+CHECKS = 400
+
+
+def _check_against_peft(layer, out, args, kwargs, counts: "_Counts") -> None:
+    """Raise (failing the test) unless the fused call's output and gradients equal PEFT's forward on
+    the same input. Only calls without active dropout (the masks differ by design), fp32."""
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    x = args[0] if args else None
+    drop = [m for m in layer.lora_dropout.values() if isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training]
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or drop or torch.is_inference_mode_enabled():
+        return
+    counts.checked += 1
+    with torch.random.fork_rng(devices=[]):  # the check must not move the tests' random streams
+        ref = LoraLinear.forward(layer, *args, **kwargs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"fused output != PEFT's: {m}")
+    if not (torch.is_grad_enabled() and out.requires_grad and ref.requires_grad):
+        return
+    wrt = [t for t in [x] + [p for p in layer.parameters() if p.requires_grad] if t.requires_grad]
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(counts.checked), dtype=out.dtype)
+    got = torch.autograd.grad(out, wrt, dy, retain_graph=True, allow_unused=True)
+    want = torch.autograd.grad(ref, wrt, dy, retain_graph=True, allow_unused=True)
+    for g, w in zip(got, want):
+        if g is None or w is None:
+            assert (g is None) == (w is None or not w.any()), "fused gradient presence != PEFT's"
+            continue
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m: f"fused gradient != PEFT's: {m}")
+    counts.grad_checked += 1
 
 
 class _Recorder:
@@ -177,7 +216,8 @@ class _Recorder:
         if self.counts is not None:
             c = self.counts
             line += (f"; accelerated: {c.layers} LoRA layers served, {c.calls} calls, {c.fused} fused "
-                     f"({c.calls - c.fused} on PEFT's forward)")
+                     f"({c.calls - c.fused} on PEFT's forward), {c.checked} fused calls checked against "
+                     f"PEFT's output ({c.grad_checked} also in every gradient)")
         terminalreporter.write_line(line)
         if self.stale:
             terminalreporter.write_line(f"  {len(self.stale)} listed hub tests are not in this peft's suite "

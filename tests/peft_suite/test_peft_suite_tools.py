@@ -47,9 +47,10 @@ def test_recorded_hub_list_reads(tmp_path):
 
 
 def test_compare_fails_on_a_test_that_passes_only_as_is(tmp_path, capsys):
-    def write(name, accelerated, outcomes, fused=3):
+    def write(name, accelerated, outcomes, fused=3, grad_checked=2):
         path = tmp_path / f"{name}.json"
-        counts = {"layers": 2, "calls": 4, "fused": fused} if accelerated else None
+        counts = {"layers": 2, "calls": 4, "fused": fused, "checked": 2, "grad_checked": grad_checked} \
+            if accelerated else None
         path.write_text(json.dumps({"accelerated": accelerated, "selected": len(outcomes), "excluded": {},
                                     "counts": counts, "outcomes": outcomes}))
         return str(path)
@@ -65,3 +66,6 @@ def test_compare_fails_on_a_test_that_passes_only_as_is(tmp_path, capsys):
         assert "REGRESSION" in capsys.readouterr().out
     assert compare.main([asis, write("acc", True, {"a": "passed", "b": "passed"}, fused=0)]) == 1
     assert compare.main([same, asis]) == 2  # the runs swapped
+    # fused calls whose gradients were never compared with PEFT's: the run proves nothing
+    assert compare.main([asis, write("acc", True, {"a": "passed", "b": "passed", "c": "failed", "d": "passed"},
+                                      grad_checked=0)]) == 1
