@@ -13,6 +13,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 import sorsa_kernels as sk  # noqa: E402
+from trainer_helpers import affine_dataset  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB, SEQ = 64, 16
@@ -34,17 +35,7 @@ def sorsa_model(base_dir, dtype=torch.float32, freeze=True):
 
 
 def data(n=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        a, b, t = (int(v) for v in torch.randint(1, VOCAB, (3,), generator=g))
-        ids = []
-        for _ in range(SEQ):
-            ids.append(t)
-            t = (a * t + b) % VOCAB
-        x = torch.tensor(ids)
-        out.append({"input_ids": x, "labels": x.clone()})
-    return out
+    return affine_dataset(n, VOCAB, SEQ, seed)
 
 
 def trainer(model, out, steps, save_steps=None, callback_kw=None):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sorsa_kernels as sk
+from trainer_helpers import affine_dataset
 from sorsa_kernels import compat
 
 TARGETS = ["q_proj", "o_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]  # sorsa's README
@@ -32,17 +33,7 @@ def base_dir(tmp_path_factory):
 
 
 def dataset(n=64, seed=1):
-    """Affine recurrences t <- (a·t + b) mod V: learnable from context, so the loss falls fast."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        a, b, t = (int(v) for v in torch.randint(1, VOCAB, (3,), generator=g))
-        ids = []
-        for _ in range(SEQ):
-            ids.append(t)
-            t = (a * t + b) % VOCAB
-        out.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(ids)})
-    return out
+    return affine_dataset(n, VOCAB, SEQ, seed)
 
 
 def ids(seed=5):
