@@ -10,6 +10,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 T0=$(date +%s)
+# Three torch venvs live here at once (two CUDA builds of ~5.5 GB each, one CPU build): ~14 GB. The
+# earlier stages' venvs are not used after stage_15, so free their space when the disk is short
+# (a CI run once died here with ENOSPC), and say so plainly when even that is not enough.
+free_gb() { df -Pk "${TMPDIR:-/tmp}" | awk 'NR==2 {print int($4 / 1048576)}'; }
+NEED_GB=16
+if [ "$(free_gb)" -lt $NEED_GB ]; then
+  echo "== only $(free_gb) GB free in ${TMPDIR:-/tmp}: removing the finished stages' venvs"
+  rm -rf "$ROOT/.ci-venv-second" "$ROOT/.ci-peft-suite"
+fi
+if [ "$(free_gb)" -lt $NEED_GB ]; then
+  echo "FAIL: stage_20 needs ~$NEED_GB GB free in ${TMPDIR:-/tmp} for three torch venvs, $(free_gb) GB are"; exit 1
+fi
 W=$(mktemp -d "${TMPDIR:-/tmp}/sorsa-wheel-ci.XXXXXX")
 trap 'wait; rm -rf "$W"' EXIT  # background pip installs finish before the folder goes
 step() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
