@@ -7,6 +7,7 @@ from .adapters import load_adapter, save_adapter
 from .export import export_lora, merge_and_unload
 from .init import init_layers, sorsa_decompose, svd_factors
 from .layer import SORSAConv1D, SORSALinear
+from .layer_4bit import SORSALinear4bit
 from .ops import sorsa_linear
 from .model import (apply_sorsa, disable_adapters, mark_only_sorsa_trainable, merge_sorsa,
                     print_trainable_parameters, sorsa_layers, sorsa_parameters, target_matcher,
@@ -19,7 +20,7 @@ from .training import SORSACallback
 from ._version import __version__
 
 __all__ = [
-    "SORSALinear", "apply_sorsa", "integrations", "calc_ortho", "ortho_loss", "orthonormal_grad_", "merge_sorsa", "unmerge_sorsa",
+    "SORSALinear", "SORSALinear4bit", "apply_sorsa", "integrations", "calc_ortho", "ortho_loss", "orthonormal_grad_", "merge_sorsa", "unmerge_sorsa",
     "sorsa_parameters", "mark_only_sorsa_trainable", "sorsa_layers", "sorsa_decompose", "svd_factors", "init_layers",
     "rsvd", "SORSARegularizer", "SORSACallback", "ops", "build_info", "__version__",
     "save_adapter", "load_adapter", "export_lora", "merge_and_unload",

@@ -35,7 +35,9 @@ import torch.nn as nn
 from .init import adapters_from_factors
 from . import checkpoints
 from .checkpoints import CONFIG_FILE, HF_ADAPTER_FILE
+from . import quant
 from .layer import SORSAConv1D, SORSALinear, is_conv1d, named_sorsa_layers
+from .layer_4bit import SORSALinear4bit, dequantized_linear
 
 ADAPTER_FILE = "adapter_model.safetensors"
 FORMAT = "sorsa-kernels-adapter/1"
@@ -101,10 +103,26 @@ def _fingerprint_mismatch(saved: dict, got: dict, u: float) -> Optional[str]:
 
 
 def _base_weight(mod: nn.Module) -> torch.Tensor:
-    """The base (original) out×in weight of a SORSA layer or of a plain Linear / Conv1D."""
+    """The base (original) out×in weight of a SORSA layer or of a plain Linear / Conv1D /
+    bitsandbytes Linear4bit (dequantized)."""
     if isinstance(mod, SORSALinear):
         return mod.original_weight()
+    if quant.is_linear4bit(mod):
+        return quant.dequantize(mod.weight)
     return mod.weight.detach().T if is_conv1d(mod) else mod.weight.detach()
+
+
+def _fingerprint(mod: nn.Module) -> Optional[dict]:
+    """The base weight's fingerprint; a 4-bit SORSA layer's was taken at init (None: unknown)."""
+    if isinstance(mod, SORSALinear4bit):
+        return mod.base_fingerprint
+    return base_fingerprint(_base_weight(mod))
+
+
+def _weight_dtype(mod: nn.Module) -> torch.dtype:
+    if isinstance(mod, SORSALinear):
+        return mod.weight_dtype
+    return quant.weight_dtype(mod.weight) if quant.is_linear4bit(mod) else mod.weight.dtype
 
 
 def _uniform(values):
@@ -133,10 +151,12 @@ def adapter_config(model: nn.Module) -> dict:
             "in_features": m.in_features, "out_features": m.out_features,
             "r": m.r, "alpha": m.alpha, "dropout": m.dropout, "bias": m.bias is not None,
             "bias_trained": m.bias is not None and m.bias.requires_grad, "merge_weights": m.merge_weights,
-            "weight_dtype": _dtype_name(m.weight.dtype), "adapter_dtype": _dtype_name(m.sorsa_A.dtype),
+            "weight_dtype": _dtype_name(m.weight_dtype), "adapter_dtype": _dtype_name(m.sorsa_A.dtype),
             "init": m.init_config,
-            "base_fingerprint": base_fingerprint(m.original_weight()),
+            "base_fingerprint": _fingerprint(m),
         }
+        if isinstance(m, SORSALinear4bit):  # W_r = quant(W - scale·B0·diag(S0)·A0) with these settings
+            per_layer[name]["quant"] = m.quant_config()
     from ._version import __version__
 
     lv = list(per_layer.values())
@@ -227,12 +247,18 @@ def _check_layer(name: str, spec: dict, mod: Optional[nn.Module], tensors: Dict[
         if mod.initial_adapter() is None:
             problems.append(f"{name}: the model layer's initial adapter is unknown (weights loaded from a state "
                             f"dict), so its base weight cannot be recovered; load into the base model instead")
+        if isinstance(mod, SORSALinear4bit) != bool(spec.get("quant")):
+            problems.append(f"{name}: a {'4-bit' if spec.get('quant') else 'full-precision'} residual in the adapter, "
+                            f"a {type(mod).__name__} in the model; load it onto the base model instead")
+        elif isinstance(mod, SORSALinear4bit) and mod.quant_config() != spec["quant"]:
+            problems.append(f"{name}: 4-bit settings {mod.quant_config()} in the model, {spec['quant']} in the adapter")
     elif isinstance(mod, nn.Linear) or is_conv1d(mod):
         if is_conv1d(mod) != conv:
             problems.append(f"{name}: a {type(mod).__name__} in the model, a {spec['kind']} layer in the adapter")
         shape = (in_f, out_f) if conv else (out_f, in_f)
-        if tuple(mod.weight.shape) != shape:
-            problems.append(f"{name}: weight shape {tuple(mod.weight.shape)} in the model, {shape} in the adapter")
+        got = quant.weight_shape(mod.weight) if quant.is_linear4bit(mod) else tuple(mod.weight.shape)
+        if tuple(got) != shape:
+            problems.append(f"{name}: weight shape {tuple(got)} in the model, {shape} in the adapter")
         elif mod.weight.is_meta:
             problems.append(f"{name}: weight is on the meta device; load the base weights first")
     else:
@@ -293,9 +319,13 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> nn.Mod
             if "base_fingerprint" not in spec:
                 continue
             mod = modules[name]
-            W = _base_weight(mod)
-            u = max(_unit_roundoff(_dtype(spec["weight_dtype"])), _unit_roundoff(mod.weight.dtype))
-            why = _fingerprint_mismatch(spec["base_fingerprint"], base_fingerprint(W), u)
+            got = _fingerprint(mod)
+            if got is None:
+                problems.append(f"{name}: this 4-bit layer's base weight is unknown (loaded from a state dict); "
+                                f"load onto the base model, or pass check_base=False")
+                continue
+            u = max(_unit_roundoff(_dtype(spec["weight_dtype"])), _unit_roundoff(_weight_dtype(mod)))
+            why = _fingerprint_mismatch(spec["base_fingerprint"], got, u)
             if why:
                 problems.append(f"{name}: base weight differs from the one the adapter was trained on ({why}); "
                                 f"load onto the original base model, or pass check_base=False")
@@ -309,22 +339,39 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> nn.Mod
         mod = modules[name]
         A, S, B = (tensors[f"{name}.{p}"] for p in _PARTS)
         A0, S0, B0 = (tensors[f"{name}.{p}"] for p in _INIT_PARTS)
+        qspec = spec.get("quant")
         if isinstance(mod, SORSALinear):
             layer, new = mod, False
-            dev, adt = layer.weight.device, layer.sorsa_A.dtype
+            dev, adt = layer.sorsa_A.device, layer.sorsa_A.dtype
             cur0 = layer.initial_adapter()
             same_init = all(c.dtype == t.dtype and torch.equal(c.cpu(), t) for c, t in zip(cur0, (A0, S0, B0)))
+            if not same_init and qspec:
+                raise ValueError(f"load_adapter: {name} is a 4-bit layer initialised differently from the adapter: "
+                                 f"its quantized W_r cannot give back the base weight; load onto the base model")
             W = None if same_init else layer.original_weight()
         else:
+            if quant.is_linear4bit(mod):  # a 4-bit base: its own settings unless the adapter has some
+                qspec = qspec or {"type": mod.weight.quant_type, "blocksize": mod.weight.blocksize,
+                                  "double_quant": bool(mod.weight.compress_statistics), "iters": 0}
+            base = dequantized_linear(mod) if quant.is_linear4bit(mod) else mod
             cls = SORSAConv1D if spec["kind"] == "conv1d" else SORSALinear
-            layer = cls.from_linear(mod, spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], init=None,
-                                    merge_weights=spec.get("merge_weights", True))
+            layer = cls.from_linear(base, spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], init=None,
+                                    merge_weights=spec.get("merge_weights", True) and not qspec)
             new, dev, adt = True, layer.weight.device, _dtype(spec["adapter_dtype"])
             W = layer.w.detach()
         A0, S0, B0 = (t.to(dev, adt) for t in (A0, S0, B0))
         W_r = None
         if W is not None:
-            W_r, A0, S0, B0 = adapters_from_factors(W, B0, S0, A0, layer.scale, layer.weight.dtype, adt)
+            W_r, A0, S0, B0 = adapters_from_factors(W, B0, S0, A0, layer.scale, layer.weight_dtype, adt)
+        if new and qspec:  # the quantized residual, bit for bit as at init: quant(W_r) of the same W_r
+            layer._set_w(W_r)
+            layer.sorsa_A.data, layer.sorsa_S.data, layer.sorsa_B.data = A0.clone(), S0.clone(), B0.clone()
+            layer._record_initial(A0, S0, B0)
+            layer.init_config = spec.get("init")
+            layer = SORSALinear4bit.from_sorsa(layer, qspec["type"], qspec["blocksize"], qspec["double_quant"],
+                                               fingerprint=base_fingerprint(W))
+            layer.quant_iters = qspec.get("iters", 0)
+            W_r = None
         plan.append((name, mod, layer, new, W_r, (A0, S0, B0), tuple(t.to(dev, adt) for t in (A, S, B)), spec))
 
     for k in trainable:

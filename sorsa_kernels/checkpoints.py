@@ -33,6 +33,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn as nn
 
+from . import quant
 from .layer import _INIT_NAMES, MERGED_KEY, named_sorsa_layers
 
 #: the tensors' file of an adapter-only checkpoint: the name the Trainer loads on resume
@@ -88,9 +89,12 @@ def checkpoint_state_dict(model: nn.Module, state_dict: Optional[Dict[str, torch
                          "names (a wrapper renamed them?); refusing to write W_r as if it were the weight")
     sd: Dict[str, torch.Tensor] = {}
     own = {f"{n}.{k}" for n in layers for k in ("weight", "sorsa_A", "sorsa_S", "sorsa_B")}
+    # a 4-bit W_r's quantization statistics (weight.absmax, ...): not part of a merged weight
+    qstats = {k for n, m in layers.items() if quant.is_params4bit(m.weight) for k in src if k.startswith(n + ".weight.")}
     for key, t in src.items():
         if key not in own:
-            sd[key] = t
+            if not (fmt == "merged" and key in qstats):
+                sd[key] = t
             continue
         name, _, part = key.rpartition(".")
         if part != "weight":
@@ -102,6 +106,13 @@ def checkpoint_state_dict(model: nn.Module, state_dict: Optional[Dict[str, torch
                              f"its merged weight cannot be computed; save with the model loaded")
         if fmt == "adapter":
             pass
+        elif quant.is_params4bit(m.weight):
+            # 4-bit W_r: "full" keeps the packed residual and its statistics (a resume is bit-exact; no
+            # merged weight: it would be the full-precision model); "merged" dequantizes
+            if fmt == "merged":
+                sd[p + "weight"] = m.effective_weight().to("cpu", m.weight_dtype)
+            else:
+                sd[p + "weight"] = W_r
         elif m.merged and state_dict is None:  # merged already: as is, not rounded twice
             sd[p + "weight"] = m.weight.detach().to("cpu")
         else:
@@ -109,7 +120,7 @@ def checkpoint_state_dict(model: nn.Module, state_dict: Optional[Dict[str, torch
             d = m.scale * (B.to("cpu", work) * S.to("cpu", work)) @ A.to("cpu", work)
             d = d.T if m.fan_in_fan_out else d
             sd[p + "weight"] = (W_r.to("cpu", work) + d).to(W_r.dtype)
-        if fmt == "full":
+        if fmt == "full" and not quant.is_params4bit(m.weight):
             sd[p + MERGED_KEY] = torch.ones((), dtype=torch.uint8)
         if fmt != "merged":
             sd.update({p + k: src[p + k] for k in ("sorsa_A", "sorsa_S", "sorsa_B")})

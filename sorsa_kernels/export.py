@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
+from . import quant
 from .adapters import _INIT_PARTS, named_sorsa_layers, read_adapter
 from .layer import SORSALinear
 
@@ -35,9 +37,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     same bias, on the same device. Returns ``model`` (modified in place), as PEFT does."""
     replaced: Dict[int, nn.Module] = {}
     sites = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, SORSALinear) and n]
+    if any(quant.is_params4bit(m.weight) for _, m in sites):
+        warnings.warn("merge_and_unload: 4-bit SORSA layers give dequantized merged weights in the dtype they were "
+                      "quantized from; they carry the residual's quantization error (relative ~0.1 of W_r's norm "
+                      "for NF4), so they are not the full-precision base plus the adapter update: for that, apply "
+                      "sk.export_lora(kind='delta') to the original base", UserWarning, stacklevel=2)
     for name, layer in sites:
         if id(layer) not in replaced:
-            W = layer.effective_weight().to(layer.weight.dtype)  # = what merge() stores
+            W = layer.effective_weight().to(layer.weight_dtype)  # = what merge() stores (4-bit: dequantized)
             if layer.fan_in_fan_out:
                 from transformers.pytorch_utils import Conv1D
 
@@ -45,7 +52,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 new.weight = nn.Parameter(W.T.contiguous(), requires_grad=False)
             else:
                 new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                device="meta", dtype=layer.weight.dtype)
+                                device="meta", dtype=layer.weight_dtype)
                 new.weight = nn.Parameter(W, requires_grad=False)
             if layer.bias is not None:
                 new.bias = nn.Parameter(layer.bias.detach(), requires_grad=layer.bias.requires_grad)
@@ -105,7 +112,7 @@ def export_lora(model: nn.Module, out_dir: str, initial_adapter: Optional[str] =
                 if not all(k in saved for k in keys):
                     problems.append(f"{name}: not in {initial_adapter}")
                     continue
-                init = tuple(saved[k].to(m.weight.device) for k in keys)
+                init = tuple(saved[k].to(m.sorsa_A.device) for k in keys)
             else:
                 init = m.initial_adapter()
                 if init is None:
@@ -116,7 +123,7 @@ def export_lora(model: nn.Module, out_dir: str, initial_adapter: Optional[str] =
                 problems.append(f"{name}: initial adapter shapes {tuple(A0.shape)}, {tuple(B0.shape)} differ "
                                 f"from the layer's {tuple(m.sorsa_A.shape)}, {tuple(m.sorsa_B.shape)}")
                 continue
-        work = m._work(m.weight.dtype)
+        work = m._work(m.weight_dtype)
         f = lambda t: t.to(work)  # noqa: E731
         lora_A = f(m.sorsa_A)
         lora_B = m.scale * f(m.sorsa_B) * f(m.sorsa_S)

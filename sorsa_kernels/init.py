@@ -16,6 +16,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from . import quant
 from ._validate import FLOAT_DTYPES, check_finite, check_rank
 from ._precision import no_tf32
 from .ops.rsvd import DEFAULT_NITER, default_oversample, rsvd
@@ -198,6 +199,9 @@ def init_layers(
     for layer in layers:
         if layer.r == 0:
             raise ValueError("sorsa_init needs r >= 1; a layer has r = 0 (no adapters)")
+        if quant.is_params4bit(layer.weight):
+            raise TypeError("init_layers: a 4-bit SORSA layer cannot be re-decomposed (its W_r lost the quantization "
+                            "error); initialise from the full-precision base with sk.apply_sorsa(..., quantize=...)")
         if layer.weight.is_meta:
             raise ValueError("cannot initialise SORSA adapters on the meta device (the weights hold no values): "
                              "pass init=None (apply_sorsa) and initialise after loading real weights")

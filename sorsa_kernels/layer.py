@@ -151,6 +151,11 @@ class SORSALinear(nn.Module):
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of ``W_r`` as a matrix (a 4-bit layer's: the dtype it dequantizes to)."""
+        return self.weight.dtype
+
     # -- orientation: everything below works on the out×in view ``w`` ---------------------
     @property
     def w(self) -> torch.Tensor:
@@ -233,7 +238,7 @@ class SORSALinear(nn.Module):
         """``scale·B·diag(S)·A`` (default: the current adapters) in float32 (float64 for float64
         params), out×in."""
         A, S, B = (self.sorsa_A, self.sorsa_S, self.sorsa_B) if A is None else (A, S, B)
-        work = self._work(self.weight.dtype)
+        work = self._work(self.weight_dtype)
         return self.scale * (B.to(work) * S.to(work)) @ A.to(work)
 
     @torch.no_grad()
@@ -242,7 +247,7 @@ class SORSALinear(nn.Module):
         if not self.merged or self.r == 0:
             return self.w.detach()
         d = self._delta()
-        return (self.w.to(d.dtype) - d).to(self.weight.dtype)
+        return (self.w.to(d.dtype) - d).to(self.weight_dtype)
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
@@ -320,7 +325,7 @@ class SORSALinear(nn.Module):
             return
         if self.r > 0:
             d = self._delta() if mode else -self._delta()
-            self._set_w((self.w.to(d.dtype) + d).to(self.weight.dtype))
+            self._set_w((self.w.to(d.dtype) + d).to(self.weight_dtype))
         self.merged = bool(mode)
         self._warned_merged = False
 

@@ -13,7 +13,9 @@ from ._validate import check_dropout_p, check_finite, check_float, check_rank
 from . import checkpoints
 from .adapters import adapter_config
 from .init import DEFAULT_CHUNK_BYTES, init_layers
+from . import quant
 from .layer import SORSAConv1D, SORSALinear, _check_init_args, check_alpha, is_conv1d
+from .layer_4bit import SORSALinear4bit, dequantized_linear
 
 MATCH_MODES = ("substring", "peft")
 
@@ -66,9 +68,14 @@ def _suggest(model: nn.Module, targets: Sequence[str]) -> str:
     return text + (f"; did you mean {', '.join(hints)}" if hints else "")
 
 
-def _validate_site(name: str, mod: nn.Module, r, init) -> None:
-    check_float(f"{name}.weight", mod.weight)
-    out_f, in_f = (mod.weight.shape[1], mod.weight.shape[0]) if is_conv1d(mod) else mod.weight.shape
+def _validate_site(name: str, mod: nn.Module, r, init, quantize=None) -> None:
+    if quant.is_linear4bit(mod):
+        out_f, in_f = quant.weight_shape(mod.weight)
+    else:
+        check_float(f"{name}.weight", mod.weight)
+        out_f, in_f = (mod.weight.shape[1], mod.weight.shape[0]) if is_conv1d(mod) else mod.weight.shape
+        if quantize is not None and is_conv1d(mod):
+            raise ValueError(f"{name}: quantize={quantize!r} supports nn.Linear targets, not transformers Conv1D")
     try:
         check_rank(r, in_f, out_f)
     except ValueError as e:
@@ -77,7 +84,7 @@ def _validate_site(name: str, mod: nn.Module, r, init) -> None:
         if mod.weight.is_meta:
             raise ValueError(f"{name}.weight is on the meta device, so it cannot be decomposed: "
                              f"pass init=None (then load weights and an adapter with sk.load_adapter)")
-        check_finite(f"{name}.weight", mod.weight)
+        check_finite(f"{name}.weight", quant.dequantize(mod.weight) if quant.is_linear4bit(mod) else mod.weight)
 
 
 def apply_sorsa(
@@ -91,6 +98,10 @@ def apply_sorsa(
     match: str = "substring",
     progress: bool = False,
     chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES,
+    quantize: Optional[str] = None,
+    quant_blocksize: int = 64,
+    double_quant: bool = True,
+    quant_iters: int = 0,
     **svd_kwargs,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` (and transformers ``Conv1D``) whose qualified name matches
@@ -106,6 +117,15 @@ def apply_sorsa(
     target) or "peft" (PEFT's rule: exact names or suffixes at a ``.`` boundary; a single str
     is a regex matched against the whole name). See :func:`target_matcher`.
 
+    ``quantize``: "nf4" or "fp4" makes every target a :class:`SORSALinear4bit` (QSORSA): the SVD
+    runs in float32 on the full-precision weight, then only ``W_r`` is quantized with bitsandbytes
+    (``quant_blocksize``, ``double_quant``: QLoRA's defaults); ``A, S, B`` keep the weight dtype.
+    Layers are converted one at a time, so at most one full-precision ``W_r`` exists at once.
+    ``quant_iters = k`` re-fits the adapter to what quantization lost k times (LoftQ-style; the
+    default keeps SORSA's exact top-r init). Targets that are bitsandbytes ``Linear4bit`` (a model
+    loaded with ``BitsAndBytesConfig(load_in_4bit=True)``) are dequantized, decomposed and their
+    residual re-quantized: with their own 4-bit settings when ``quantize`` is None.
+
     Atomic: every target is validated first (rank, finite float weight, init method and
     keywords, alpha, dropout) and any failure during conversion or init puts the original
     modules back, so on error the model is unchanged. Raises ``ValueError`` when nothing matches
@@ -120,6 +140,7 @@ def apply_sorsa(
     alpha = check_alpha(alpha)
     dropout = check_dropout_p(dropout, "dropout")
     _check_init_args(init, svd_kwargs)
+    quant.check_quant_args(quantize, quant_blocksize, double_quant, quant_iters)
     if init not in (None, "svd"):
         svd_kwargs.setdefault("seed", 0)
     sites: List[Tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, old module)
@@ -138,7 +159,7 @@ def apply_sorsa(
             continue
         if id(mod) not in seen:
             seen.add(id(mod))
-            _validate_site(name, mod, r, init)
+            _validate_site(name, mod, r, init, quantize)
         parent_name, _, attr = name.rpartition(".")
         sites.append((model.get_submodule(parent_name) if parent_name else model, attr, mod))
     if not sites:
@@ -161,7 +182,11 @@ def apply_sorsa(
         warnings.warn(f"apply_sorsa: target_modules also matched modules that are not nn.Linear/Conv1D; "
                       f"skipped: {skipped[:20]}{' ...' if len(skipped) > 20 else ''}", UserWarning, stacklevel=2)
     matched: Dict[int, SORSALinear] = {}
+    four_bit = quantize is not None or any(quant.is_linear4bit(old) for _, _, old in sites)
     try:
+        if four_bit:
+            matched = _convert_4bit(sites, r, alpha, dropout, init, progress, svd_kwargs,
+                                    (quantize, quant_blocksize, double_quant, quant_iters))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # alpha = 0 warned once above, not once per layer
             for _, _, old in sites:
@@ -171,8 +196,9 @@ def apply_sorsa(
         for parent, attr, old in sites:
             setattr(parent, attr, matched[id(old)])
         if init is not None and r > 0:
-            layers = list(matched.values())
-            init_layers(layers, init, chunk_bytes=chunk_bytes, progress=progress, **svd_kwargs)
+            layers = [m for m in matched.values() if not isinstance(m, SORSALinear4bit)]
+            if layers:
+                init_layers(layers, init, chunk_bytes=chunk_bytes, progress=progress, **svd_kwargs)
             for layer in layers:
                 layer.init_config = {"method": init, **svd_kwargs}
     except BaseException:
@@ -181,6 +207,39 @@ def apply_sorsa(
         raise
     checkpoints.install(model, adapter_config)  # transformers' save_pretrained must not write W_r alone
     return model
+
+
+def _convert_4bit(sites, r, alpha, dropout, init, progress, svd_kwargs, qargs) -> Dict[int, SORSALinear]:
+    """4-bit SORSA layers for the sites that get one (all with ``quantize``, else the 4-bit bases),
+    one layer at a time: dequantize a 4-bit base, decompose in full precision, quantize ``W_r``."""
+    quantize, blocksize, double_quant, iters = qargs
+    todo = {id(old): old for _, _, old in sites if quantize is not None or quant.is_linear4bit(old)}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), desc=f"SORSA init + 4-bit residual", unit="matrix")
+    out: Dict[int, SORSALinear] = {}
+    try:
+        for key, old in todo.items():
+            base = old
+            fmt = (quantize, blocksize, double_quant)
+            if quant.is_linear4bit(old):
+                base = dequantized_linear(old)
+                if quantize is None:  # the base's own 4-bit settings
+                    fmt = (old.weight.quant_type, old.weight.blocksize, bool(old.weight.compress_statistics))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # alpha = 0 warned once by the caller
+                layer = SORSALinear.from_linear(base, r, alpha=alpha, dropout=dropout, init=None)
+            if init is not None:
+                init_layers([layer], init, **svd_kwargs)
+                layer.init_config = {"method": init, **svd_kwargs}
+            out[key] = SORSALinear4bit.from_sorsa(layer, *fmt, quant_iters=iters)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
 
 
 def sorsa_layers(model: nn.Module) -> Iterable[SORSALinear]:
