@@ -7,7 +7,10 @@ base layer's, ``A = lora_A.weight``, ``B = lora_B.weight``, ``S = lora_diag`` (K
 non-trainable vector of ones (LoRA; PiSSA and OLoRA only change the init, not the forward).
 
 * :func:`accelerate` swaps the class of every servable ``lora.Linear`` for a subclass whose
-  ``forward`` calls :func:`sorsa_kernels.ops.linear.sorsa_linear`; parameters, state dict,
+  ``forward`` calls :func:`sorsa_kernels.ops.linear.sorsa_linear`, and of QLoRA layers (PEFT's
+  ``lora.Linear4bit`` on a bitsandbytes ``Linear4bit``) for one whose ``forward`` calls
+  :func:`sorsa_kernels.ops.linear4bit.sorsa_linear_4bit` (base product on the dequantized 4-bit
+  weight, adapter by the op; PEFT gives 4-bit layers no KaSA); parameters, state dict,
   ``save_pretrained`` / ``PeftModel.from_pretrained``, merge/unmerge, ``disable_adapter`` and
   ``set_adapter`` are PEFT's own. Each call re-checks the layer's state and falls back to PEFT's
   forward when it cannot be served *now* (adapters disabled or merged, several active adapters,
