@@ -36,6 +36,7 @@ from .init import adapters_from_factors
 from . import checkpoints
 from .checkpoints import CONFIG_FILE, HF_ADAPTER_FILE
 from . import quant
+from ._fingerprint import base_fingerprint
 from .layer import SORSAConv1D, SORSALinear, is_conv1d, named_sorsa_layers
 from .layer_4bit import SORSALinear4bit, dequantized_linear
 
@@ -56,26 +57,8 @@ def _dtype(name: str) -> torch.dtype:
     return dt
 
 
-_FP_PROJECTIONS = 4
-_FP_CHUNK = 1 << 20
 # multiple of the unit roundoff times ‖W‖_F allowed between the saved and the model's statistics
 _FP_TOL = 16.0
-
-
-def base_fingerprint(W: torch.Tensor) -> dict:
-    """Cheap float64 statistics of an out×in base weight ``W`` (any device and dtype): numel,
-    sum, sum of squares and ``_FP_PROJECTIONS`` sums of ``W`` against fixed ±1 patterns of the
-    flat index (these also catch permuted or transposed weights). One pass, chunked."""
-    flat = W.detach().reshape(-1)
-    stats = torch.zeros(2 + _FP_PROJECTIONS, dtype=torch.float64, device=flat.device)
-    for start in range(0, flat.numel(), _FP_CHUNK):
-        x = flat[start:start + _FP_CHUNK].to(torch.float64)
-        idx = torch.arange(start, start + x.numel(), device=flat.device, dtype=torch.int64)
-        h = (idx * 2654435761) & 0xFFFFFFFF  # Knuth's multiplicative hash: well-mixed bits
-        signs = [1.0 - 2.0 * ((h >> (7 + 5 * k)) & 1).to(torch.float64) for k in range(_FP_PROJECTIONS)]
-        stats += torch.stack([x.sum(), (x * x).sum()] + [(x * s_).sum() for s_ in signs])
-    v = stats.tolist()
-    return {"numel": flat.numel(), "sum": v[0], "sumsq": v[1], "proj": v[2:]}
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -326,7 +309,11 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> nn.Mod
                 continue
             u = max(_unit_roundoff(_dtype(spec["weight_dtype"])), _unit_roundoff(_weight_dtype(mod)))
             why = _fingerprint_mismatch(spec["base_fingerprint"], got, u)
-            if why:
+            if why and quant.is_linear4bit(mod) and not spec.get("quant"):
+                problems.append(f"{name}: the model's layer is a bitsandbytes 4-bit layer, the adapter was trained on "
+                                f"a full-precision base ({why}): load the base in full precision (and pass "
+                                f"quantize= to apply_sorsa for a 4-bit residual), or pass check_base=False")
+            elif why:
                 problems.append(f"{name}: base weight differs from the one the adapter was trained on ({why}); "
                                 f"load onto the original base model, or pass check_base=False")
     if problems:

@@ -12,7 +12,11 @@ writes one of three forms — everything transformers writes goes through it:
   extra ``sorsa_*`` keys as unused); plus the adapters, the initial adapter and a
   ``sorsa_merged`` marker, so ``Trainer(resume_from_checkpoint=…)`` restores the SORSA model:
   bit-exactly when the model was built the same way (same base, ``apply_sorsa`` settings).
-* ``"merged"``: the merged weights only — a plain model for deployment.
+  A model with 4-bit residuals (QSORSA) keeps its packed ``W_r`` instead (a merged weight would be
+  the full-precision model) and a poisoned ``config.json`` (:func:`poisoned_config`): such a
+  checkpoint resumes a Trainer or loads with ``load_state_dict`` into a model built the same way,
+  and a stock ``from_pretrained`` stops with a message instead of loading ``W_r`` as the weights.
+* ``"merged"``: the merged weights only — a plain model for deployment (dequantized for 4-bit).
 * ``"adapter"``: the adapters (current and initial), trainable biases and every other trainable
   parameter, like PEFT's adapter checkpoints: ``model.safetensors`` (the name the Trainer's
   resume loads), ``sorsa_config.json`` (:func:`sorsa_kernels.load_adapter` reads both) and a
@@ -142,6 +146,11 @@ def save_pretrained_sorsa(model: nn.Module, save_directory: str, *args, sorsa_fo
     sd = checkpoint_state_dict(model, kwargs.pop("state_dict", None), fmt)
     if fmt != "adapter":
         type(model).save_pretrained(model, save_directory, *args, state_dict=sd, **kwargs)
+        if fmt == "full" and has_4bit(model) and kwargs.get("is_main_process", True):
+            # its weights are 4-bit W_r: a stock from_pretrained would load them as the model's weights
+            # (silently, when the config carries the base's bitsandbytes quantization_config)
+            with open(os.path.join(save_directory, "config.json"), "w") as f:
+                json.dump(poisoned_config(model, NOT_A_MODEL_4BIT, "full-4bit"), f, indent=2)
         return
     if args or kwargs.get("push_to_hub"):
         raise ValueError("save_pretrained(sorsa_format='adapter') takes only save_directory and is_main_process "
@@ -165,10 +174,21 @@ def save_pretrained_sorsa(model: nn.Module, save_directory: str, *args, sorsa_fo
 
 NOT_A_MODEL = ("NOT A MODEL: a sorsa-kernels adapter-only checkpoint; load it with "
                "sk.load_adapter(base_model, path) or resume a Trainer from it")
+NOT_A_MODEL_4BIT = ("NOT A MODEL: a sorsa-kernels 4-bit (QSORSA) training checkpoint, its weights are the 4-bit "
+                    "residuals W_r; resume a Trainer from it, or build the model with sk.apply_sorsa(..., "
+                    "quantize=...) and load_state_dict; for a model that loads anywhere save with "
+                    "sorsa_format='merged'")
 
 
-def poisoned_config(model: nn.Module) -> dict:
-    """The model's config with its layer count and weight tying replaced by :data:`NOT_A_MODEL`.
+def has_4bit(model: nn.Module) -> bool:
+    """Whether ``model`` holds a SORSA layer with a 4-bit residual."""
+    return any(quant.is_params4bit(m.weight) for _, m in named_sorsa_layers(model))
+
+
+def poisoned_config(model: nn.Module, message: str = NOT_A_MODEL, kind: str = "adapter") -> dict:
+    """The model's config with its layer count and weight tying replaced by ``message``
+    (:data:`NOT_A_MODEL` for adapter-only checkpoints, :data:`NOT_A_MODEL_4BIT` for "full" ones of
+    4-bit models) and ``sorsa_kernels_checkpoint = kind``.
 
     Without a config.json, ``LlamaForCausalLM.from_pretrained(path)`` builds the class's default
     config (a 7B model) and fills it with random weights; with the true one, a model with random
@@ -178,8 +198,8 @@ def poisoned_config(model: nn.Module) -> dict:
     cfg = model.config.to_dict() if hasattr(model, "config") else {}
     for key in ("num_hidden_layers", "n_layer", "num_layers", "tie_word_embeddings"):
         if key in cfg:
-            cfg[key] = NOT_A_MODEL
-    cfg["sorsa_kernels_checkpoint"] = "adapter"
+            cfg[key] = message
+    cfg["sorsa_kernels_checkpoint"] = kind
     return cfg
 
 

@@ -43,7 +43,11 @@ _RSVD_KWARGS = tuple(p for p in inspect.signature(rsvd).parameters if p not in (
 
 
 _PEFT_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "rank": "r", "lora_r": "r",
-               "target_modules": "target_modules (the second positional argument)"}
+               "target_modules": "target_modules (the second positional argument)",
+               # QLoRA's / bitsandbytes' names for the 4-bit residual's options
+               "load_in_4bit": "quantize='nf4'", "bnb_4bit_quant_type": "quantize", "quant_type": "quantize",
+               "bnb_4bit_use_double_quant": "double_quant", "compress_statistics": "double_quant",
+               "blocksize": "quant_blocksize", "bnb_4bit_blocksize": "quant_blocksize"}
 
 
 def _check_init_args(init: Optional[str], svd_kwargs: dict) -> None:

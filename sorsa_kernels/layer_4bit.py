@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import quant
+from ._fingerprint import base_fingerprint
 from .init import adapters_from_factors, sorsa_decompose
 from .layer import _INIT_NAMES, CHECKPOINT_KEYS, SORSALinear
 from .ops.linear4bit import sorsa_linear_4bit
@@ -68,6 +69,31 @@ class SORSALinear4bit(SORSALinear):
     def _set_w(self, W: torch.Tensor) -> None:
         self.weight = quant.quantize(W.detach(), self.quant_type, self.quant_blocksize, self.double_quant)
 
+    def _apply(self, fn, recurse: bool = True):
+        # Module.to(dtype) leaves the packed uint8 weight alone; what it dequantizes to follows the
+        # conversion of the float tensors (model.to(torch.bfloat16) makes W_r a bf16 weight)
+        out = super()._apply(fn, recurse)
+        w = self._parameters.get("weight")
+        if quant.is_params4bit(w) and getattr(w, "quant_state", None) is not None:
+            try:
+                new = fn(torch.empty((), dtype=w.quant_state.dtype, device=w.device)).dtype
+            except Exception:  # e.g. an fn that only accepts parameters: nothing to follow
+                new = w.quant_state.dtype
+            if new.is_floating_point and new != w.quant_state.dtype:
+                w.quant_state.dtype = new
+        return out
+
+    def __setstate__(self, state) -> None:
+        # pickle (torch.save(model)) rebuilds every Parameter subclass as a plain Parameter that keeps
+        # the attributes: wrap the packed weight in a Params4bit again
+        super().__setstate__(state)
+        w = self._parameters.get("weight")
+        if w is not None and not quant.is_params4bit(w) and getattr(w, "quant_state", None) is not None:
+            bnb = quant.require_bnb()
+            self._parameters["weight"] = bnb.nn.Params4bit(
+                w.data, requires_grad=False, quant_state=w.quant_state, blocksize=self.quant_blocksize,
+                compress_statistics=self.double_quant, quant_type=self.quant_type, bnb_quantized=True)
+
     def reset_parameters(self) -> None:
         if not quant.is_params4bit(self.weight):
             super().reset_parameters()
@@ -93,8 +119,6 @@ class SORSALinear4bit(SORSALinear):
         if layer.r < 1 or layer.initial_adapter() is None:
             raise ValueError("layer must be an initialised SORSA layer with r >= 1 and a known initial adapter")
         quant.check_quant_args(quant_type, quant_blocksize, double_quant, quant_iters)
-        from .adapters import base_fingerprint
-
         mod = cls(layer.in_features, layer.out_features, r=layer.r, alpha=layer.alpha, dropout=layer.dropout,
                   bias=layer.bias is not None, device="meta", dtype=layer.weight_dtype, backend=layer.backend,
                   quant_type=quant_type, quant_blocksize=quant_blocksize, double_quant=double_quant)

@@ -110,7 +110,8 @@ def apply_sorsa(
     layers grouped by shape and processed in chunks of ``chunk_bytes``; ``svd_kwargs`` go to
     :func:`sorsa_kernels.rsvd`, with ``seed=0`` unless given — never the global RNG), "svd"
     (exact, as the reference) or None (adapters stay zero). ``progress`` shows a tqdm bar.
-    ``W_r`` is exact either way, so the model's output is unchanged. A linear registered under
+    ``W_r`` is exact either way, so the model's output is unchanged (up to the 4-bit rounding of
+    ``W_r`` with ``quantize`` or 4-bit bases: see below). A linear registered under
     several names is replaced by one SORSA layer everywhere. Returns ``model`` itself.
 
     ``match``: "substring" (default; sorsa 1.0.1's rule: a name matches when it contains a
@@ -124,7 +125,9 @@ def apply_sorsa(
     ``quant_iters = k`` re-fits the adapter to what quantization lost k times (LoftQ-style; the
     default keeps SORSA's exact top-r init). Targets that are bitsandbytes ``Linear4bit`` (a model
     loaded with ``BitsAndBytesConfig(load_in_4bit=True)``) are dequantized, decomposed and their
-    residual re-quantized: with their own 4-bit settings when ``quantize`` is None.
+    residual re-quantized: with their own 4-bit settings when ``quantize`` is None (this warns: the
+    second rounding changes the output slightly; the 4-bit options without ``quantize`` and with
+    no 4-bit target raise).
 
     Atomic: every target is validated first (rank, finite float weight, init method and
     keywords, alpha, dropout) and any failure during conversion or init puts the original
@@ -182,7 +185,22 @@ def apply_sorsa(
         warnings.warn(f"apply_sorsa: target_modules also matched modules that are not nn.Linear/Conv1D; "
                       f"skipped: {skipped[:20]}{' ...' if len(skipped) > 20 else ''}", UserWarning, stacklevel=2)
     matched: Dict[int, SORSALinear] = {}
-    four_bit = quantize is not None or any(quant.is_linear4bit(old) for _, _, old in sites)
+    bases4 = sorted({n for n, m in model.named_modules() if quant.is_linear4bit(m) and is_match(n)})
+    if quantize is None and (quant_blocksize != 64 or double_quant is not True or (quant_iters and not bases4)):
+        # the 4-bit options do nothing without quantize (4-bit bases keep their own format): say so
+        raise ValueError(f"quant_blocksize={quant_blocksize!r}, double_quant={double_quant!r}, "
+                         f"quant_iters={quant_iters!r} take effect only with quantize='nf4' or 'fp4'"
+                         + (" (4-bit bases keep their own blocksize and double_quant)" if bases4 else ""))
+    if bases4:
+        # W_base = deq(q) is on the 4-bit grid, W_base − scale·B·diag(S)·A is not: quantizing it again adds a
+        # second rounding, so unlike a full-precision base the model's output changes slightly
+        warnings.warn(f"apply_sorsa: {len(bases4)} target(s) are bitsandbytes 4-bit layers ({bases4[:3]}"
+                      f"{' ...' if len(bases4) > 3 else ''}); their residual W_r is quantized again, so the "
+                      f"model's output changes by that rounding (about as much as QLoRA's quantization of the "
+                      f"base itself). For the least change, load the base in full precision and pass "
+                      f"quantize='nf4'; quant_iters=k re-fits the adapter to the rounding",
+                      UserWarning, stacklevel=2)
+    four_bit = quantize is not None or bool(bases4)
     try:
         if four_bit:
             matched = _convert_4bit(sites, r, alpha, dropout, init, progress, svd_kwargs,
@@ -277,11 +295,13 @@ def mark_only_sorsa_trainable(model: nn.Module) -> nn.Module:
 
 def print_trainable_parameters(model: nn.Module) -> Tuple[int, int]:
     """Print ``trainable params: … || all params: … || trainable%: …`` (PEFT's format) and
-    return ``(trainable, total)``; shared parameters count once."""
+    return ``(trainable, total)``; shared parameters count once, a 4-bit weight as the number of
+    weights it packs (two per byte, as PEFT counts them), not its bytes."""
     trainable = total = 0
     for p in model.parameters():
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        n = p.numel() * 2 if quant.is_params4bit(p) else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
     pct = 100 * trainable / total if total else 0.0
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
     return trainable, total

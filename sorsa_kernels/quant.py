@@ -107,11 +107,13 @@ def dequantize(param, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The out×in matrix a 4-bit weight stands for, in ``dtype`` (default: its original dtype)."""
     bnb = require_bnb()
     qs = copy.copy(_state(param))
-    shape, qs.shape = qs.shape, torch.Size([qs.shape.numel()])
-    # As one flat row: bitsandbytes 0.50.2's CPU kernel dequantizes an (m, n) matrix wrongly when n
-    # is a multiple of 16 but not of the blocksize (e.g. n = 96, 688 at blocksize 64: relative error
-    # 0.26 instead of 0.09 on Gaussian data; its own quantize is right). Blocks run along the
-    # flattened matrix either way, so the flat result is the true one on every device.
+    shape, qs.shape = qs.shape, torch.Size([1, qs.shape.numel()])
+    # As one (1, numel) row: bitsandbytes 0.50.2's CPU kernel dequantizes an (m, n) matrix wrongly
+    # when n is a multiple of 16 but not of the blocksize and m > 1 (e.g. n = 96, 688 at blocksize
+    # 64: relative error 0.26 instead of 0.09 on Gaussian data; its own quantize is right). Blocks
+    # run along the flattened matrix either way, so the row is the true result on every device.
+    # Two dimensions, not one: that CPU kernel returns (1, numel) for a 1-D shape, which
+    # torch.compile's check against the op's fake (1-D) rejects.
     W = bnb.functional.dequantize_4bit(param.data, qs).reshape(shape)
     return W if dtype is None or W.dtype == dtype else W.to(dtype)
 

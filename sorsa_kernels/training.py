@@ -54,7 +54,8 @@ def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto",
 
     ``save``: the form of every checkpoint the Trainer writes (``save_model`` and periodic
     ones; see :mod:`sorsa_kernels.checkpoints`): ``"full"`` (the default of SORSA models:
-    merged weights that any ``from_pretrained`` loads, plus what a resume needs) or
+    merged weights that any ``from_pretrained`` loads, plus what a resume needs; for a 4-bit
+    model the packed residuals instead, loadable only by a resume or ``load_state_dict``) or
     ``"adapter"`` (adapter-only, like PEFT); None keeps the model's setting. (``"merged"`` is
     refused here: such checkpoints cannot be resumed.) ``warn_trainable``: warn at the start of training when parameters
     other than the adapters are trainable (embeddings, norms, ``lm_head`` after ``apply_sorsa``
@@ -71,7 +72,7 @@ def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto",
             raise ValueError(f"save must be one of {checkpoints.FORMATS} or None, got {save!r}") from None
         if save == "merged":  # a resume would load merged weights as W_r and add the adapters again
             raise ValueError("save='merged' would make checkpoints a Trainer cannot resume from; the default "
-                             "'full' checkpoints load with any from_pretrained too. For a deployment copy call "
+                             "'full' checkpoints of full-precision models load with any from_pretrained too. For a deployment copy call "
                              "model.save_pretrained(path, sorsa_format='merged') after training")
 
     class _SORSACallback(TrainerCallback):

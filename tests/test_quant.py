@@ -179,6 +179,18 @@ def test_bad_input_names_the_argument():
         sk.SORSALinear4bit(16, 8, r=2, merge_weights=True)
 
 
+def test_4bit_options_without_quantize_and_qlora_names_are_refused():
+    """The 4-bit options do nothing without quantize: an error, not a silent full-precision model;
+    QLoRA's / bitsandbytes' keyword names say which of ours was meant."""
+    for kw in (dict(quant_iters=2), dict(quant_blocksize=128), dict(double_quant=False)):
+        with pytest.raises(ValueError, match="take effect only with quantize='nf4' or 'fp4'"):
+            sk.apply_sorsa(nn.Sequential(nn.Linear(16, 8)), ["0"], r=2, **kw)
+    for kw, meant in (("load_in_4bit", "quantize='nf4'"), ("bnb_4bit_quant_type", "quantize"),
+                      ("quant_type", "quantize"), ("bnb_4bit_use_double_quant", "double_quant")):
+        with pytest.raises(TypeError, match=f"{kw}' \\(did you mean \"{meant}\"|{kw}' \\(did you mean '{meant}'"):
+            sk.apply_sorsa(nn.Sequential(nn.Linear(16, 8)), ["0"], r=2, **{kw: True})
+
+
 def test_missing_bitsandbytes_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ImportError, match=r'pip install "sorsa-kernels\[quant\]"'):
@@ -258,13 +270,72 @@ def test_4bit_base_model_is_accepted():
     x = torch.randn(3, 72)
     ref = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(x, deq[0], q[0].bias)),
                                      deq[2], q[2].bias)
-    sk.apply_sorsa(q, ["0", "2"], r=4)
+    with pytest.raises(ValueError, match="4-bit bases keep their own blocksize"):
+        sk.apply_sorsa(q, ["0", "2"], r=4, quant_blocksize=128)
+    with pytest.warns(UserWarning, match=r"2 target\(s\) are bitsandbytes 4-bit layers .* quantized again"):
+        sk.apply_sorsa(q, ["0", "2"], r=4)
     for i in (0, 2):
         assert isinstance(q[i], sk.SORSALinear4bit) and q[i].quant_type == "nf4"
         assert rel(q[i].effective_weight(), deq[i]) < 0.1  # W_r re-quantized: a second, smaller rounding
     q.eval()
     with torch.no_grad():
         assert rel(q(x), ref) < 0.2
+
+
+def test_adapter_from_a_full_precision_base_onto_a_4bit_base_says_why(tmp_path):
+    m = sk.apply_sorsa(small_model(), ["0", "2"], r=4)
+    sk.save_adapter(m, str(tmp_path / "a"))
+    q = small_model()
+    for i in (0, 2):
+        l4 = bnb.nn.Linear4bit(q[i].in_features, q[i].out_features, quant_type="nf4")
+        l4.load_state_dict(q[i].state_dict())
+        q[i] = l4.to("cpu")
+    with pytest.raises(ValueError, match="is a bitsandbytes 4-bit layer, the adapter was trained on a full-precision"):
+        sk.load_adapter(q, str(tmp_path / "a"))
+
+
+def test_pickle_dtype_conversion_and_parameter_count():
+    """torch.save(model) keeps the 4-bit weight a Params4bit; model.to(bf16) makes W_r dequantize
+    to bf16 (and merge to bf16); 4-bit weights count as the weights they pack, as in PEFT."""
+    import io
+
+    m = sk.apply_sorsa(small_model(), ["0", "2"], r=4, quantize="nf4").eval()
+    x = torch.randn(3, 72)
+    with torch.no_grad():
+        y = m(x)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert quant.is_params4bit(back[0].weight)
+    with torch.no_grad():
+        assert torch.equal(back(x), y)
+    trainable, total = sk.print_trainable_parameters(m)
+    assert total == 72 * 96 + 96 * 40 + 96 + 40 + trainable - 96 - 40
+    bf = copy.deepcopy(m).to(torch.bfloat16)
+    assert bf[0].weight_dtype == torch.bfloat16 and bf[0].w.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(bf(x.bfloat16()).float(), y, rtol=0.05, atol=0.05)
+    with pytest.warns(UserWarning, match="dequantized merged weights"):
+        sk.merge_and_unload(bf)
+    assert bf[0].weight.dtype == torch.bfloat16
+
+
+def test_torch_compile_forward_and_gradients():
+    """inductor traces the per-pass dequantize (a 2-D call: bitsandbytes' CPU kernel and its fake
+    must agree on the rank) and gives eager's outputs and gradients."""
+    torch._dynamo.reset()
+    m = sk.apply_sorsa(small_model(), ["0", "2"], r=4, quantize="nf4")
+    x = torch.randn(3, 72)
+    y = m(x)
+    y.square().sum().backward()
+    want = [p.grad.clone() for p in sk.sorsa_parameters(m)]
+    m.zero_grad()
+    yc = torch.compile(m)(x)
+    yc.square().sum().backward()
+    torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
+    for p, g in zip(sk.sorsa_parameters(m), want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
 
 
 def test_merge_and_unload_and_export(tmp_path):
@@ -328,6 +399,9 @@ def test_transformers_checkpoints_of_a_4bit_model(tmp_path):
     assert not unexpected and not [k for k in missing if "sorsa" in k or "proj" in k]
     with torch.no_grad():
         assert torch.equal(resumed(input_ids=ids).logits, want)
+    # the "full" form's weights are W_r: the stock loader stops with a message instead of loading them
+    with pytest.raises(Exception, match="4-bit \\(QSORSA\\) training checkpoint"):
+        transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "full"))
     model.save_pretrained(str(tmp_path / "merged"), sorsa_format="merged")
     plain = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
     assert not any(isinstance(m, sk.SORSALinear) for m in plain.modules())

@@ -17,10 +17,17 @@ import torch
 from ... import _backend
 from ..._validate import check_dropout_p, check_scale
 from ...quant import dequantize, is_params4bit, require_bnb, weight_shape
-from ..linear import OP as LINEAR_OP, _autocast, check_linear_args
+from ..linear import _autocast, check_linear_args
 from ..linear import op as linear_op
 from .reference import sorsa_linear_4bit_naive
 
+
+OP = "sorsa_linear_4bit"
+# the linear op's kernels, so its dtypes; untimed ("auto" takes the fused path where it runs)
+SPEC = _backend.register(_backend.OpSpec(
+    name=OP, doc="x·deq(W_r)ᵀ + scale·((drop(x)·Aᵀ)⊙S)·Bᵀ + bias on a 4-bit W_r, forward and backward",
+    impls={"triton": (torch.float16, torch.bfloat16, torch.float32)},
+    check="sorsa_kernels.ops.linear4bit.check"))
 
 #: devices whose single-row calls without gradients go to bitsandbytes' 4-bit GEMV. Not the CPU:
 #: there bitsandbytes 0.50.2 dequantizes some shapes wrongly (see sorsa_kernels.quant.dequantize)
@@ -99,10 +106,10 @@ def sorsa_linear_4bit(
         y = bnb.matmul_4bit(x2, weight.t(), bias=bias_, quant_state=weight.quant_state).to(dt)
         y = torch.addmm(y, (x2 @ A.to(dt).t()) * (S.to(dt) * scale), B.to(dt).t())
         return y.reshape(*x.shape[:-1], out_f)
-    impl = _backend.choose(LINEAR_OP, backend, x.device, dtype=x.dtype)
+    impl = _backend.choose(OP, backend, x.device, dtype=x.dtype)
     seed = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64) if p > 0 else None
     y = _Linear4bit.apply(x2, weight, A, S, B, bias_, scale, p, seed, impl)
     return y.reshape(*x.shape[:-1], out_f)
 
 
-__all__ = ["sorsa_linear_4bit", "sorsa_linear_4bit_naive", "check_weight4"]
+__all__ = ["sorsa_linear_4bit", "sorsa_linear_4bit_naive", "check_weight4", "OP", "SPEC"]
