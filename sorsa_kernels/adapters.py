@@ -140,6 +140,8 @@ def adapter_config(model: nn.Module) -> dict:
         }
         if isinstance(m, SORSALinear4bit):  # W_r = quant(W - scale·B0·diag(S0)·A0) with these settings
             per_layer[name]["quant"] = m.quant_config()
+            # of the packed bytes (integer sums: exact on any device): load_adapter checks its rebuild
+            per_layer[name]["packed_fingerprint"] = base_fingerprint(m.weight.data)
     from ._version import __version__
 
     lv = list(per_layer.values())
@@ -381,4 +383,22 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> nn.Mod
                 parent, _, attr = full.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, attr, layer)
     checkpoints.install(model, adapter_config)  # transformers' save_pretrained must not write W_r alone
+    _check_rebuilt_residuals(model, specs, path)
     return model
+
+
+def _check_rebuilt_residuals(model: nn.Module, specs: Dict[str, dict], path: str) -> None:
+    """Warn when a rebuilt 4-bit residual's bytes differ from the saved model's: bitsandbytes' CPU
+    and CUDA quantize kernels can round a value at a code boundary differently, so a residual
+    quantized on one device type may differ by one 4-bit step in a few weights on another."""
+    differ = []
+    for name, spec in specs.items():
+        want = spec.get("packed_fingerprint")
+        mod = model.get_submodule(name)
+        if want is not None and isinstance(mod, SORSALinear4bit) and base_fingerprint(mod.weight.data) != want:
+            differ.append(name)
+    if differ:
+        warnings.warn(f"load_adapter: the 4-bit residual rebuilt for {differ[:5]}{' ...' if len(differ) > 5 else ''} "
+                      f"differs from the one saved with {path} in some bytes (quantized on another device type: "
+                      f"bitsandbytes' CPU and CUDA kernels may round values at a 4-bit code boundary differently); "
+                      f"outputs differ by those roundings", UserWarning, stacklevel=3)

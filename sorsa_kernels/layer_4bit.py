@@ -79,7 +79,9 @@ class SORSALinear4bit(SORSALinear):
                 new = fn(torch.empty((), dtype=w.quant_state.dtype, device=w.device)).dtype
             except Exception:  # e.g. an fn that only accepts parameters: nothing to follow
                 new = w.quant_state.dtype
-            if new.is_floating_point and new != w.quant_state.dtype:
+            # only to what bitsandbytes dequantizes to: after model.double() W_r stays fp32 (the op
+            # casts it to x's dtype per call)
+            if new in quant.DEQUANT_DTYPES and new != w.quant_state.dtype:
                 w.quant_state.dtype = new
         return out
 

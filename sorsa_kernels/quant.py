@@ -19,6 +19,8 @@ QUANT_TYPES = ("nf4", "fp4")
 #: blocksizes bitsandbytes quantizes with on every device
 QUANT_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 MIN_BNB = (0, 45)
+#: dtypes bitsandbytes dequantizes to
+DEQUANT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 EXTRA_HINT = 'pip install "sorsa-kernels[quant]"'
 
 
@@ -81,6 +83,19 @@ def _state(param):
     return qs
 
 
+def check_device(param) -> None:
+    """Raise unless the weight's quantization statistics are on its device (bitsandbytes' CUDA
+    kernels read them by pointer: a stray CPU absmax is an illegal memory access later, not an error)."""
+    qs = _state(param)
+    parts = {"absmax": qs.absmax, "code": qs.code}
+    if getattr(qs, "state2", None) is not None:
+        parts.update({"state2.absmax": qs.state2.absmax, "state2.code": qs.state2.code})
+    wrong = {k: str(t.device) for k, t in parts.items() if t is not None and t.device != param.device}
+    if wrong:
+        raise ValueError(f"the 4-bit weight is on {param.device} but its quant_state tensors are not: {wrong}; move "
+                         f"the module with .to(device) (which moves both), not by assigning weight.data")
+
+
 def weight_shape(param) -> Tuple[int, int]:
     """``(out_features, in_features)`` of a 4-bit weight."""
     return tuple(_state(param).shape)
@@ -114,6 +129,10 @@ def dequantize(param, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     # run along the flattened matrix either way, so the row is the true result on every device.
     # Two dimensions, not one: that CPU kernel returns (1, numel) for a 1-D shape, which
     # torch.compile's check against the op's fake (1-D) rejects.
+    if qs.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16):
+        # straight to the compute dtype: one temporary, not two; the same values (bitsandbytes forms
+        # code·absmax in fp32 and rounds once). Not when widening: that would skip a rounding
+        qs.dtype = dtype
     W = bnb.functional.dequantize_4bit(param.data, qs).reshape(shape)
     return W if dtype is None or W.dtype == dtype else W.to(dtype)
 

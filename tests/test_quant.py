@@ -147,16 +147,25 @@ def test_op_equals_the_linear_op_on_the_dequantized_weight_with_dropout():
     assert torch.equal(y1, y2)
 
 
-def test_decode_row_through_bitsandbytes_gemv(monkeypatch):
-    """The single-row no-grad route (bitsandbytes' GEMV on CUDA) computes the same as the main path;
-    checked here by enabling it on the CPU for a shape bitsandbytes' CPU kernels get right."""
+@pytest.mark.parametrize("x_shape", [(1, 128), (1, 1, 128), (2, 3, 128), (32, 128)])
+def test_decode_rows_through_bitsandbytes(monkeypatch, x_shape):
+    """The no-grad route of <= DECODE_M rows (bitsandbytes' GEMV / small-M gemm_4bit on CUDA)
+    computes the same as the main path; checked here by enabling it on the CPU for a shape
+    bitsandbytes' CPU kernels get right."""
     q = quant.quantize(torch.randn(48, 128), "nf4", 64, True)
     A, S, B = torch.randn(4, 128), torch.rand(4), torch.randn(48, 4)
-    x = torch.randn(1, 128)
+    x = torch.randn(*x_shape)
     want = sorsa_linear_4bit_naive(x.double(), q, A.double(), S.double(), B.double(), 0.5)
     monkeypatch.setattr(op4, "GEMV_DEVICES", ("cuda", "cpu"))
+    calls, real = [], bnb.matmul_4bit
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+    monkeypatch.setattr(bnb, "matmul_4bit", spy)
     with torch.no_grad():
         got = sorsa_linear_4bit(x, q, A, S, B, 0.5)
+    assert calls and got.shape == (*x_shape[:-1], 48)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
@@ -242,6 +251,42 @@ def test_save_load_adapter_rebuilds_the_quantized_residual_bit_for_bit(tmp_path)
         sk.load_adapter(sk.apply_sorsa(small_model(), ["0", "2"], r=4), str(tmp_path / "a"))
 
 
+def test_load_adapter_warns_when_the_rebuilt_residual_differs(tmp_path):
+    """The adapter records a fingerprint of the packed residual; a rebuild that differs (as a
+    residual quantized on another device type may) warns instead of passing silently."""
+    import json
+
+    m = sk.apply_sorsa(small_model(), ["0", "2"], r=4, quantize="nf4")
+    sk.save_adapter(m, str(tmp_path / "a"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sk.load_adapter(small_model(), str(tmp_path / "a"))  # same device: the same bytes, no warning
+    cfg_path = tmp_path / "a" / "sorsa_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["layers"]["2"]["packed_fingerprint"]["sum"] += 1
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match=r"rebuilt for \['2'\] differs from the one saved"):
+        sk.load_adapter(small_model(), str(tmp_path / "a"))
+
+
+def test_quant_state_on_another_device_is_a_clear_error():
+    q = quant.quantize(torch.randn(8, 16))
+    q.quant_state.absmax = q.quant_state.absmax.to("meta")
+    with pytest.raises(ValueError, match="its quant_state tensors are not"):
+        sorsa_linear_4bit(torch.randn(3, 16), q, torch.randn(2, 16), torch.rand(2), torch.randn(8, 2))
+
+
+def test_dequantize_to_a_narrower_dtype_equals_rounding_the_fp32_result():
+    """Straight to bf16/fp16 (one temporary) gives the bytes of fp32-then-cast; widening rounds
+    through the stored dtype first."""
+    for dq in (False, True):
+        q = quant.quantize(3 * torch.randn(33, 688), "nf4", 64, dq)
+        for dt in (torch.bfloat16, torch.float16):
+            assert torch.equal(quant.dequantize(q, dt), quant.dequantize(q).to(dt))
+    qb = quant.quantize(torch.randn(7, 96).bfloat16())
+    assert torch.equal(quant.dequantize(qb, torch.float32), quant.dequantize(qb).float())
+
+
 def test_state_dict_round_trip_and_bnb_layout():
     m = sk.apply_sorsa(small_model(), ["0", "2"], r=4, quantize="fp4", double_quant=False)
     sd = m.state_dict()
@@ -312,6 +357,10 @@ def test_pickle_dtype_conversion_and_parameter_count():
         assert torch.equal(back(x), y)
     trainable, total = sk.print_trainable_parameters(m)
     assert total == 72 * 96 + 96 * 40 + 96 + 40 + trainable - 96 - 40
+    db = copy.deepcopy(m).double()  # bitsandbytes dequantizes to 16/32-bit only: W_r stays fp32, cast per call
+    assert db[0].weight_dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(db(x.double()).float(), y, rtol=1e-5, atol=1e-5)
     bf = copy.deepcopy(m).to(torch.bfloat16)
     assert bf[0].weight_dtype == torch.bfloat16 and bf[0].w.dtype == torch.bfloat16
     with torch.no_grad():
@@ -319,6 +368,25 @@ def test_pickle_dtype_conversion_and_parameter_count():
     with pytest.warns(UserWarning, match="dequantized merged weights"):
         sk.merge_and_unload(bf)
     assert bf[0].weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if HAS_TRITON else []))
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_one_graph_without_breaks(backend, p):
+    """The op goes through the linear op's custom ops (fakes, dropout's cudagraph_unsafe tag), not
+    its launchers: one graph, fullgraph forward and backward, on both backends."""
+    torch._dynamo.reset()
+    q = quant.quantize(torch.randn(40, 96))
+    args = [torch.randn(5, 96), torch.randn(3, 96), torch.rand(3), torch.randn(40, 3)]
+    args = [a.to(KERNEL_DEVICE if backend == "triton" else "cpu").requires_grad_() for a in args]
+    q = q.to(args[0].device)
+    f = lambda x, A, S, B: sorsa_linear_4bit(x, q, A, S, B, 0.5, dropout_p=p, backend=backend)  # noqa: E731
+    ex = torch._dynamo.explain(f)(*args)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
+    torch._dynamo.reset()
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    y.sum().backward()
+    assert all(a.grad is not None and torch.isfinite(a.grad).all() for a in args)
 
 
 def test_torch_compile_forward_and_gradients():

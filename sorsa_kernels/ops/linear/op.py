@@ -75,6 +75,11 @@ def fwd_op(p: float):
     return _linear_fwd_dropout_op if p > 0 else _linear_fwd_op
 
 
+def bwd_op(p: float):
+    """The backward custom op matching :func:`fwd_op` ``(p)``."""
+    return _linear_bwd_dropout_op if p > 0 else _linear_bwd_op
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, A, S, B, bias, scale, p, seed, backend = inputs
     ctx.save_for_backward(x, weight, A, S, B, output[1], seed)
@@ -86,8 +91,7 @@ def _backward(ctx, dy, _dxa):
     x, weight, A, S, B, xa, seed = ctx.saved_tensors
     dy = dy.contiguous()
     need = ctx.needs_input_grad
-    bwd = _linear_bwd_dropout_op if ctx.p > 0 else _linear_bwd_op  # the pair of the forward's fwd_op
-    dx, dA, dS, dB = bwd(dy, x, weight, A, S, B, xa, ctx.scale, ctx.p, seed, ctx.backend, need[0], need[2], need[4])
+    dx, dA, dS, dB = bwd_op(ctx.p)(dy, x, weight, A, S, B, xa, ctx.scale, ctx.p, seed, ctx.backend, need[0], need[2], need[4])
     dW = dy.t() @ x if need[1] else None  # only if the caller unfroze W_r
     db = dy.sum(0).to(ctx.bias_dtype) if ctx.has_bias and need[5] else None
     return (dx if need[0] else None), dW, (dA if need[2] else None), (dS if need[3] else None), \

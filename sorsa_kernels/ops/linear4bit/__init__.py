@@ -5,8 +5,8 @@ No kernel of its own: the linear op's kernels (fused ``[x | s]·[W_r | B]ᵀ`` G
 path elsewhere, both AOT-checked and tested as that op) run on ``W_r`` dequantized by bitsandbytes for
 the call and freed after it. The backward dequantizes again for ``dX`` instead of keeping it, so
 activation memory is QLoRA's (bitsandbytes' own ``matmul_4bit`` dequantizes the same way for any
-batch of more than one row); ``W_r`` gets no gradient. A single row without gradients (decoding)
-goes to bitsandbytes' 4-bit GEMV on CUDA, which never dequantizes, plus the three adapter GEMVs.
+batch of more than one row); ``W_r`` gets no gradient. Up to ``DECODE_M`` rows without gradients
+(decoding) go to bitsandbytes' 4-bit GEMV / small-M GEMM on CUDA, plus the three adapter GEMMs.
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import torch
 
 from ... import _backend
 from ..._validate import check_dropout_p, check_scale
-from ...quant import dequantize, is_params4bit, require_bnb, weight_shape
+from ...quant import check_device, dequantize, is_params4bit, require_bnb, weight_shape
 from ..linear import _autocast, check_linear_args
+from ..linear.autotune import DECODE_M
 from ..linear import op as linear_op
 from .reference import sorsa_linear_4bit_naive
 
@@ -29,18 +30,19 @@ SPEC = _backend.register(_backend.OpSpec(
     impls={"triton": (torch.float16, torch.bfloat16, torch.float32)},
     check="sorsa_kernels.ops.linear4bit.check"))
 
-#: devices whose single-row calls without gradients go to bitsandbytes' 4-bit GEMV. Not the CPU:
+#: devices whose calls of <= DECODE_M rows without gradients go to bitsandbytes. Not the CPU:
 #: there bitsandbytes 0.50.2 dequantizes some shapes wrongly (see sorsa_kernels.quant.dequantize)
 GEMV_DEVICES = ("cuda",)
 
 
 class _Linear4bit(torch.autograd.Function):
-    """The linear op's forward/backward implementations around a dequantize per pass."""
+    """The linear op's forward/backward custom ops around a dequantize per pass (the custom ops,
+    not their kernels: torch.compile sees their fakes and the dropout pair's cudagraph_unsafe tag
+    instead of tracing into the launchers)."""
 
     @staticmethod
     def forward(ctx, x2, weight, A, S, B, bias, scale, p, seed, impl):
-        fwd = linear_op._KERNELS[impl][0]
-        y, xa = fwd(x2, dequantize(weight, x2.dtype), A, S, B, bias, scale, p, seed)
+        y, xa = linear_op.fwd_op(p)(x2, dequantize(weight, x2.dtype), A, S, B, bias, scale, p, seed, impl)
         ctx.save_for_backward(x2, A, S, B, xa, seed)
         ctx.weight, ctx.scale, ctx.p, ctx.impl = weight, scale, p, impl
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -53,9 +55,8 @@ class _Linear4bit(torch.autograd.Function):
         dy = dy.contiguous()
         # W_r again, only for dX (the adapters' gradients do not read it); a zero-byte stand-in otherwise
         W = dequantize(ctx.weight, dy.dtype) if need[0] else dy.new_empty(()).expand(dy.shape[1], x2.shape[1])
-        bwd = linear_op._KERNELS[ctx.impl][1]
-        dx, dA, dS, dB = bwd(dy, x2, W, A, S, B, xa, ctx.scale, ctx.p, seed, need[0], need_dA=need[2],
-                             need_dB=need[4])
+        dx, dA, dS, dB = linear_op.bwd_op(ctx.p)(dy, x2, W, A, S, B, xa, ctx.scale, ctx.p, seed, ctx.impl, need[0],
+                                                 need[2], need[4])
         db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[5] else None
         return (dx if need[0] else None), None, (dA if need[2] else None), (dS if need[3] else None), \
             (dB if need[4] else None), db, None, None, None, None
@@ -92,6 +93,7 @@ def sorsa_linear_4bit(
     x, _, A, S, B, bias = _autocast(x, None, A, S, B, bias)
     if weight.device != x.device:
         raise ValueError(f"weight must be on the same device as x ({x.device}), got {weight.device}")
+    check_device(weight)
     # the linear op's checks on a zero-byte stand-in of W_r's shape, dtype and device
     check_linear_args(x, x.new_empty(()).expand(out_f, in_f), A, S, B, bias)
     scale = check_scale(scale)
@@ -99,8 +101,10 @@ def sorsa_linear_4bit(
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     bias_ = None if bias is None else bias.to(x.dtype)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, S, B, bias))
-    if x2.shape[0] == 1 and not grad and p == 0.0 and x.device.type in GEMV_DEVICES:
-        # decoding: bitsandbytes' GEMV reads the packed weight; the adapter is three GEMVs
+    if x2.shape[0] <= DECODE_M and not grad and p == 0.0 and x.device.type in GEMV_DEVICES:
+        # decoding / small batches without gradients: bitsandbytes' 4-bit GEMV (one row) or its tuned
+        # small-M gemm_4bit (>= 0.50; it picks its kernel or dequantize + GEMM per GPU) read the packed
+        # weight; the adapter is three small GEMMs
         bnb = require_bnb()
         dt = x2.dtype
         y = bnb.matmul_4bit(x2, weight.t(), bias=bias_, quant_state=weight.quant_state).to(dt)
