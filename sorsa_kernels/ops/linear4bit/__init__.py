@@ -36,13 +36,13 @@ GEMV_DEVICES = ("cuda",)
 
 
 class _Linear4bit(torch.autograd.Function):
-    """The linear op's forward/backward custom ops around a dequantize per pass (the custom ops,
-    not their kernels: torch.compile sees their fakes and the dropout pair's cudagraph_unsafe tag
-    instead of tracing into the launchers)."""
+    """The linear op's forward/backward around a dequantize per pass (its custom ops under
+    torch.compile, which sees their fakes and the dropout pair's cudagraph_unsafe tag instead of
+    tracing into the launchers; its kernels directly in eager)."""
 
     @staticmethod
     def forward(ctx, x2, weight, A, S, B, bias, scale, p, seed, impl):
-        y, xa = linear_op.fwd_op(p)(x2, dequantize(weight, x2.dtype), A, S, B, bias, scale, p, seed, impl)
+        y, xa = linear_op.forward_pass(x2, dequantize(weight, x2.dtype), A, S, B, bias, scale, p, seed, impl)
         ctx.save_for_backward(x2, A, S, B, xa, seed)
         ctx.weight, ctx.scale, ctx.p, ctx.impl = weight, scale, p, impl
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -55,7 +55,7 @@ class _Linear4bit(torch.autograd.Function):
         dy = dy.contiguous()
         # W_r again, only for dX (the adapters' gradients do not read it); a zero-byte stand-in otherwise
         W = dequantize(ctx.weight, dy.dtype) if need[0] else dy.new_empty(()).expand(dy.shape[1], x2.shape[1])
-        dx, dA, dS, dB = linear_op.bwd_op(ctx.p)(dy, x2, W, A, S, B, xa, ctx.scale, ctx.p, seed, ctx.impl, need[0],
+        dx, dA, dS, dB = linear_op.backward_pass(dy, x2, W, A, S, B, xa, ctx.scale, ctx.p, seed, ctx.impl, need[0],
                                                  need[2], need[4])
         db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[5] else None
         return (dx if need[0] else None), None, (dA if need[2] else None), (dS if need[3] else None), \
