@@ -170,3 +170,27 @@ def test_rsvd_kwargs_with_exact_choice_and_bad_chunk_bytes():
         sk.init_layers(list(sk.sorsa_layers(model)), chunk_bytes=0)
     with pytest.raises(ValueError, match="method must be one of"):
         sk.init_layers(list(sk.sorsa_layers(model)), method="qr")
+
+
+@pytest.mark.parametrize("shape,r", [((37, 23), 1), ((23, 37), 5), ((3, 64, 48), 48), ((2, 40, 97), 7)])
+def test_svd_bottom_equals_the_last_r_of_a_float64_svd(shape, r):
+    """The r minor triplets (KaSA, MiLoRA) from the float64 Gram matrix: σ and the dropped part
+    U·diag(S)·Vh as the float64 SVD's last r, orthonormal vectors, tall, wide, batched, r = 1 and
+    r = min(m, n); float32 in, float32 out."""
+    from sorsa_kernels.init import svd_bottom
+
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    U, S, Vh = svd_bottom(W, r)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    assert U.shape == (*shape[:-1], r) and S.shape == (*shape[:-2], r) and Vh.shape == (*shape[:-2], r, shape[-1])
+    U0, S0, Vh0 = torch.linalg.svd(W.double(), full_matrices=False)
+    torch.testing.assert_close(S.double(), S0[..., -r:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(((U * S[..., None, :]) @ Vh).double(),
+                               (U0[..., -r:] * S0[..., None, -r:]) @ Vh0[..., -r:, :], rtol=0, atol=1e-5)
+    eye = torch.eye(r, dtype=torch.float64)
+    torch.testing.assert_close(U.double().mT @ U.double(), eye.expand(*shape[:-2], r, r), rtol=0, atol=1e-5)
+    torch.testing.assert_close(Vh.double() @ Vh.double().mT, eye.expand(*shape[:-2], r, r), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"r must be an int in \[1, min\(m, n\)\]"):
+        svd_bottom(W, min(shape[-2:]) + 1)
+    with pytest.raises(ValueError, match="weight"):
+        svd_bottom(W.clone().fill_(float("nan")), r)

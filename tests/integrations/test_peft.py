@@ -2,6 +2,7 @@
 layers (float64 rule, every gradient), dropout replays our mask, PEFT's save/load, adapter
 switching and merge keep working, batched PiSSA/KaSA init matches PEFT's, regularizers match."""
 import copy
+import os
 
 import pytest
 import torch
@@ -378,6 +379,37 @@ def test_fast_kasa_truncation_matches_peft():
         get_peft_model(Tiny(), LoraConfig(r=20, target_modules=["q"], kasa_config=KasaConfig()))
     with pytest.raises(ValueError, match="method"), skp.fast_svd_init(method="qr"):
         pass
+
+
+@needs_kasa
+@pytest.mark.parametrize("method", ["rsvd", "svd"])
+def test_fast_kasa_on_real_weights_equals_peft_and_is_closer_to_float64(method):
+    """KaSA's base truncation on the tiny pretrained Llama's 28 real weights: equal to PEFT's within
+    float32 rounding; the default path (minor triplets from the float64 Gram matrix) is closer to a
+    float64 truncation than PEFT's float32 SVD is."""
+    transformers = pytest.importorskip("transformers")
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "examples", "assets", "tiny_base")
+    base = transformers.LlamaForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    conf = LoraConfig(r=8, target_modules=targets, kasa_config=KasaConfig())
+    ref = get_peft_model(copy.deepcopy(base), copy.deepcopy(conf))
+    with skp.fast_svd_init(method=method):
+        ours = get_peft_model(copy.deepcopy(base), copy.deepcopy(conf))
+    ref_mods, n = dict(ref.named_modules()), 0
+    for name, mod in ours.named_modules():
+        if not hasattr(mod, "lora_diag") or not hasattr(mod, "base_layer"):
+            continue
+        n += 1
+        W = dict(base.named_modules())[name.replace("base_model.model.", "", 1)].weight.double()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        keep = min(W.shape) - 8
+        want = (U[:, :keep] * S[:keep]) @ Vh[:keep]
+        got, peft_w = mod.base_layer.weight.double(), ref_mods[name].base_layer.weight.double()
+        torch.testing.assert_close(got, peft_w, rtol=0, atol=2e-5 * W.abs().max().item())
+        if method == "rsvd":
+            assert (got - want).norm() < 0.5 * (peft_w - want).norm(), name
+    assert n == 28
 
 
 def test_fast_pissa_more_accurate_than_pissa_niter():

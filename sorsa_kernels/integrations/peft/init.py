@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without peft
 
 from ..._precision import no_tf32
 from .forward import KasaLinearVariant
-from ...init import INIT_METHODS, svd_factors
+from ...init import INIT_METHODS, memory_budget, svd_bottom, svd_factors
 
 
 def _weight_of(layer) -> torch.Tensor:
@@ -77,15 +77,27 @@ class _PendingSVD:
                 lA.data = A.contiguous().to(lA.dtype)
                 lB.data = B.contiguous().to(lB.dtype)
                 base.data = res.contiguous().to(base.dtype)
-        # KaSA (KasaLinearVariant._truncate_base_weight): keep the top k − r components
-        for (_, keep, _), items in self._groups(kasa, lambda it: min(it[0].get_base_layer().weight.shape) - it[1]):
-            W = torch.stack([_weight_of(layer) for layer, _ in items])
-            U, S, Vh = svd_factors(W, keep, self.method, **self.svd_kwargs)
-            with no_tf32():
-                T = (U * S[:, None, :]) @ Vh
-            for j, (layer, _) in enumerate(items):
-                base = layer.get_base_layer().weight
-                base.data = T[j].to(base.dtype)
+        # KaSA (KasaLinearVariant._truncate_base_weight): drop the r smallest components. "svd":
+        # PEFT's own exact float32 SVD, batched; else the r minor triplets from the float64 Gram
+        # matrix (svd_bottom: faster and more accurate), a memory-bounded chunk at a time
+        for (shape, r, dev), items in self._groups(kasa, lambda it: it[1]):
+            m, n = shape
+            per = 8 * (2 * m * n + 3 * min(m, n) ** 2)  # fp64 weight, result, Gram, eigh's vectors
+            step = len(items) if self.method == "svd" else max(1, memory_budget(dev) // per)
+            for c in range(0, len(items), step):
+                chunk = items[c:c + step]
+                W = torch.stack([_weight_of(layer) for layer, _ in chunk])
+                with no_tf32():
+                    if self.method == "svd":
+                        keep = min(m, n) - r
+                        U, S, Vh = svd_factors(W, keep, "svd")
+                        T = (U * S[:, None, :]) @ Vh
+                    else:
+                        U, S, Vh = svd_bottom(W, r)
+                        T = (W.double() - (U.double() * S.double()[:, None, :]) @ Vh.double()).float()
+                for j, (layer, _) in enumerate(chunk):
+                    base = layer.get_base_layer().weight
+                    base.data = T[j].to(base.dtype)
 
 
 @contextlib.contextmanager
@@ -105,8 +117,10 @@ def fast_svd_init(method: str = "rsvd", **svd_kwargs) -> Iterator[None]:
     the not-yet-initialised weights.
 
     ``method``: ``"rsvd"`` (default: randomized where the cost model says it is cheaper, exact
-    otherwise — KaSA keeps almost the full rank, so its truncation is always the exact SVD,
-    batched), ``"rsvd_always"`` or ``"svd"`` (exact). ``svd_kwargs`` go to
+    otherwise; KaSA's truncation takes its r minor triplets from the float64 Gram matrix,
+    :func:`sorsa_kernels.init.svd_bottom`: more accurate than PEFT's float32 SVD and faster),
+    ``"rsvd_always"`` (the same for KaSA) or ``"svd"`` (exact float32 SVDs, batched; for KaSA
+    PEFT's own computation). ``svd_kwargs`` go to
     :func:`sorsa_kernels.rsvd` (``oversample``, ``niter``, ``tol``, ``seed`` — 0 unless given —,
     ``backend``).
     ``pissa_niter_K``'s K is ignored: our defaults are far more accurate (docs/usage.md).
