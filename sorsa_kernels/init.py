@@ -11,6 +11,7 @@ function is unchanged at init. TF32 is off during init (:func:`sorsa_kernels._pr
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -207,6 +208,7 @@ def init_layers(
     *,
     chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES,
     progress: bool = False,
+    report: Optional[list] = None,
     **svd_kwargs,
 ) -> None:
     """Initialise many SORSA layers at once.
@@ -217,7 +219,15 @@ def init_layers(
     into chunks only where the group does not fit in ``chunk_bytes`` (default: a fraction of the
     memory free now, :func:`memory_budget`). Everything is validated before any layer changes.
     ``progress`` shows a tqdm bar counting matrices, with the shape group and the chosen method.
+    ``report``: a list that receives one dict per shape group — ``shape`` (m, n; m ≥ n), ``r``,
+    ``count``, ``dtype``, ``method`` ("svd" | "rsvd"), ``chunks``, ``iterations`` (rsvd's, per
+    chunk), ``error_estimate`` (rsvd's, per chunk, where ``tol`` is given) and ``seconds`` (wall
+    time of the group, after a device sync).
     """
+    if report is not None and not isinstance(report, list):
+        raise TypeError(f"report must be None or a list, got {type(report).__name__}")
+    if "info" in svd_kwargs:
+        raise TypeError("init_layers takes no 'info' argument (rsvd's per-call facts): pass report=[] instead")
     if method not in INIT_METHODS:
         raise ValueError(f"method must be one of {INIT_METHODS}, got {method!r}")
     if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1):
@@ -253,12 +263,22 @@ def init_layers(
             if bar is not None:
                 bar.set_postfix_str(f"{m}x{n} r={r} ×{len(members)} {chosen}")
             kwargs = svd_kwargs if chosen == "rsvd" else {}
+            entry = {"shape": (m, n), "r": r, "count": len(members), "dtype": str(dtype).replace("torch.", ""),
+                     "method": chosen, "chunks": 0, "iterations": [], "error_estimate": []}
+            t0 = time.perf_counter()
             for c in range(0, len(members), per_chunk):
                 chunk = members[c:c + per_chunk]
                 Ws = [layer.effective_weight() for layer in chunk]
                 flip = [W.shape[0] < W.shape[1] for W in Ws]  # orient every matrix as m×n, m ≥ n
                 stack = torch.stack([W.mT if f else W for W, f in zip(Ws, flip)])
-                U, S, Vh = svd_factors(stack, r, "rsvd_always" if chosen == "rsvd" else "svd", **kwargs)
+                info: dict = {}
+                extra = {"info": info} if chosen == "rsvd" and report is not None else {}
+                U, S, Vh = svd_factors(stack, r, "rsvd_always" if chosen == "rsvd" else "svd", **kwargs, **extra)
+                entry["chunks"] += 1
+                if "iterations" in info:
+                    entry["iterations"].append(info["iterations"])
+                if "error_estimate" in info and info["error_estimate"] == info["error_estimate"]:  # not NaN: tol
+                    entry["error_estimate"].append(info["error_estimate"])
                 del stack
                 for i, (layer, W, f) in enumerate(zip(chunk, Ws, flip)):
                     Ui, Vhi = (Vh[i].mT, U[i].mT) if f else (U[i], Vh[i])
@@ -266,6 +286,11 @@ def init_layers(
                         W, Ui, S[i], Vhi, layer.scale, weight_dtype or layer.weight.dtype, adapter_dtype))
                 if bar is not None:
                     bar.update(len(chunk))
+            if report is not None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                entry["seconds"] = time.perf_counter() - t0
+                report.append(entry)
     finally:
         if bar is not None:
             bar.close()

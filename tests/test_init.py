@@ -194,3 +194,27 @@ def test_svd_bottom_equals_the_last_r_of_a_float64_svd(shape, r):
         svd_bottom(W, min(shape[-2:]) + 1)
     with pytest.raises(ValueError, match="weight"):
         svd_bottom(W.clone().fill_(float("nan")), r)
+
+
+def test_init_report_per_shape_group():
+    """report=[] gets one entry per shape group: method, count, chunks, rsvd's iterations (and its
+    error estimate with tol), time."""
+    torch.manual_seed(0)
+    layers = [sk.SORSALinear.from_linear(nn.Linear(48, 40), 4, init=None) for _ in range(3)]
+    layers += [sk.SORSALinear.from_linear(nn.Linear(24, 64), 2, init=None) for _ in range(2)]
+    report = []
+    init_mod.init_layers(layers, "rsvd_always", report=report, chunk_bytes=1, seed=0)
+    assert [(e["shape"], e["r"], e["count"], e["method"], e["chunks"]) for e in report] == [
+        ((48, 40), 4, 3, "rsvd", 3), ((64, 24), 2, 2, "rsvd", 2)]
+    assert all(e["iterations"] == [init_mod.DEFAULT_NITER] * e["chunks"] and e["seconds"] >= 0 and
+               e["error_estimate"] == [] for e in report)
+    report.clear()
+    init_mod.init_layers(layers[:1], "rsvd", report=report, tol=0.05, seed=0)
+    assert report[0]["method"] == "rsvd" and len(report[0]["error_estimate"]) == 1
+    report.clear()
+    init_mod.init_layers(layers[:1], "svd", report=report)
+    assert report[0]["method"] == "svd" and report[0]["iterations"] == []
+    with pytest.raises(TypeError, match="report must be None or a list"):
+        init_mod.init_layers(layers[:1], report={})
+    with pytest.raises(TypeError, match="pass report=\\[\\] instead"):
+        init_mod.init_layers(layers[:1], info={})

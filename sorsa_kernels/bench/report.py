@@ -153,7 +153,7 @@ def format_row(r: Result) -> str:
         return f"{r.op:<14} {r.case:<40} {r.impl:<46} {'error':>9}  {r.error}"
     notes = list(r.flags)
     for k, fmt in (("auto", "auto→{}"), ("sigma_err", "max σ err {:.2%}"), ("host_ms", "host {:.3f} ms"),
-                   ("matrices", "{} matrices")):
+                   ("matrices", "{} matrices"), ("groups", "per group: {}")):
         if k in r.extra:
             notes.append(fmt.format(r.extra[k]))
     return (f"{r.op:<14} {r.case:<40} {r.impl:<46} {r.ms:>9.3f} {_fmt_ratio(r.vs_ref):>26} "

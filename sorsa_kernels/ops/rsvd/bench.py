@@ -120,8 +120,11 @@ def build_init_model(case: Case, device: torch.device) -> Built:
     primary = "ours[init_layers, one call per shape group]"
     ref_ms: Dict[str, float] = {}
 
+    report: list = []
+
     def ours():
-        init_layers(layers)
+        report.clear()
+        init_layers(layers, report=report)
 
     def ref_extrapolated():
         # sorsa 1.0.1: a full SVD per matrix; timed on one sample per shape group × its count
@@ -141,7 +144,13 @@ def build_init_model(case: Case, device: torch.device) -> Built:
             exact = torch.linalg.svdvals(W.double() if device.type == "cpu" else W.float())[:r].double()
             errs.append(_rel_err(layer.sorsa_S.detach(), exact))
         ref_extrapolated()
-        return {primary: {"sigma_err": max(errs), "matrices": len(layers)},
+        # per shape group: the method chosen, rsvd's iterations, the group's time
+        groups_txt = "; ".join(
+            f"{e['shape'][0]}x{e['shape'][1]} r={e['r']} x{e['count']}: {e['method']}"
+            + (f" {'/'.join(map(str, sorted(set(e['iterations']))))} it" if e["iterations"] else "")
+            + (f" est {max(e['error_estimate']):.1e}" if e["error_estimate"] else "")
+            + f" {e['seconds']:.2f}s" for e in report)
+        return {primary: {"sigma_err": max(errs), "matrices": len(layers), "groups": groups_txt},
                 "sorsa 1.0.1 (full SVD per matrix, 1 per shape timed × count)": {"ms_override": ref_ms["ms"]}}
     impls = {primary: ours}
     return Built(impls, {primary: "ours", "sorsa 1.0.1 (full SVD per matrix, 1 per shape timed × count)": "ref"},
