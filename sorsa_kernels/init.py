@@ -209,6 +209,7 @@ def init_layers(
     chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES,
     progress: bool = False,
     report: Optional[list] = None,
+    distributed: Optional[bool] = None,
     **svd_kwargs,
 ) -> None:
     """Initialise many SORSA layers at once.
@@ -221,8 +222,19 @@ def init_layers(
     ``progress`` shows a tqdm bar counting matrices, with the shape group and the chosen method.
     ``report``: a list that receives one dict per shape group — ``shape`` (m, n; m ≥ n), ``r``,
     ``count``, ``dtype``, ``method`` ("svd" | "rsvd"), ``chunks``, ``iterations`` (rsvd's, per
-    chunk), ``error_estimate`` (rsvd's, per chunk, where ``tol`` is given) and ``seconds`` (wall
-    time of the group, after a device sync).
+    chunk), ``error_estimate`` (rsvd's, per chunk, where ``tol`` is given), ``seconds`` (this
+    process's decomposition time for the group, after a device sync) and ``owners`` (the rank that
+    decomposed each chunk).
+
+    ``distributed`` (None: auto): under an initialised ``torch.distributed`` group of several ranks
+    whose layers hold replicated weights (DDP; a model built or loaded the same way on every rank),
+    the chunks are shared out (largest first to the least loaded rank, by the cost model), each rank
+    decomposes its share, and each chunk's factors are broadcast from its owner (one collective per
+    chunk). The result equals a one-process init bit for bit, given a ``seed`` (``apply_sorsa``'s
+    default) and the same ``chunk_bytes`` (ranks take the smallest chunk size any of them can hold).
+    Every rank must then call it (it runs collectives); ranks holding different layers (pipeline
+    stages) or sharded (DTensor) weights initialise their own layers as before. ``True`` insists
+    (and raises instead), ``False`` opts out (e.g. when only some ranks initialise).
     """
     if report is not None and not isinstance(report, list):
         raise TypeError(f"report must be None or a list, got {type(report).__name__}")
@@ -248,6 +260,37 @@ def init_layers(
                              "pass init=None (apply_sorsa) and initialise after loading real weights")
         out_f, in_f = layer.weight.shape
         groups[(max(out_f, in_f), min(out_f, in_f), layer.r, layer.weight.dtype, layer.weight.device)].append(layer)
+    dist_ = _distributed(distributed, layers)
+    # the plan: (group key, method, chunk of layers) in one order on every rank
+    sizes = []
+    for (m, n, r, dtype, device), members in groups.items():
+        budget = memory_budget(device) if chunk_bytes is None else chunk_bytes
+        sizes.append(max(1, budget // bytes_per_matrix(m, n, r, dtype)))
+    if dist_ is not None:
+        agreed = _agree_on_chunks(dist_, groups, sizes, strict=bool(distributed))
+        if agreed is None:  # the ranks hold different layers (e.g. pipeline stages): each inits its own
+            dist_ = None
+        else:
+            sizes = agreed
+    plan = []
+    for (key, members), per_chunk in zip(groups.items(), sizes):
+        chosen = choose_method(key[0], key[1], key[2], method, **svd_kwargs)
+        plan += [(key, chosen, members[c:c + per_chunk]) for c in range(0, len(members), per_chunk)]
+    rank = _own_rank()
+    owners = [rank] * len(plan)
+    if dist_ is not None:
+        owners = _balance([len(ch) * (rsvd_cost(k[0], k[1], k[2], svd_kwargs.get("oversample"), svd_kwargs.get("niter"))
+                                      if how == "rsvd" else svd_cost(k[0], k[1])) for k, how, ch in plan],
+                          dist_.get_world_size())
+    entries: Dict[tuple, dict] = {}
+    for (key, chosen, chunk), owner in zip(plan, owners):
+        m, n, r, dtype, device = key
+        e = entries.setdefault(key, {"shape": (m, n), "r": r, "count": 0, "dtype": str(dtype).replace("torch.", ""),
+                                     "method": chosen, "chunks": 0, "iterations": [], "error_estimate": [],
+                                     "seconds": 0.0, "owners": []})
+        e["count"] += len(chunk)
+        e["chunks"] += 1
+        e["owners"].append(owner)
     bar = None
     if progress:
         try:
@@ -255,42 +298,121 @@ def init_layers(
             bar = tqdm(total=len(layers), desc="SORSA init", unit="matrix")
         except ImportError:
             bar = None
+
+    def decompose(key, chosen, chunk):
+        m, n, r, dtype, device = key
+        t0 = time.perf_counter()
+        Ws = [layer.effective_weight() for layer in chunk]
+        # orient every matrix as m×n, m ≥ n
+        stack = torch.stack([W.mT if W.shape[0] < W.shape[1] else W for W in Ws])
+        del Ws
+        info: dict = {}
+        extra = {"info": info} if chosen == "rsvd" and report is not None else {}
+        kwargs = svd_kwargs if chosen == "rsvd" else {}
+        out = svd_factors(stack, r, "rsvd_always" if chosen == "rsvd" else "svd", **kwargs, **extra)
+        del stack
+        e = entries[key]
+        if "iterations" in info:
+            e["iterations"].append(info["iterations"])
+        if "error_estimate" in info and info["error_estimate"] == info["error_estimate"]:  # not NaN: tol mode
+            e["error_estimate"].append(info["error_estimate"])
+        if report is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        e["seconds"] += time.perf_counter() - t0
+        return out
+
     try:
-        for (m, n, r, dtype, device), members in groups.items():
-            chosen = choose_method(m, n, r, method, **svd_kwargs)
-            budget = memory_budget(device) if chunk_bytes is None else chunk_bytes
-            per_chunk = max(1, budget // bytes_per_matrix(m, n, r, dtype))
+        # a rank first decomposes its own chunks (all ranks at once), then every chunk's factors are
+        # broadcast from its owner (one collective per chunk) and applied everywhere, in plan order
+        mine = {i: decompose(*plan[i]) for i in range(len(plan)) if owners[i] == rank} if dist_ is not None else {}
+        for i, (key, chosen, chunk) in enumerate(plan):
+            m, n, r, dtype, device = key
+            if dist_ is None:
+                U, S, Vh = decompose(key, chosen, chunk)
+            else:
+                U, S, Vh = _broadcast_factors(dist_, mine.pop(i, None), owners[i], (len(chunk), m, n, r),
+                                              _work_dtype(chunk[0].weight), device)
+            for j, layer in enumerate(chunk):
+                W = layer.effective_weight()
+                Ui, Vhi = (Vh[j].mT, U[j].mT) if W.shape[0] < W.shape[1] else (U[j], Vh[j])
+                layer.set_decomposition(*adapters_from_factors(
+                    W, Ui, S[j], Vhi, layer.scale, weight_dtype or layer.weight.dtype, adapter_dtype))
             if bar is not None:
-                bar.set_postfix_str(f"{m}x{n} r={r} ×{len(members)} {chosen}")
-            kwargs = svd_kwargs if chosen == "rsvd" else {}
-            entry = {"shape": (m, n), "r": r, "count": len(members), "dtype": str(dtype).replace("torch.", ""),
-                     "method": chosen, "chunks": 0, "iterations": [], "error_estimate": []}
-            t0 = time.perf_counter()
-            for c in range(0, len(members), per_chunk):
-                chunk = members[c:c + per_chunk]
-                Ws = [layer.effective_weight() for layer in chunk]
-                flip = [W.shape[0] < W.shape[1] for W in Ws]  # orient every matrix as m×n, m ≥ n
-                stack = torch.stack([W.mT if f else W for W, f in zip(Ws, flip)])
-                info: dict = {}
-                extra = {"info": info} if chosen == "rsvd" and report is not None else {}
-                U, S, Vh = svd_factors(stack, r, "rsvd_always" if chosen == "rsvd" else "svd", **kwargs, **extra)
-                entry["chunks"] += 1
-                if "iterations" in info:
-                    entry["iterations"].append(info["iterations"])
-                if "error_estimate" in info and info["error_estimate"] == info["error_estimate"]:  # not NaN: tol
-                    entry["error_estimate"].append(info["error_estimate"])
-                del stack
-                for i, (layer, W, f) in enumerate(zip(chunk, Ws, flip)):
-                    Ui, Vhi = (Vh[i].mT, U[i].mT) if f else (U[i], Vh[i])
-                    layer.set_decomposition(*adapters_from_factors(
-                        W, Ui, S[i], Vhi, layer.scale, weight_dtype or layer.weight.dtype, adapter_dtype))
-                if bar is not None:
-                    bar.update(len(chunk))
-            if report is not None:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                entry["seconds"] = time.perf_counter() - t0
-                report.append(entry)
+                bar.set_postfix_str(f"{m}x{n} r={r} ×{entries[key]['count']} {chosen}")
+                bar.update(len(chunk))
     finally:
         if bar is not None:
             bar.close()
+    if report is not None:
+        report.extend(entries.values())
+
+
+def _own_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _distributed(distributed: Optional[bool], layers):
+    """``torch.distributed`` when the init is split over ranks, else None (see init_layers)."""
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be None or a bool, got {distributed!r}")
+    if distributed is False:
+        return None
+    import torch.distributed as dist
+
+    on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not on:
+        if distributed:
+            raise RuntimeError("init_layers(distributed=True) needs an initialised torch.distributed process group "
+                               "with more than one rank")
+        return None
+    sharded = [i for i, layer in enumerate(layers) if type(layer.weight.data) is not torch.Tensor]
+    if sharded:  # DTensor / FSDP-sharded weights: each rank holds different bytes
+        if distributed:
+            raise ValueError("init_layers(distributed=True) splits the work of replicated weights (DDP, or a model "
+                             "built the same way on every rank); some weights are sharded tensors")
+        return None
+    return dist
+
+
+def _agree_on_chunks(dist, groups, sizes, strict: bool):
+    """Every rank must cut the same chunks (the rsvd sketch depends on the batch): check that the
+    ranks hold the same groups and take the smallest chunk size of each (free memory differs).
+    None when they hold different layers (an error with ``strict``)."""
+    mine = [(k[0], k[1], k[2], str(k[3]), k[4].type, len(v)) for k, v in groups.items()]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if any(other != mine for other in everyone):
+        if strict:
+            raise ValueError("init_layers(distributed=True): the ranks hold different layers (shape groups per "
+                             f"rank: {everyone}); every rank must pass the same model's layers")
+        return None
+    t = torch.tensor(sizes, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.tolist()
+
+
+def _balance(costs, world: int):
+    """Owner rank of each chunk: largest first to the least loaded rank (deterministic)."""
+    load, owners = [0.0] * world, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owner = min(range(world), key=lambda w: (load[w], w))
+        owners[i] = owner
+        load[owner] += costs[i]
+    return owners
+
+
+def _broadcast_factors(dist, factors, owner: int, dims, work, device):
+    """``(U, S, Vh)`` of a chunk, broadcast from ``owner`` (NCCL: on the device; gloo: on the CPU)."""
+    b, m, n, r = dims
+    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    if factors is None:
+        factors = (torch.empty(b, m, r, dtype=work, device=comm), torch.empty(b, r, dtype=work, device=comm),
+                   torch.empty(b, r, n, dtype=work, device=comm))
+    out = []
+    for t in factors:
+        t = t.to(comm).contiguous()
+        dist.broadcast(t, src=owner)
+        out.append(t.to(device))
+    return out
