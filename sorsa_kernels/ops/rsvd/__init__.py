@@ -42,6 +42,10 @@ DEFAULT_OVERSAMPLE = 16
 DEFAULT_NITER = 8
 MAX_TOL_ITERS = 40
 JACOBI_SWEEPS = 30
+#: devices where a host check of a tensor is free (no device to wait for): there the loop skips
+#: work that ``torch.where`` would discard (a shifted Cholesky, a Gaussian refill) instead of doing
+#: it sync-free as on CUDA. Same results either way (tests run both)
+HOST_CHECK_DEVICES = ("cpu",)
 #: Rayleigh–Ritz on [Q_{q-1} | Q_q] (2k columns) rather than Q_q alone; see the module doc
 TWO_ITERATE_RR = True
 
@@ -119,20 +123,24 @@ class _Run:
         self.draws += 1
         return self.normal(shape, (self.seed * 1_000_003 + self.draws) % (2 ** 62), dtype, device)
 
-    def chol_shifted(self, G: torch.Tensor, fro2: torch.Tensor, rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def chol_shifted(self, G: torch.Tensor, rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Upper Cholesky factor of each G; matrices that are not numerically PD get the shift
         of shifted CholeskyQR3 (at least the smallest normal number, so a zero G works).
         Returns (R, shift per matrix: RᵀR = G + shift·I, 0 where none was needed).
-        Both factorisations run for every matrix and ``torch.where`` picks one: no host sync
-        (the k×k Cholesky is ~1/800 of a pass's GEMM work at k = 192, n = 4096); a failed shifted
+        On CUDA both factorisations run for every matrix and ``torch.where`` picks one: no host sync
+        (the k×k Cholesky is ~1/800 of a pass's GEMM work at k = 192, n = 4096); on the CPU, where a
+        host check is free, the shifted one runs only when some matrix needs it. A failed shifted
         one is recorded in ``self.failed`` and raised once per call."""
         R, info = self.chol(G)
+        bad = info != 0
+        if G.device.type in HOST_CHECK_DEVICES and not bool(bad.any()):
+            return R, torch.zeros(G.shape[0], dtype=G.dtype)
         k = G.shape[-1]
+        fro2 = G.diagonal(dim1=-2, dim2=-1).sum(-1)  # ‖Y‖_F² = trace(YᵀY)
         s = 11.0 * (rows * k + k * (k + 1)) * torch.finfo(torch.float64).eps * fro2
         s = s.clamp_min(torch.finfo(torch.float64).tiny)
         eye = torch.eye(k, dtype=G.dtype, device=G.device)
         Rs, info2 = self.chol(G + s[:, None, None] * eye)
-        bad = info != 0
         self.failed = self.failed | (bad & (info2 != 0)).any()
         return torch.where(bad[:, None, None], Rs, R), torch.where(bad, s, torch.zeros_like(s))
 
@@ -141,21 +149,25 @@ class _Run:
         Q = Y·R⁻¹ as a GEMM in Y's dtype (R⁻¹ is k×k, formed in fp64)."""
         Yg = Y.to(torch.float64) if gram64 else Y
         G = (Yg.mT @ Yg).to(torch.float64)
-        R, _ = self.chol_shifted(G, (Yg * Yg).sum((1, 2)).to(torch.float64), Y.shape[1])
+        R, _ = self.chol_shifted(G, Y.shape[1])
         eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
         Rinv = torch.linalg.solve_triangular(R, eye, upper=True)
         return Y @ Rinv.to(Y.dtype), R
 
     def orth(self, Y: torch.Tensor, passes: int = 3) -> Tuple[torch.Tensor, torch.Tensor]:
         """Basis of each Y's columns (in Y's dtype) and R (fp64) with Y = Q·R; null columns are
-        refilled with Gaussian ones first (``torch.where``: no host sync). The first pass forms
+        refilled with Gaussian ones first (``torch.where``: no host sync; on the CPU the Gaussian
+        is drawn only when some column is null). The first pass forms
         its Gram in fp64 (Y may be ill-conditioned), later ones, on a nearly orthonormal Q, in
         Y's dtype. ``passes=3`` is shifted CholeskyQR3 (orthonormal to rounding even when the
         first pass needed the shift); the power iterations use ``passes=2``: their Q is only a
         well-conditioned basis for the next product, which is re-orthonormalised anyway."""
         nrm = Y.norm(dim=1)
         null = nrm <= 1e-13 * nrm.amax(1, keepdim=True).clamp_min(1e-300)
-        Y = torch.where(null[:, None, :], self.gaussian(Y.shape, Y.dtype, Y.device), Y)
+        if Y.device.type in HOST_CHECK_DEVICES and not bool(null.any()):
+            self.draws += 1  # the draw's stream is skipped, not reused: later draws keep their seeds
+        else:
+            Y = torch.where(null[:, None, :], self.gaussian(Y.shape, Y.dtype, Y.device), Y)
         Q, R = self.cholqr(Y)
         for _ in range(passes - 1):
             Q, R2 = self.cholqr(Q, gram64=Y.dtype == torch.float64)
@@ -332,7 +344,7 @@ def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype, info=None)
     B = Q.to(work).mT @ Wb  # (b, K, n), K = k or 2k
     B64 = B.to(torch.float64)
     G = B64 @ B64.mT
-    R, shift = run.chol_shifted(G, (B64 * B64).sum((1, 2)), n)
+    R, shift = run.chol_shifted(G, n)
     S, Vj = run.jacobi(R)  # R·Vj has orthogonal columns of norms S; Vj = left vectors of B
     S = (S * S - shift[:, None]).clamp_min(0).sqrt()  # σ(R)² = λ(B·Bᵀ) + shift
     S, order = S.sort(dim=1, descending=True)
