@@ -134,9 +134,10 @@ def svd_bottom(W: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor, tor
 
     Accuracy: the minor subspace is the float64 Gram matrix's, so ``W − U·diag(S)·Vh`` (what KaSA
     keeps) is accurate to ~1e-8 relative on LLM-like weights, where PEFT's float32 SVD gives ~2e-6
-    (``tests/integrations/test_peft.py``); ``S`` is accurate to ~1e-16·σ_max (so small σ only to
-    that absolute level). Singular values that are exactly zero get zero columns in ``U``.
-    Cost on the CPU: 1.5–1.8× faster than a float32 SVD per weight at 1024–2048 (BENCHMARKS.md)."""
+    (``tests/integrations/test_peft.py``). The Gram squares the condition number: ``S`` is accurate
+    to about √eps₆₄·σ_max ≈ 1.5e-8·σ_max absolute (smaller σ only to that level, and their vectors
+    only as a subspace). ``U`` and ``Vh`` are orthonormal (zero σ included). Cost on the CPU: faster
+    than a float32 SVD per weight at 1024–2048 (BENCHMARKS.md); on GPUs it rests on float64 ``eigh``."""
     if W.dim() < 2:
         raise ValueError(f"W must have at least 2 dimensions (..., m, n), got shape {tuple(W.shape)}")
     m, n = W.shape[-2:]
@@ -147,10 +148,11 @@ def svd_bottom(W: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor, tor
     A = (W if tall else W.mT).to(torch.float64)
     _, V = torch.linalg.eigh(A.mT @ A)  # ascending eigenvalues σ²
     Vd = V[..., :r].flip(-1)  # the r smallest, largest first
-    P = A @ Vd  # = U_d·diag(S_d)
-    S = P.norm(dim=-2)
-    U = P / S.clamp_min(torch.finfo(torch.float64).tiny)[..., None, :]
-    U, Vh = (U, Vd.mT) if tall else (Vd, U.mT)
+    # P = A·V_d = U_d·diag(S_d); its small SVD re-orthonormalises both sides and sorts S (below
+    # ~√eps·σ_max the Gram's eigenvectors mix, and a zero σ leaves a null column in P)
+    Up, S, Vph = torch.linalg.svd(A @ Vd, full_matrices=False)
+    V = Vd @ Vph.mT
+    U, Vh = (Up, V.mT) if tall else (V, Up.mT)
     work = _work_dtype(W)
     return U.to(work), S.to(work), Vh.to(work)
 
@@ -209,7 +211,7 @@ def init_layers(
     chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES,
     progress: bool = False,
     report: Optional[list] = None,
-    distributed: Optional[bool] = None,
+    distributed: bool = False,
     **svd_kwargs,
 ) -> None:
     """Initialise many SORSA layers at once.
@@ -226,15 +228,16 @@ def init_layers(
     process's decomposition time for the group, after a device sync) and ``owners`` (the rank that
     decomposed each chunk).
 
-    ``distributed`` (None: auto): under an initialised ``torch.distributed`` group of several ranks
-    whose layers hold replicated weights (DDP; a model built or loaded the same way on every rank),
-    the chunks are shared out (largest first to the least loaded rank, by the cost model), each rank
-    decomposes its share, and each chunk's factors are broadcast from its owner (one collective per
-    chunk). The result equals a one-process init bit for bit, given a ``seed`` (``apply_sorsa``'s
-    default) and the same ``chunk_bytes`` (ranks take the smallest chunk size any of them can hold).
-    Every rank must then call it (it runs collectives); ranks holding different layers (pipeline
-    stages) or sharded (DTensor) weights initialise their own layers as before. ``True`` insists
-    (and raises instead), ``False`` opts out (e.g. when only some ranks initialise).
+    ``distributed=True`` (opt-in; every rank must call it, with the same layers and weights — DDP,
+    a model built or loaded the same way on every rank — and, over NCCL, the weights on the rank's
+    current CUDA device): the chunks are shared out (largest first to the least loaded rank, by the
+    cost model), each rank decomposes its share, and each chunk's factors are broadcast from its
+    owner (one collective per chunk). Weights are compared across ranks first (shapes and a
+    float64 fingerprint: an error, not another rank's SVD, if they differ); a failure on one rank
+    is raised on all. The result equals a one-process init bit for bit, given the same ``seed`` and
+    ``chunk_bytes`` (ranks take the smallest chunk size any of them can hold; without a seed rank
+    0's draw is shared). Sharded (DTensor) weights are refused. ``report``'s ``iterations`` and
+    ``error_estimate`` then cover this rank's chunks; the progress bar runs on rank 0.
     """
     if report is not None and not isinstance(report, list):
         raise TypeError(f"report must be None or a list, got {type(report).__name__}")
@@ -260,18 +263,16 @@ def init_layers(
                              "pass init=None (apply_sorsa) and initialise after loading real weights")
         out_f, in_f = layer.weight.shape
         groups[(max(out_f, in_f), min(out_f, in_f), layer.r, layer.weight.dtype, layer.weight.device)].append(layer)
-    dist_ = _distributed(distributed, layers)
+    dist_ = _distributed(distributed, layers) if groups else None
     # the plan: (group key, method, chunk of layers) in one order on every rank
     sizes = []
     for (m, n, r, dtype, device), members in groups.items():
         budget = memory_budget(device) if chunk_bytes is None else chunk_bytes
         sizes.append(max(1, budget // bytes_per_matrix(m, n, r, dtype)))
     if dist_ is not None:
-        agreed = _agree_on_chunks(dist_, groups, sizes, strict=bool(distributed))
-        if agreed is None:  # the ranks hold different layers (e.g. pipeline stages): each inits its own
-            dist_ = None
-        else:
-            sizes = agreed
+        sizes = _agree_on_chunks(dist_, groups, sizes)
+        if svd_kwargs.get("seed") is None and method != "svd":  # one sketch seed for all ranks
+            svd_kwargs = {**svd_kwargs, "seed": _broadcast_seed(dist_, next(iter(groups))[4])}
     plan = []
     for (key, members), per_chunk in zip(groups.items(), sizes):
         chosen = choose_method(key[0], key[1], key[2], method, **svd_kwargs)
@@ -292,7 +293,7 @@ def init_layers(
         e["chunks"] += 1
         e["owners"].append(owner)
     bar = None
-    if progress:
+    if progress and rank == 0:
         try:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(layers), desc="SORSA init", unit="matrix")
@@ -324,7 +325,13 @@ def init_layers(
     try:
         # a rank first decomposes its own chunks (all ranks at once), then every chunk's factors are
         # broadcast from its owner (one collective per chunk) and applied everywhere, in plan order
-        mine = {i: decompose(*plan[i]) for i in range(len(plan)) if owners[i] == rank} if dist_ is not None else {}
+        mine, failure = {}, None
+        if dist_ is not None:
+            try:
+                mine = {i: decompose(*plan[i]) for i in range(len(plan)) if owners[i] == rank}
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                failure = e
+            _raise_if_any_failed(dist_, failure, next(iter(groups))[4])
         for i, (key, chosen, chunk) in enumerate(plan):
             m, n, r, dtype, device = key
             if dist_ is None:
@@ -354,43 +361,72 @@ def _own_rank() -> int:
 
 
 def _distributed(distributed: Optional[bool], layers):
-    """``torch.distributed`` when the init is split over ranks, else None (see init_layers)."""
+    """``torch.distributed`` when the init is split over ranks (``distributed=True``), else None."""
     if distributed is not None and not isinstance(distributed, bool):
         raise TypeError(f"distributed must be None or a bool, got {distributed!r}")
-    if distributed is False:
+    if not distributed:
         return None
     import torch.distributed as dist
 
-    on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if not on:
-        if distributed:
-            raise RuntimeError("init_layers(distributed=True) needs an initialised torch.distributed process group "
-                               "with more than one rank")
-        return None
-    sharded = [i for i, layer in enumerate(layers) if type(layer.weight.data) is not torch.Tensor]
-    if sharded:  # DTensor / FSDP-sharded weights: each rank holds different bytes
-        if distributed:
-            raise ValueError("init_layers(distributed=True) splits the work of replicated weights (DDP, or a model "
-                             "built the same way on every rank); some weights are sharded tensors")
-        return None
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        raise RuntimeError("init_layers(distributed=True) needs an initialised torch.distributed process group "
+                           "with more than one rank")
+    if any(type(layer.weight.data) is not torch.Tensor for layer in layers):
+        raise ValueError("init_layers(distributed=True) splits the work of replicated weights (DDP, or a model "
+                         "built the same way on every rank); some weights are sharded tensors (DTensor)")
+    if dist.get_backend() == "nccl":
+        devs = {layer.weight.device for layer in layers}
+        if any(d.type != "cuda" or d.index != torch.cuda.current_device() for d in devs):
+            raise ValueError(f"init_layers(distributed=True) over NCCL needs every weight on this rank's current "
+                             f"CUDA device (torch.cuda.set_device(local_rank) first), got {sorted(map(str, devs))}")
     return dist
 
 
-def _agree_on_chunks(dist, groups, sizes, strict: bool):
-    """Every rank must cut the same chunks (the rsvd sketch depends on the batch): check that the
-    ranks hold the same groups and take the smallest chunk size of each (free memory differs).
-    None when they hold different layers (an error with ``strict``)."""
-    mine = [(k[0], k[1], k[2], str(k[3]), k[4].type, len(v)) for k, v in groups.items()]
+def _comm_device(dist, device: torch.device) -> torch.device:
+    """Where a collective's tensors live: the current CUDA device under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _agree_on_chunks(dist, groups, sizes):
+    """Every rank must hold the same weights (a rank gets the factors another decomposed) and cut
+    the same chunks (the rsvd sketch depends on the batch): compare shapes and a float64
+    fingerprint (sum, sum of squares) of every weight across ranks, and take the smallest chunk
+    size of each group (free memory differs)."""
+    mine = []
+    for k, v in groups.items():
+        prints = []
+        for layer in v:
+            W = layer.effective_weight().to(torch.float64)
+            prints.append((W.sum().item(), (W * W).sum().item()))
+        mine.append((k[0], k[1], k[2], str(k[3]), k[4].type, prints))
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     if any(other != mine for other in everyone):
-        if strict:
-            raise ValueError("init_layers(distributed=True): the ranks hold different layers (shape groups per "
-                             f"rank: {everyone}); every rank must pass the same model's layers")
-        return None
-    t = torch.tensor(sizes, dtype=torch.int64)
+        raise ValueError("init_layers(distributed=True): the ranks hold different weights (shapes or values); "
+                         "every rank must pass the same model's layers with the same weights (DDP), else "
+                         "initialise with distributed=False")
+    t = torch.tensor(sizes, dtype=torch.int64, device=_comm_device(dist, next(iter(groups))[4]))
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t.tolist()
+
+
+def _broadcast_seed(dist, device) -> int:
+    """One rsvd seed for all ranks (rank 0's draw from its global generator)."""
+    t = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64).to(_comm_device(dist, device))
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _raise_if_any_failed(dist, failure: Optional[BaseException], device) -> None:
+    """After the ranks' own decompositions: raise on every rank if any failed (its peers would
+    otherwise wait in the broadcast until the process group's timeout)."""
+    flag = torch.tensor([0 if failure is None else 1], dtype=torch.int64, device=_comm_device(dist, device))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if failure is not None:
+        raise failure
+    if int(flag.item()):
+        raise RuntimeError("init_layers(distributed=True): another rank failed while decomposing its share "
+                           "(see its error)")
 
 
 def _balance(costs, world: int):
@@ -406,7 +442,7 @@ def _balance(costs, world: int):
 def _broadcast_factors(dist, factors, owner: int, dims, work, device):
     """``(U, S, Vh)`` of a chunk, broadcast from ``owner`` (NCCL: on the device; gloo: on the CPU)."""
     b, m, n, r = dims
-    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    comm = _comm_device(dist, device)
     if factors is None:
         factors = (torch.empty(b, m, r, dtype=work, device=comm), torch.empty(b, r, dtype=work, device=comm),
                    torch.empty(b, r, n, dtype=work, device=comm))

@@ -102,6 +102,7 @@ def apply_sorsa(
     quant_blocksize: int = 64,
     double_quant: bool = True,
     quant_iters: int = 0,
+    distributed: bool = False,
     **svd_kwargs,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` (and transformers ``Conv1D``) whose qualified name matches
@@ -113,6 +114,10 @@ def apply_sorsa(
     ``W_r`` is exact either way, so the model's output is unchanged (up to the 4-bit rounding of
     ``W_r`` with ``quantize`` or 4-bit bases: see below). A linear registered under
     several names is replaced by one SORSA layer everywhere. Returns ``model`` itself.
+
+    ``distributed=True``: every rank of a ``torch.distributed`` job (DDP: the same model on every
+    rank) decomposes a share of the matrices and receives the rest (see
+    :func:`sorsa_kernels.init.init_layers`); equal to a one-process init bit for bit.
 
     ``match``: "substring" (default; sorsa 1.0.1's rule: a name matches when it contains a
     target) or "peft" (PEFT's rule: exact names or suffixes at a ``.`` boundary; a single str
@@ -201,6 +206,9 @@ def apply_sorsa(
                       f"quantize='nf4'; quant_iters=k re-fits the adapter to the rounding",
                       UserWarning, stacklevel=2)
     four_bit = quantize is not None or bool(bases4)
+    if distributed and four_bit:  # 4-bit layers are decomposed one at a time as they are converted
+        raise ValueError("distributed=True is not supported with 4-bit layers (quantize= or 4-bit bases): "
+                         "each rank initialises them itself")
     try:
         if four_bit:
             matched = _convert_4bit(sites, r, alpha, dropout, init, progress, svd_kwargs,
@@ -216,7 +224,8 @@ def apply_sorsa(
         if init is not None and r > 0:
             layers = [m for m in matched.values() if not isinstance(m, SORSALinear4bit)]
             if layers:
-                init_layers(layers, init, chunk_bytes=chunk_bytes, progress=progress, **svd_kwargs)
+                init_layers(layers, init, chunk_bytes=chunk_bytes, progress=progress, distributed=distributed,
+                            **svd_kwargs)
             for layer in layers:
                 layer.init_config = {"method": init, **svd_kwargs}
     except BaseException:

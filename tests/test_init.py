@@ -218,3 +218,25 @@ def test_init_report_per_shape_group():
         init_mod.init_layers(layers[:1], report={})
     with pytest.raises(TypeError, match="pass report=\\[\\] instead"):
         init_mod.init_layers(layers[:1], info={})
+
+
+def test_svd_bottom_rank_deficient_and_tiny_singular_values():
+    """Zero and tiny σ (below √eps·σ_max, where the Gram's eigenvectors mix): U and Vh stay
+    orthonormal, S descending and within ~1.5e-8·σ_max of the truth, tall and wide."""
+    from sorsa_kernels.init import svd_bottom
+
+    g = torch.Generator().manual_seed(0)
+    for m, n in ((60, 40), (40, 60)):
+        k = min(m, n)
+        U0 = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))[0]
+        V0 = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))[0]
+        s = torch.logspace(0, -9, k, dtype=torch.float64)
+        s[-5:] = 0  # rank-deficient
+        W = ((U0 * s) @ V0.T).float()
+        U, S, Vh = svd_bottom(W, 10)
+        eye = torch.eye(10, dtype=torch.float64)
+        torch.testing.assert_close(U.double().T @ U.double(), eye, rtol=0, atol=1e-5)
+        torch.testing.assert_close(Vh.double() @ Vh.double().T, eye, rtol=0, atol=1e-5)
+        assert torch.all(S[:-1] >= S[1:])
+        exact = torch.linalg.svdvals(W.double())[-10:]
+        assert (S.double() - exact).abs().max() < 1e-7

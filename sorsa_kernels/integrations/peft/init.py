@@ -82,7 +82,7 @@ class _PendingSVD:
         # matrix (svd_bottom: faster and more accurate), a memory-bounded chunk at a time
         for (shape, r, dev), items in self._groups(kasa, lambda it: it[1]):
             m, n = shape
-            per = 8 * (2 * m * n + 3 * min(m, n) ** 2)  # fp64 weight, result, Gram, eigh's vectors
+            per = 8 * (4 * m * n + 3 * min(m, n) ** 2)  # fp64 weight, product, difference, fp32 stack; Gram, eigh
             step = len(items) if self.method == "svd" else max(1, memory_budget(dev) // per)
             for c in range(0, len(items), step):
                 chunk = items[c:c + step]

@@ -134,7 +134,7 @@ class _Run:
         R, info = self.chol(G)
         bad = info != 0
         if G.device.type in HOST_CHECK_DEVICES and not bool(bad.any()):
-            return R, torch.zeros(G.shape[0], dtype=G.dtype)
+            return R, G.new_zeros(G.shape[0])
         k = G.shape[-1]
         fro2 = G.diagonal(dim1=-2, dim2=-1).sum(-1)  # ‖Y‖_F² = trace(YᵀY)
         s = 11.0 * (rows * k + k * (k + 1)) * torch.finfo(torch.float64).eps * fro2
