@@ -66,6 +66,13 @@ def run(case: Case, device: torch.device, fault: bool):
     ref, _ = run("naive", torch.float64)
     lowp, t_torch = run("torch" if case.p == 0 else "naive", dt)
     got, t_fused = run("triton", dt)
+    return score(ref, lowp, got, t_fused, t_torch, device, fault)
+
+
+def score(ref, lowp, got, t_fused, t_torch, device, fault: bool):
+    """A case's result from ``[y, dx, dA, dS, dB, dbias]`` of the float64 reference, the low-precision
+    torch path and the fused path (``fault``: the fused ``y`` perturbed, to prove the check can fail),
+    and the two paths' timed callables. Shared by the ops built on this one."""
     if fault:
         got[0] = got[0].clone()
         got[0].view(-1)[0] += 1.0
