@@ -131,11 +131,16 @@ def test_tol_mode_converges_or_warns(backend):
 
 
 def test_peft_style_no_oversampling_is_much_worse():
-    """The motivation for our defaults: q = r, niter = 2 (PEFT's fast PiSSA init) is far off."""
+    """The motivation for our defaults: PEFT's fast PiSSA init (torch.svd_lowrank, q = r,
+    niter = 2) is far off, where our default (tol 1 %) meets the target at a similar GEMM count."""
     W = family("llm", m=400, n=300)
     _, S64, _ = rsvd_naive(W, 32)
-    _, S, _ = sk.rsvd(W, 32, oversample=0, niter=2, seed=0, backend="torch")
-    assert ((S - S64).abs() / S64).max().item() > 0.05
+    torch.manual_seed(0)
+    S_peft = torch.svd_lowrank(W, q=32, niter=2)[1]
+    assert ((S_peft - S64).abs() / S64).max().item() > 0.05
+    info = {}
+    _, S, _ = sk.rsvd(W, 32, seed=0, backend="torch", info=info)
+    assert ((S - S64).abs() / S64).max().item() <= 0.01 and info["iterations"] <= 6
 
 
 # ---- the CPU build of the shared C++ core, directly --------------------------------------
@@ -381,15 +386,20 @@ def _r128_case(family_name):
 
 @pytest.mark.parametrize("family_name", ["llm", "flat"])
 @pytest.mark.parametrize("tol", [1e-2, 3e-3])
-def test_tol_estimate_within_2x_of_true_error(family_name, tol):
-    """tol mode's error estimate (geometric extrapolation of the Ritz values' convergence) is
-    within 2× of the true max relative σ error of what it returns, and that error meets ~tol."""
+def test_tol_estimate_bounds_the_true_error(family_name, tol):
+    """tol mode's error estimate (the Ritz values' last relative change or its geometric tail)
+    is at or above the true max relative σ error of what it returns (the final half step only
+    raises σ towards the truth), meets tol, and the loop stops once it does."""
     from sorsa_kernels.synthetic import exact_sigmas, synthetic_weights
     W = synthetic_weights(1, 1376, 512, seed=2, family=family_name)
+    ex = exact_sigmas(W, 32)
     info = {}
     _, S, _ = sk.rsvd(W, 32, tol=tol, seed=0, info=info)
-    ex = exact_sigmas(W, 32)
     true = ((S.double() - ex).abs() / ex).max().item()
-    assert info["iterations"] >= 3 and info["error_estimate"] <= tol
-    assert 0.5 <= info["error_estimate"] / true <= 2.0, (info, true)
-    assert true <= 2 * tol
+    assert info["iterations"] >= 2 and info["error_estimate"] <= tol
+    assert true <= info["error_estimate"], (info, true)
+    # one iteration fewer, the estimate had not reached tol (the loop did not run past it)
+    short = {}
+    with pytest.warns(RuntimeWarning, match="not reached"):
+        sk.rsvd(W, 32, tol=tol, niter=info["iterations"] - 1, seed=0, info=short)
+    assert short["error_estimate"] > tol

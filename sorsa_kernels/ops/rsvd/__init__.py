@@ -1,29 +1,35 @@
 """Batched randomized SVD: the top-``rank`` singular triplets of a stack of matrices.
 
-Algorithm (Halko–Martinsson–Tropp subspace iteration, re-orthonormalised every half step):
-``Q = orth(W·Ω)``; ``niter`` times ``Q = orth(W·orth(Wᵀ·Q))``; ``B = Qᵀ·W``; the small SVD of
-``B`` from ``B·Bᵀ = RᵀR`` (Cholesky) and a one-sided Jacobi SVD of ``R`` (fp64); ``U = Q·U_B``,
-``V = orth(Bᵀ·U_B)``. Orthonormalisation is CholeskyQR2 in fp64 with the shifted CholeskyQR3
-fallback (Fukaya et al. 2020) for panels whose Gram matrix is not numerically positive definite;
-exactly-null columns (e.g. a zero matrix) are replaced by Gaussian columns so ``U`` and ``V`` are
-always orthonormal. The GEMMs are torch's (cuBLAS/MKL); the Gaussian sketch, the batched k×k
-Cholesky and Jacobi SVD are the building blocks below, from the C++/CUDA extension (``"ext"``,
-per-matrix code shared between the CPU and CUDA builds) or plain torch (``"torch"``).
+Algorithm: a randomized block Krylov method (Musco & Musco 2015) with full re-orthogonalisation,
+stopped by an accuracy target. With ``N`` the smaller dimension (W is transposed so that the basis
+lives there), blocks of ``b = rank + oversample`` columns: ``Z_0 = orth(Ω)``, and each iteration
+adds ``Z_{t+1} = orth(Wᵀ·orth(W·Z_t))`` made orthogonal to the basis ``Z_all`` by block classical
+Gram–Schmidt twice. The products ``X = W·Z`` are kept, so the Rayleigh–Ritz values of the whole
+basis — the top σ of ``W·Z_all`` — come from the growing fp64 Gram matrix ``X_allᵀ·X_all`` without
+touching W again: a convergence check costs one small eigenvalue problem (and one host sync).
+The result: the top-b left Ritz vectors ``Q``, then one more half step ``B = Qᵀ·W`` and its
+small SVD (exact when W's rank is ≤ b). Orthonormalisation is CholeskyQR2 in fp64 with the shifted
+CholeskyQR3 fallback (Fukaya et al. 2020) for panels whose Gram matrix is not numerically positive
+definite; exactly-null columns (an exhausted Krylov space, a zero matrix) are replaced by Gaussian
+ones so ``U`` and ``V`` are always orthonormal. The GEMMs are torch's (cuBLAS/MKL); the Gaussian
+sketch, the batched k×k Cholesky and Jacobi SVD are the building blocks below, from the C++/CUDA
+extension (``"ext"``, per-matrix code shared between the CPU and CUDA builds) or plain torch
+(``"torch"``); the checks' eigenvalues are torch's (``eigvalsh``) either way.
 
-The final Rayleigh–Ritz step uses the last two iterates together (``[Q_{q-1} | Q_q]``, a depth-2
-block Krylov space, Musco & Musco 2015): a 2k-sized small SVD buys far more accuracy than more
-iterations. Measured on 4 LLM-like 2048² matrices (power-law decay + flat noise tail), r = 64, max
-relative σ error (GEMM work in units of k·passes): last iterate only — oversample 16 / 6 iterations
-~2.5 %, r / 6 1.2 % (1792), r / 8 0.6 % (2304); two-iterate RR — 16 / 6 1.2 % (1200), 16 / 8 0.54 %
-(1520), 32 / 6 0.62 % (1440); three iterates 16 / 6 0.46 % (1280) but a 3k-sized small SVD.
-At r = 128 (Llama-2-7B shapes, ``sorsa_kernels.synthetic`` LLM-like σᵢ ∝ i^-0.5 and flatter
-i^-0.25 spectra, one matrix each, seed 0, bf16 iterations emulated / fp32): oversample 16 / 8
-iterations misses 1 % (4096² 1.19 / 0.98 %, 11008×4096 1.47 / 1.18 %); oversample 64 / 8 gives
-0.41 / 0.32 % and 0.54 / 0.48 % (flat: 0.18 / 0.12 %, 0.12 / 0.07 %); 128 / 6 is as accurate for
-slightly more GEMM work and a 512-sized small SVD. Rayleigh–Ritz on the last iterate alone at the
-same work is 1.45 % (64 / 8) and needs oversample 128 (+33 % GEMM work) for 0.68 %: the two-iterate
-RR stays. Defaults: ``oversample = max(16, rank // 2)``, ``niter = 8``, two-iterate RR. PEFT's
-fast-PiSSA setting (q = r, 2 iterations, no oversampling) is ~13 % off on LLM-like matrices.
+Why block Krylov: subspace iteration (each iterate replacing the last) forgets what the earlier
+iterates had found. On 4 LLM-like 2048² matrices at r = 64 (max relative σ error of the Ritz
+values by basis blocks, blocks of 64 columns): 4: 5.7 %, 5: 2.4 %, 6: 1.1 %, 7: 0.45 %, 8: 0.13 %,
+where the previous default (subspace iteration, oversample 32, Rayleigh–Ritz on the last two
+iterates) needed 6 iterations of 96 columns for 0.70 % and 8 for 0.23 %. Blocks of ``rank``
+columns converge as fast per GEMM pass as wider ones at r = 16–128, so the default adds no
+oversampling above ``MIN_BLOCK`` columns (BENCHMARKS.md has the cases and the iterations chosen).
+
+Stopping: the Ritz values grow monotonically towards the true σ as the basis grows, so the
+remaining error is the sum of the changes still to come; the estimate is the last relative change
+or its geometric tail, whichever is larger (:func:`_check`), and the returned σ (after the half
+step) are at least as accurate. ``tol = 0.01`` by default; ``niter`` alone runs a fixed number of
+iterations with no host sync in the loop. PEFT's fast-PiSSA setting (``torch.svd_lowrank``,
+q = r, 2 iterations) is ~13 % off on LLM-like matrices.
 """
 from __future__ import annotations
 
@@ -38,16 +44,18 @@ from ..._precision import no_tf32
 from ..._validate import check_finite, check_float
 
 OP = "rsvd"
-DEFAULT_OVERSAMPLE = 16
-DEFAULT_NITER = 8
-MAX_TOL_ITERS = 40
+DEFAULT_TOL = 0.01
+DEFAULT_OVERSAMPLE = 0
+#: iterations the init's cost and memory models assume for a default (tol) call: what 2048² and
+#: 4096² LLM-like matrices at r = 64 / 128 needed (BENCHMARKS.md)
+DEFAULT_NITER = 7
+#: the iteration cap with tol (and so the widest basis the init's memory model allows for)
+MAX_TOL_ITERS = 16
 JACOBI_SWEEPS = 30
 #: devices where a host check of a tensor is free (no device to wait for): there the loop skips
 #: work that ``torch.where`` would discard (a shifted Cholesky, a Gaussian refill) instead of doing
 #: it sync-free as on CUDA. Same results either way (tests run both)
 HOST_CHECK_DEVICES = ("cpu",)
-#: Rayleigh–Ritz on [Q_{q-1} | Q_q] (2k columns) rather than Q_q alone; see the module doc
-TWO_ITERATE_RR = True
 
 # The extension's implementation is declared even when _C did not load: a forced backend="ext"
 # then reports why. "auto" takes torch on both device types: on the CPU LAPACK's small k×k steps
@@ -205,10 +213,16 @@ def check_options(oversample=None, niter=None, tol=None, seed=None, **_ignored) 
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
 
 
+#: smallest Krylov block: below it the per-iteration overheads (orthonormalisation, checks)
+#: outweigh the GEMMs
+MIN_BLOCK = 32
+
+
 def default_oversample(rank: int) -> int:
-    """max(16, rank // 2): measured at r = 128 on 4096² / 11008×4096 LLM-like and flatter spectra
-    (BENCHMARKS.md), where oversample 16 misses 1 % with bf16 iterations."""
-    return max(DEFAULT_OVERSAMPLE, rank // 2)
+    """Extra columns per block: none from ``MIN_BLOCK`` up (a block Krylov basis converges on the
+    top ``rank`` σ with blocks of ``rank`` columns: measured at r = 64 / 128 on 2048² / 4096² /
+    11008×4096 LLM-like and flatter spectra, BENCHMARKS.md), up to ``MIN_BLOCK`` below it."""
+    return max(DEFAULT_OVERSAMPLE, MIN_BLOCK - rank)
 
 
 def _pow2_normalise(Wb: torch.Tensor, owned: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -242,34 +256,40 @@ def rsvd(
 
     Args:
         rank: number of triplets (1 ≤ rank ≤ min(m, n)).
-        oversample: extra sketch columns (default ``max(16, rank // 2)``).
-        niter: power (subspace) iterations (default 8; with ``tol``: the cap, default 40).
-        tol: if given, iterate until the estimated relative error of the top-``rank`` singular
-            values is ≤ tol (checked once per iteration: this mode syncs with the host), or warn
-            when the cap is reached. The estimate extrapolates the geometric convergence of
-            the Ritz values; tol mode returns the last iterate's Ritz values (no two-iterate
-            Rayleigh–Ritz), which are what the estimate describes.
+        oversample: extra columns per Krylov block (block size ``rank + oversample``; default
+            :func:`default_oversample`).
+        niter: iterations, each adding one block ``Wᵀ·W·Z`` to the Krylov basis (2 GEMM passes).
+            Alone: exactly that many, no convergence check and no host sync in the loop. With
+            ``tol``: the cap (default 16).
+        tol: iterate until the estimated worst relative error of the top-``rank`` singular values
+            is ≤ tol (one host sync per iteration for the check), or warn at the cap. Default
+            ``0.01`` when ``niter`` is not given. The estimate is the last relative change of the
+            Ritz values or its geometric tail, whichever is larger (see :func:`_check`); measured
+            at or above the true error on every case in BENCHMARKS.md.
         seed: sketch seed; the result is deterministic for a given seed and backend
             (default: drawn from torch's global generator).
         backend: "auto" | "ext" (C++/CUDA extension) | "torch" for the sketch and the small
             k×k steps (the GEMMs are torch's either way). "auto" is torch (LAPACK) on the CPU,
             where it measured faster than the extension, and the extension on CUDA.
-        iter_dtype: dtype of the power-iteration GEMMs (default: bfloat16 for float32 work on CUDA
-            without ``tol``, where tensor cores make them ~10× faster; else the working precision). Rounding there only perturbs
-            the subspace, and the σ error is second order in that perturbation; the sketch's first
-            product and the final ``Qᵀ·W`` always run in the working precision.
-        info: if a dict is given, it receives ``iterations`` and, in tol mode,
-            ``error_estimate`` (the estimated max relative error of the returned σ).
+        iter_dtype: dtype of the ``Wᵀ·Q`` GEMMs that grow the basis (default: bfloat16 for float32
+            work on CUDA, where tensor cores make them ~10× faster; else the working precision).
+            Rounding there only perturbs the next block's directions; the ``W·Z`` products that the
+            Rayleigh–Ritz step and the checks read always run in the working precision.
+        info: if a dict is given, it receives ``iterations``, ``basis`` (the Krylov basis width)
+            and ``error_estimate`` (the estimated max relative σ error; NaN without ``tol``).
 
     Scale-equivariant: each matrix is divided by a power of 2 near its max-abs entry before any
     fp32 work and σ is scaled back, so ``rsvd(c·W)`` is ``c·rsvd(W)`` to rounding for any finite c.
-    TF32 is off inside (see :func:`no_tf32`). No host sync in the iteration loop without ``tol``.
+    TF32 is off inside (see :func:`no_tf32`). No host sync in the iteration loop with ``niter``
+    alone.
 
     Returns:
         ``U (..., m, rank)``, ``S (..., rank)`` descending, ``Vh (..., rank, n)``; float32
         (float64 when W is float64).
     """
     oversample = _check_args(W, rank, oversample, niter, tol, seed, backend)
+    if tol is None and niter is None:
+        tol = DEFAULT_TOL
     with no_tf32():
         return _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype, info)
 
@@ -281,81 +301,120 @@ def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype, info=None)
     *lead, m, n = W.shape
     Wb = W.reshape(-1, m, n)
     Wb, expo = _pow2_normalise(Wb.to(work), owned=Wb.dtype != work)
-    # bf16 iterations only where they pay (CUDA tensor cores), for fp32 work, and without tol
-    # (its Ritz-value estimates need the working precision)
-    fast = W.device.type == "cuda" and work == torch.float32 and tol is None
+    # the Krylov basis lives in the smaller dimension N: once it fills it the result is exact
+    flip = m < n
+    if flip:
+        Wb = Wb.mT
+    nb, M, N = Wb.shape
+    # bf16 Wᵀ·Q products only where they pay (CUDA tensor cores) and for fp32 work; the W·Z
+    # products, which the Rayleigh–Ritz step and the convergence checks read, stay in `work`
+    fast = W.device.type == "cuda" and work == torch.float32
     it_dt = iter_dtype or (torch.bfloat16 if fast else work)
     if it_dt not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         raise ValueError(f"iter_dtype must be a floating dtype, got {it_dt}")
-    # Off CUDA, low-precision iterations are emulated: operands rounded to it_dt, the product
+    # Off CUDA, low-precision products are emulated: operands rounded to it_dt, the product
     # formed in the working precision and rounded to it_dt, as a tensor-core GEMM does (up to
     # summation order); CPU bf16 GEMMs would be ~10× slower than fp32 ones for no gain.
     emulate = it_dt != work and W.device.type != "cuda"
-    Wi = Wb if it_dt == work else (Wb.to(it_dt).to(work) if emulate else Wb.to(it_dt))
+    WiT = Wb.mT if it_dt == work else (Wb.mT.to(it_dt).to(work) if emulate else Wb.mT.to(it_dt))
 
-    def iter_mm(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    def left_mm(Q: torch.Tensor) -> torch.Tensor:  # Wᵀ·Q in the iteration dtype
         if it_dt == work:
-            return A @ X
+            return WiT @ Q
         if emulate:
-            return (A @ X.to(it_dt).to(work)).to(it_dt).to(work)
-        return (A @ X.to(it_dt)).to(work)
-    k = min(rank + oversample, m, n)
-    Omega = run.gaussian((Wb.shape[0], n, k), work, W.device)
-    Q, _ = run.orth(Wb @ Omega, passes=2)  # work dtype
-    iters = (MAX_TOL_ITERS if niter is None else niter) if tol is not None else (DEFAULT_NITER if niter is None else niter)
-    prev = d_prev = Q_prev = None
+            return (WiT @ Q.to(it_dt).to(work)).to(it_dt).to(work)
+        return (WiT @ Q.to(it_dt)).to(work)
+
+    b = min(rank + oversample, N)
+    cap = (MAX_TOL_ITERS if niter is None else niter) if tol is not None else niter
+    Z, _ = run.orth(run.gaussian((nb, N, b), work, W.device), passes=2)
+    X = Wb @ Z
+    Zall, Xall = Z, X
+    X64 = X.to(torch.float64)
+    G = X64.mT @ X64  # Gram of W·Z_all, grown by one block row/column per iteration (fp64)
+    prev = d_prev = None
     est = float("nan")
     converged = tol is None
     done = 0
-    for _ in range(iters):
-        done += 1
-        Q_prev = Q
-        Z, Rz = run.orth(iter_mm(Wi.mT, Q), passes=2)
+    while True:
+        if Zall.shape[-1] >= N:  # the basis spans the whole space: Rayleigh–Ritz is exact
+            converged, est = True, (0.0 if tol is not None else est)
+            break
         if tol is not None:
-            # σ(R_z) = σ(Wᵀ·Q) are the Ritz values of this Q (what is returned if we stop here);
-            # they converge geometrically, so with d_t their relative change in one iteration
-            # and ρ = d_t/d_{t−1}, the remaining error is ≈ d_t·ρ/(1−ρ) (the geometric tail; at
-            # least d_t). Measured within 0.75–1.4× of the true error on the synthetic families.
-            cur = run.svdvals_small(Rz)[:, :rank]
-            if prev is not None:
-                d = ((cur - prev) / cur.clamp_min(1e-300)).abs()
-                if d_prev is not None:
-                    rho = (d / d_prev.clamp_min(1e-300)).clamp(max=0.95)
-                    est = torch.maximum(d, d * rho / (1 - rho)).max().item()  # tol mode: one sync per iteration
-                    if est <= tol:
-                        converged = True
-                        break
-                d_prev = d
-            prev = cur
-        Q, _ = run.orth(iter_mm(Wi, Z), passes=2)
+            prev, d_prev, est = _check(G, rank, prev, d_prev)
+            if est <= tol:
+                converged = True
+                break
+        if done >= cap:
+            break
+        done += 1
+        # next Krylov block: Wᵀ·orth(W·Z_last), made orthogonal to the basis by block classical
+        # Gram–Schmidt twice ("twice is enough"); orth refills null columns (an exhausted Krylov
+        # space) with Gaussian ones, which the second pass makes orthogonal to the basis too
+        Q, _ = run.orth(X, passes=2)
+        Y = left_mm(Q)[..., :min(b, N - Zall.shape[-1])]
+        Y = Y - Zall @ (Zall.mT @ Y)
+        Y, _ = run.orth(Y, passes=2)
+        Y = Y - Zall @ (Zall.mT @ Y)
+        Z, _ = run.orth(Y, passes=2)
+        X = Wb @ Z
+        X64 = X.to(torch.float64)
+        C = Xall.to(torch.float64).mT @ X64
+        G = torch.cat([torch.cat([G, C], -1), torch.cat([C.mT, X64.mT @ X64], -1)], -2)
+        Zall, Xall = torch.cat([Zall, Z], -1), torch.cat([Xall, X], -1)
     if not converged:
-        warnings.warn(f"rsvd: tol={tol} not reached within {iters} iterations; returning the last iterate",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(f"rsvd: tol={tol} not reached within {cap} iterations (estimated error {est:.3g}); "
+                      "returning the last Rayleigh–Ritz result", RuntimeWarning, stacklevel=3)
     if info is not None:
-        info.update(iterations=done, error_estimate=est)
-    if tol is not None:
-        Q_prev = None  # tol mode returns the Ritz values the estimate is about (last iterate)
-    if TWO_ITERATE_RR and Q_prev is not None and min(m, n) >= 2 * k:
-        # Rayleigh–Ritz on the last two iterates together (a depth-2 block Krylov space): for the
-        # same GEMM work this is far more accurate than the last iterate alone (see module doc)
-        Q, _ = run.orth(torch.cat([Q_prev, Q], dim=-1).to(torch.float64))  # nearly dependent: fp64
-    else:
-        Q, _ = run.orth(Q)  # the loop's two-pass Q may be slightly off orthonormal
-    B = Q.to(work).mT @ Wb  # (b, K, n), K = k or 2k
+        info.update(iterations=done, error_estimate=est, basis=Zall.shape[-1])
+    # Rayleigh–Ritz on span(Z_all): the top-b left Ritz vectors of W·Z_all = X_all, from the
+    # eigenvectors of its Gram matrix G = RᵀR ...
+    R, _ = run.chol_shifted(G, M)
+    Sg, Vj = run.jacobi(R)  # R·Vj has orthogonal columns of norms Sg: Vj = eigenvectors of G
+    order = Sg.argsort(dim=1, descending=True)[:, :b]
+    Q, _ = run.orth(Xall @ Vj.gather(2, order[:, None, :].expand(-1, Vj.shape[1], -1)).to(work))
+    # ... then one more half step, B = Qᵀ·W (b columns), whose small SVD gives the result: more
+    # accurate than the Ritz values the checks saw, and exact when W's rank is at most b
+    B = Q.mT @ Wb  # (nb, b, N)
     B64 = B.to(torch.float64)
-    G = B64 @ B64.mT
-    R, shift = run.chol_shifted(G, n)
-    S, Vj = run.jacobi(R)  # R·Vj has orthogonal columns of norms S; Vj = left vectors of B
+    R, shift = run.chol_shifted(B64 @ B64.mT, N)
+    S, Vj = run.jacobi(R)  # Vj = left singular vectors of B
     S = (S * S - shift[:, None]).clamp_min(0).sqrt()  # σ(R)² = λ(B·Bᵀ) + shift
     S, order = S.sort(dim=1, descending=True)
-    UB = Vj.gather(2, order[:, None, :rank].expand(-1, Vj.shape[1], -1)).to(work)  # top-rank left vectors of B
-    U = Q.to(work) @ UB
+    UB = Vj.gather(2, order[:, None, :rank].expand(-1, Vj.shape[1], -1)).to(work)
+    U = Q @ UB
     V, _ = run.orth(B.mT @ UB)  # = Bᵀ·U_B·Σ⁻¹ up to column scaling; orth keeps it orthonormal for σ ≈ 0
-    if bool(run.failed):  # the call's one host sync
+    if flip:
+        U, V = V, U
+    if bool(run.failed):  # the call's one host sync (besides one per convergence check)
         raise RuntimeError("rsvd: shifted Cholesky failed; the input has non-finite values or overflows")
     S = torch.ldexp(S[:, :rank], expo[:, None].to(torch.float64)).to(work)  # undo the 2^-e scaling
     shape = lambda t, *tail: t.reshape(*lead, *tail)  # noqa: E731
     return shape(U, m, rank), shape(S, rank), shape(V.mT, rank, n)
+
+
+#: relative changes of σ below this fraction of σ_max are rounding, not convergence (the products
+#: are fp32: a σ this small has no correct digit to converge to)
+CHECK_FLOOR = 1e-5
+
+
+def _check(G: torch.Tensor, rank: int, prev, d_prev):
+    """One convergence check (one host sync): the Ritz values are the top-``rank`` σ of W·Z_all
+    (eigenvalues of its Gram matrix); they grow monotonically towards the true σ as the Krylov
+    space grows, so the remaining error is the sum of the changes still to come. With ``d`` the
+    largest relative change over the last block and ``ρ`` its ratio to the one before, the estimate
+    is ``max(d, d·ρ/(1−ρ))`` (the geometric tail, and at least the last change). Returns
+    ``(σ, d, estimate)``; the estimate is inf until two changes are known."""
+    lam = torch.linalg.eigvalsh(G)  # ascending; values only
+    cur = lam[:, -rank:].flip(-1).clamp_min(0).sqrt()
+    if prev is None:
+        return cur, None, float("inf")
+    floor = CHECK_FLOOR * cur[:, :1]
+    d = ((cur - prev).abs() / torch.maximum(cur, floor).clamp_min(torch.finfo(cur.dtype).tiny)).amax().item()
+    if d_prev is None:
+        return cur, d, float("inf")
+    rho = min(d / d_prev, 0.95) if d_prev > 0 else 0.0
+    return cur, d, max(d, d * rho / (1 - rho))
 
 
 def rsvd_naive(W: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
