@@ -36,6 +36,7 @@ from .init import adapters_from_factors
 from . import checkpoints
 from .checkpoints import CONFIG_FILE, HF_ADAPTER_FILE
 from . import quant
+from . import _zero3
 from ._fingerprint import base_fingerprint
 from .layer import SORSAConv1D, SORSALinear, is_conv1d, named_sorsa_layers
 from .layer_4bit import SORSALinear4bit, dequantized_linear
@@ -95,11 +96,18 @@ def _base_weight(mod: nn.Module) -> torch.Tensor:
     return mod.weight.detach().T if is_conv1d(mod) else mod.weight.detach()
 
 
-def _fingerprint(mod: nn.Module) -> Optional[dict]:
-    """The base weight's fingerprint; a 4-bit SORSA layer's was taken at init (None: unknown)."""
+def _fingerprint(mod: nn.Module, stored_w: Optional[torch.Tensor] = None) -> Optional[dict]:
+    """The base weight's fingerprint; a 4-bit SORSA layer's was taken at init (None: unknown).
+    ``stored_w``: the SORSA layer's ``W_r`` as a state dict stores it, used instead of the layer's
+    own (a ZeRO-3 layer's parameters are placeholders outside a gather)."""
     if isinstance(mod, SORSALinear4bit):
         return mod.base_fingerprint
-    return base_fingerprint(_base_weight(mod))
+    if stored_w is None:
+        return base_fingerprint(_base_weight(mod))
+    # SORSALinear.original_weight with W_r from the state dict (the layer is never merged here)
+    d = mod._delta(*mod.initial_adapter())
+    W_r = stored_w.T if mod.fan_in_fan_out else stored_w
+    return base_fingerprint(W_r.to(d.device, d.dtype) + d)
 
 
 def _weight_dtype(mod: nn.Module) -> torch.dtype:
@@ -125,27 +133,59 @@ def _layers_or_raise(model: nn.Module, what: str) -> List[Tuple[str, SORSALinear
     return layers
 
 
-def adapter_config(model: nn.Module) -> dict:
-    """The ``sorsa_config.json`` content for the SORSA layers of ``model`` (see the module docstring)."""
-    per_layer = {}
-    for name, m in _layers_or_raise(model, "save_adapter"):
-        per_layer[name] = {
-            "kind": "conv1d" if m.fan_in_fan_out else "linear",
-            "in_features": m.in_features, "out_features": m.out_features,
-            "r": m.r, "alpha": m.alpha, "dropout": m.dropout, "bias": m.bias is not None,
-            "bias_trained": m.bias is not None and m.bias.requires_grad, "merge_weights": m.merge_weights,
-            "weight_dtype": _dtype_name(m.weight_dtype), "adapter_dtype": _dtype_name(m.sorsa_A.dtype),
-            "init": m.init_config,
-            "base_fingerprint": _fingerprint(m),
-        }
-        if isinstance(m, SORSALinear4bit):  # W_r = quant(W - scale·B0·diag(S0)·A0) with these settings
-            per_layer[name]["quant"] = m.quant_config()
-            # of the packed bytes (integer sums: exact on any device): load_adapter checks its rebuild
-            per_layer[name]["packed_fingerprint"] = base_fingerprint(m.weight.data)
+def _layer_spec(m: SORSALinear, stored_w: Optional[torch.Tensor] = None) -> dict:
+    """One layer's entry of ``sorsa_config.json`` (``stored_w``: see :func:`_fingerprint`)."""
+    spec = {
+        "kind": "conv1d" if m.fan_in_fan_out else "linear",
+        "in_features": m.in_features, "out_features": m.out_features,
+        "r": m.r, "alpha": m.alpha, "dropout": m.dropout, "bias": m.bias is not None,
+        "bias_trained": m.bias is not None and m.bias.requires_grad, "merge_weights": m.merge_weights,
+        "weight_dtype": _dtype_name(m.weight_dtype), "adapter_dtype": _dtype_name(m.sorsa_A.dtype),
+        "init": m.init_config,
+        "base_fingerprint": _fingerprint(m, stored_w),
+    }
+    if isinstance(m, SORSALinear4bit):  # W_r = quant(W - scale·B0·diag(S0)·A0) with these settings
+        spec["quant"] = m.quant_config()
+        # of the packed bytes (integer sums: exact on any device): load_adapter checks its rebuild
+        spec["packed_fingerprint"] = base_fingerprint(m.weight.data)
+    return spec
+
+
+def _collect(model: nn.Module, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+             with_tensors: bool = False) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """``(config, tensors)`` of an adapter file (tensors only when ``with_tensors``). On a ZeRO-3
+    model without ``state_dict``, each layer's own parameters are gathered in turn (a collective:
+    every rank calls this; only rank 0 copies tensors); with ``state_dict`` (full weights, e.g. a
+    consolidated one), base weights come from it and nothing is gathered."""
+    what = "save_adapter"
+    layers = _layers_or_raise(model, what)
+    zero3 = _zero3.is_zero3_model(model)
+    if zero3:
+        checkpoints.check_zero3(model, what)
+    gather = zero3 and state_dict is None
+    copy = with_tensors and (not gather or _zero3.rank() == 0)
+    per_layer: Dict[str, dict] = {}
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, m in layers:
+        stored_w = None
+        if state_dict is not None:
+            key = checkpoints.clean_name(name) + ".weight"
+            if key not in state_dict:
+                raise ValueError(f"{what}: state_dict has no {key!r} (the layer's full W_r is needed for its "
+                                 f"base-weight fingerprint)")
+            stored_w = state_dict[key]
+        with _zero3.gathered(m.parameters(recurse=False) if gather else ()):
+            per_layer[name] = spec = _layer_spec(m, stored_w)
+            if not copy:
+                continue
+            for part, t in zip(_PARTS + _INIT_PARTS, (m.sorsa_A, m.sorsa_S, m.sorsa_B) + m.initial_adapter()):
+                tensors[f"{name}.{part}"] = t.detach().to("cpu").contiguous().clone()
+            if spec["bias_trained"]:
+                tensors[f"{name}.bias"] = m.bias.detach().to("cpu").contiguous().clone()
     from ._version import __version__
 
     lv = list(per_layer.values())
-    return {
+    config = {
         "format": FORMAT,
         "library": "sorsa-kernels",
         "library_version": __version__,
@@ -159,25 +199,43 @@ def adapter_config(model: nn.Module) -> dict:
         "adapter_dtype": _uniform(v["adapter_dtype"] for v in lv),
         "layers": per_layer,
     }
+    return config, tensors
+
+
+def adapter_config(model: nn.Module, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> dict:
+    """The ``sorsa_config.json`` content for the SORSA layers of ``model`` (see the module docstring).
+
+    Under DeepSpeed ZeRO-3 call it on every rank (each layer's parameters are gathered in turn),
+    or pass ``state_dict`` with the model's full weights (as the Trainer consolidates them on its
+    main process): base-weight fingerprints are then taken from it, with no collective."""
+    return _collect(model, state_dict)[0]
 
 
 def save_adapter(model: nn.Module, path: str) -> None:
     """Write the adapters of ``model`` to the directory ``path`` (created if needed): see the
     module docstring for the format. Raises ``ValueError`` when the model has no SORSA layer or a
-    layer's initial adapter is unknown (needed to recompute ``W_r`` on load)."""
+    layer's initial adapter is unknown (needed to recompute ``W_r`` on load).
+
+    A DeepSpeed ZeRO-3 model (``engine.module``): call on every rank. Each layer's parameters are
+    gathered in turn (never the whole model), rank 0 writes the consolidated adapters, and every
+    rank returns only once the files are written (or raises if rank 0 could not write them), so
+    ``path`` can be read right after on any rank that sees rank 0's file system."""
     from safetensors.torch import save_file
 
-    config = adapter_config(model)
-    tensors: Dict[str, torch.Tensor] = {}
-    for name, m in _layers_or_raise(model, "save_adapter"):
-        for part, t in zip(_PARTS + _INIT_PARTS, (m.sorsa_A, m.sorsa_S, m.sorsa_B) + m.initial_adapter()):
-            tensors[f"{name}.{part}"] = t.detach().to("cpu").contiguous().clone()
-        if config["layers"][name]["bias_trained"]:
-            tensors[f"{name}.bias"] = m.bias.detach().to("cpu").contiguous().clone()
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, ADAPTER_FILE), metadata={"format": FORMAT})
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2)
+    zero3 = _zero3.is_zero3_model(model)
+    config, tensors = _collect(model, with_tensors=True)
+    try:
+        if not zero3 or _zero3.rank() == 0:
+            os.makedirs(path, exist_ok=True)
+            save_file(tensors, os.path.join(path, ADAPTER_FILE), metadata={"format": FORMAT})
+            with open(os.path.join(path, CONFIG_FILE), "w") as f:
+                json.dump(config, f, indent=2)
+    except Exception:
+        if zero3:
+            _zero3.agree(False, f"save_adapter({path!r})")
+        raise
+    if zero3:
+        _zero3.agree(True, f"save_adapter({path!r}) on rank 0")
 
 
 def read_adapter(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
@@ -241,7 +299,7 @@ def _check_layer(name: str, spec: dict, mod: Optional[nn.Module], tensors: Dict[
         if is_conv1d(mod) != conv:
             problems.append(f"{name}: a {type(mod).__name__} in the model, a {spec['kind']} layer in the adapter")
         shape = (in_f, out_f) if conv else (out_f, in_f)
-        got = quant.weight_shape(mod.weight) if quant.is_linear4bit(mod) else tuple(mod.weight.shape)
+        got = quant.weight_shape(mod.weight) if quant.is_linear4bit(mod) else _zero3.full_shape(mod.weight)
         if tuple(got) != shape:
             problems.append(f"{name}: weight shape {tuple(got)} in the model, {shape} in the adapter")
         elif mod.weight.is_meta:
@@ -250,6 +308,98 @@ def _check_layer(name: str, spec: dict, mod: Optional[nn.Module], tensors: Dict[
         problems.append(f"{name}: a {type(mod).__name__} in the model, not a Linear/Conv1D or SORSA layer")
     if spec["bias"] != (getattr(mod, "bias", None) is not None):
         problems.append(f"{name}: bias {'expected' if spec['bias'] else 'not expected'} by the adapter")
+
+
+def _plan_layer(name: str, mod: nn.Module, spec: dict, tensors: Dict[str, torch.Tensor]) -> tuple:
+    """The layer to install for ``name`` (``mod`` itself when it is a SORSA layer, else a new one),
+    its new ``W_r`` (None: keep), initial and current adapters on its device and dtype; reads
+    ``mod``'s weights (gathered under ZeRO-3), changes nothing of it."""
+    A, S, B = (tensors[f"{name}.{p}"] for p in _PARTS)
+    A0, S0, B0 = (tensors[f"{name}.{p}"] for p in _INIT_PARTS)
+    qspec = spec.get("quant")
+    if isinstance(mod, SORSALinear):
+        layer, new = mod, False
+        dev, adt = layer.sorsa_A.device, layer.sorsa_A.dtype
+        cur0 = layer.initial_adapter()
+        same_init = all(c.dtype == t.dtype and torch.equal(c.cpu(), t) for c, t in zip(cur0, (A0, S0, B0)))
+        if not same_init and qspec:
+            raise ValueError(f"load_adapter: {name} is a 4-bit layer initialised differently from the adapter: "
+                             f"its quantized W_r cannot give back the base weight; load onto the base model")
+        W = None if same_init else layer.original_weight()
+    else:
+        if quant.is_linear4bit(mod):  # a 4-bit base: its own settings unless the adapter has some
+            qspec = qspec or {"type": mod.weight.quant_type, "blocksize": mod.weight.blocksize,
+                              "double_quant": bool(mod.weight.compress_statistics), "iters": 0}
+        base = dequantized_linear(mod) if quant.is_linear4bit(mod) else mod
+        cls = SORSAConv1D if spec["kind"] == "conv1d" else SORSALinear
+        layer = cls.from_linear(base, spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], init=None,
+                                merge_weights=spec.get("merge_weights", True) and not qspec)
+        new, dev, adt = True, layer.weight.device, _dtype(spec["adapter_dtype"])
+        W = layer.w.detach()
+    A0, S0, B0 = (t.to(dev, adt) for t in (A0, S0, B0))
+    W_r = None
+    if W is not None:
+        W_r, A0, S0, B0 = adapters_from_factors(W, B0, S0, A0, layer.scale, layer.weight_dtype, adt)
+    if new and qspec:  # the quantized residual, bit for bit as at init: quant(W_r) of the same W_r
+        layer._set_w(W_r)
+        layer.sorsa_A.data, layer.sorsa_S.data, layer.sorsa_B.data = A0.clone(), S0.clone(), B0.clone()
+        layer._record_initial(A0, S0, B0)
+        layer.init_config = spec.get("init")
+        layer = SORSALinear4bit.from_sorsa(layer, qspec["type"], qspec["blocksize"], qspec["double_quant"],
+                                           fingerprint=base_fingerprint(W))
+        layer.quant_iters = qspec.get("iters", 0)
+        W_r = None
+    return (name, mod, layer, new, W_r, (A0, S0, B0), tuple(t.to(dev, adt) for t in (A, S, B)), spec)
+
+
+def _install_layer(model: nn.Module, item: tuple, tensors: Dict[str, torch.Tensor]) -> None:
+    """Install one planned layer (see :func:`_plan_layer`) in ``model``."""
+    name, mod, layer, new, W_r, init, cur, spec = item
+    was_merged = layer.merged
+    layer._merge(False)
+    if W_r is not None:
+        layer._set_w(W_r)
+    layer.sorsa_A.data, layer.sorsa_S.data, layer.sorsa_B.data = (t.clone() for t in cur)
+    layer._record_initial(*init)
+    if spec.get("bias_trained"):
+        layer.bias.data = tensors[f"{name}.bias"].to(layer.bias.device, layer.bias.dtype)
+    layer.init_config = spec.get("init")
+    if was_merged:
+        layer._merge(True)
+    if new:  # every registration of the base module gets the one SORSA layer
+        sites = [full for full, m in model.named_modules(remove_duplicate=False) if m is mod and full]
+        for full in sites:
+            parent, _, attr = full.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, layer)
+
+
+def _install_layer_zero3(mod: SORSALinear, name: str, spec: dict, tensors: Dict[str, torch.Tensor]) -> None:
+    """:func:`_plan_layer` + :func:`_install_layer` for a ZeRO-3 SORSA layer: its parameters are
+    gathered, written in place on every rank and rank 0's values re-partitioned; then the
+    optimizer's fp32 master copies get the same values (a collective: every rank calls it)."""
+    own = list(mod.parameters(recurse=False))
+    with _zero3.gathered(own, modifier_rank=0):
+        _, _, layer, _, W_r, init, cur, _ = _plan_layer(name, mod, spec, tensors)
+        # in place: a gathered parameter's data must stay the buffer DeepSpeed partitions on exit
+        if W_r is not None:
+            layer.w.copy_(W_r)
+        for p, t in zip((layer.sorsa_A, layer.sorsa_S, layer.sorsa_B), cur):
+            p.data.copy_(t)
+        layer._record_initial(*init)
+        bias = tensors[f"{name}.bias"] if spec.get("bias_trained") else None
+        if bias is not None:
+            layer.bias.data.copy_(bias)
+        layer.init_config = spec.get("init")
+    for p, t in zip((layer.sorsa_A, layer.sorsa_S, layer.sorsa_B, layer.bias), cur + (bias,)):
+        if t is not None:
+            _zero3.set_master(p, t)
+
+
+def _load_param_zero3(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Give the (possibly partitioned) parameter ``p`` the full ``value`` (every rank calls it)."""
+    with _zero3.gathered([p], modifier_rank=0):
+        p.data.copy_(value.to(p.device, p.dtype))
+    _zero3.set_master(p, value)
 
 
 @torch.no_grad()
@@ -270,23 +420,43 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> nn.Mod
     adapter was trained on (same shapes, other values: compared by the saved
     ``base_fingerprint``, to the rounding of the weight dtype); adapters saved without a
     fingerprint (older versions) load with a warning. ``check_base=False`` skips the check.
+
+    A DeepSpeed ZeRO-3 model (``engine.module``, prepared with :func:`apply_sorsa` before
+    ``deepspeed.initialize``): call on every rank, each reading ``path``. Layers are gathered one
+    at a time and rank 0's values re-partitioned, so each rank ends with its partition; the
+    ZeRO optimizer's fp32 master copies of trainable parameters are set too (else its next step
+    would restore the old values). Mismatches are still found before anything changes, but
+    layers are then written one at a time (a failure midway leaves earlier layers loaded).
     Returns ``model``.
     """
     if not isinstance(check_base, bool):
         raise TypeError(f"check_base must be a bool, got {type(check_base).__name__}")
-    config, tensors = read_adapter(path)
+    zero3 = _zero3.is_zero3_model(model)
+    try:
+        config, tensors = read_adapter(path)
+    except Exception:
+        if zero3:  # a rank that cannot read must not leave the others in the gathers below
+            _zero3.agree(False, f"load_adapter: reading {path!r}")
+        raise
+    if zero3:
+        _zero3.agree(True, f"load_adapter: reading {path!r}")
+        checkpoints.check_zero3(model, "load_adapter")
     specs: Dict[str, dict] = config["layers"]
     modules = dict(model.named_modules())
     problems: List[str] = []
     for name, spec in specs.items():
         _check_layer(name, spec, modules.get(name), tensors, problems)
+        mod = modules.get(name)
+        if zero3 and mod is not None and not isinstance(mod, SORSALinear):
+            problems.append(f"{name}: a {type(mod).__name__} in a DeepSpeed ZeRO-3 model: its SORSA layer cannot be "
+                            f"added after deepspeed.initialize; call sk.apply_sorsa (any init) before it, then load")
     extra = [n for n, _ in named_sorsa_layers(model) if n not in specs]
     if extra:
         problems.append(f"SORSA layers {extra} of the model are not in the adapter")
     trainable = config.get("trainable", [])  # other trained parameters (adapter-only Trainer checkpoints)
     params = dict(model.named_parameters())
     for k in trainable:
-        if k not in tensors or k not in params or tuple(params[k].shape) != tuple(tensors[k].shape):
+        if k not in tensors or k not in params or _zero3.full_shape(params[k]) != tuple(tensors[k].shape):
             problems.append(f"{k}: a trained parameter of the checkpoint, missing or of another shape in the "
                             f"{'model' if k in tensors else 'file'}")
     known = {f"{n}.{p}" for n in specs for p in _PARTS + _INIT_PARTS} | {
@@ -304,7 +474,8 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> nn.Mod
             if "base_fingerprint" not in spec:
                 continue
             mod = modules[name]
-            got = _fingerprint(mod)
+            with _zero3.gathered(mod.parameters(recurse=False)):  # one layer at a time under ZeRO-3
+                got = _fingerprint(mod)
             if got is None:
                 problems.append(f"{name}: this 4-bit layer's base weight is unknown (loaded from a state dict); "
                                 f"load onto the base model, or pass check_base=False")
@@ -322,66 +493,21 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> nn.Mod
         raise ValueError(f"load_adapter: {len(problems)} mismatch(es) between {path} and the model:\n  - "
                          + "\n  - ".join(problems))
 
+    if zero3:  # every target is a SORSA layer (checked above): write each in place, one at a time
+        for k in trainable:
+            _load_param_zero3(params[k], tensors[k])
+        for name, spec in specs.items():
+            _install_layer_zero3(modules[name], name, spec, tensors)
+        checkpoints.install(model, adapter_config)
+        return model
+
     # build every new layer (and every W_r) first; install only when all succeeded
-    plan = []
-    for name, spec in specs.items():
-        mod = modules[name]
-        A, S, B = (tensors[f"{name}.{p}"] for p in _PARTS)
-        A0, S0, B0 = (tensors[f"{name}.{p}"] for p in _INIT_PARTS)
-        qspec = spec.get("quant")
-        if isinstance(mod, SORSALinear):
-            layer, new = mod, False
-            dev, adt = layer.sorsa_A.device, layer.sorsa_A.dtype
-            cur0 = layer.initial_adapter()
-            same_init = all(c.dtype == t.dtype and torch.equal(c.cpu(), t) for c, t in zip(cur0, (A0, S0, B0)))
-            if not same_init and qspec:
-                raise ValueError(f"load_adapter: {name} is a 4-bit layer initialised differently from the adapter: "
-                                 f"its quantized W_r cannot give back the base weight; load onto the base model")
-            W = None if same_init else layer.original_weight()
-        else:
-            if quant.is_linear4bit(mod):  # a 4-bit base: its own settings unless the adapter has some
-                qspec = qspec or {"type": mod.weight.quant_type, "blocksize": mod.weight.blocksize,
-                                  "double_quant": bool(mod.weight.compress_statistics), "iters": 0}
-            base = dequantized_linear(mod) if quant.is_linear4bit(mod) else mod
-            cls = SORSAConv1D if spec["kind"] == "conv1d" else SORSALinear
-            layer = cls.from_linear(base, spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], init=None,
-                                    merge_weights=spec.get("merge_weights", True) and not qspec)
-            new, dev, adt = True, layer.weight.device, _dtype(spec["adapter_dtype"])
-            W = layer.w.detach()
-        A0, S0, B0 = (t.to(dev, adt) for t in (A0, S0, B0))
-        W_r = None
-        if W is not None:
-            W_r, A0, S0, B0 = adapters_from_factors(W, B0, S0, A0, layer.scale, layer.weight_dtype, adt)
-        if new and qspec:  # the quantized residual, bit for bit as at init: quant(W_r) of the same W_r
-            layer._set_w(W_r)
-            layer.sorsa_A.data, layer.sorsa_S.data, layer.sorsa_B.data = A0.clone(), S0.clone(), B0.clone()
-            layer._record_initial(A0, S0, B0)
-            layer.init_config = spec.get("init")
-            layer = SORSALinear4bit.from_sorsa(layer, qspec["type"], qspec["blocksize"], qspec["double_quant"],
-                                               fingerprint=base_fingerprint(W))
-            layer.quant_iters = qspec.get("iters", 0)
-            W_r = None
-        plan.append((name, mod, layer, new, W_r, (A0, S0, B0), tuple(t.to(dev, adt) for t in (A, S, B)), spec))
+    plan = [_plan_layer(name, modules[name], spec, tensors) for name, spec in specs.items()]
 
     for k in trainable:
         params[k].data = tensors[k].to(params[k].device, params[k].dtype)
-    for name, mod, layer, new, W_r, init, cur, spec in plan:
-        was_merged = layer.merged
-        layer._merge(False)
-        if W_r is not None:
-            layer._set_w(W_r)
-        layer.sorsa_A.data, layer.sorsa_S.data, layer.sorsa_B.data = (t.clone() for t in cur)
-        layer._record_initial(*init)
-        if spec.get("bias_trained"):
-            layer.bias.data = tensors[f"{name}.bias"].to(layer.bias.device, layer.bias.dtype)
-        layer.init_config = spec.get("init")
-        if was_merged:
-            layer._merge(True)
-        if new:  # every registration of the base module gets the one SORSA layer
-            sites = [full for full, m in model.named_modules(remove_duplicate=False) if m is mod and full]
-            for full in sites:
-                parent, _, attr = full.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, attr, layer)
+    for item in plan:
+        _install_layer(model, item, tensors)
     checkpoints.install(model, adapter_config)  # transformers' save_pretrained must not write W_r alone
     _check_rebuilt_residuals(model, specs, path)
     return model

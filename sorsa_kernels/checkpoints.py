@@ -26,25 +26,33 @@ writes one of three forms — everything transformers writes goes through it:
 
 Choose per call (``model.save_pretrained(path, sorsa_format="merged")``) or for a whole run
 (``SORSACallback(gamma, save="adapter")``).
+
+Under DeepSpeed ZeRO-3 (partitioned parameters), ``model.save_pretrained(path)`` is called on
+every rank: parameters are gathered one module at a time to CPU copies on rank 0, which writes.
+``Trainer.save_model`` passes the engine's consolidated state dict on the main process only
+(``stage3_gather_16bit_weights_on_model_save: true``); nothing is gathered then. Without that
+setting it passes ``{}``: the adapter form then writes nothing and warns.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import warnings
 from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from . import quant
+from . import _zero3, quant
 from .layer import _INIT_NAMES, MERGED_KEY, named_sorsa_layers
 
 #: the tensors' file of an adapter-only checkpoint: the name the Trainer loads on resume
 HF_ADAPTER_FILE = "model.safetensors"
 #: written beside it: :func:`sorsa_kernels.adapters.adapter_config` (``sk.load_adapter`` reads both)
 CONFIG_FILE = "sorsa_config.json"
-ConfigFn = Callable[[nn.Module], dict]
+#: ``config_fn(model, state_dict)``: the adapter config; base weights from ``state_dict`` when given
+ConfigFn = Callable[[nn.Module, Optional[Dict[str, torch.Tensor]]], dict]
 
 FORMATS = ("full", "merged", "adapter")
 _ATTR = "_sorsa_save_format"
@@ -66,7 +74,8 @@ def is_pretrained_model(model: nn.Module) -> bool:
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def _clean(name: str) -> str:
+def clean_name(name: str) -> str:
+    """``name`` without the segments wrappers insert (the key a gathered state dict uses)."""
     for seg in _WRAPPER_SEGMENTS:
         name = name.replace(seg, "")
     return name
@@ -85,7 +94,7 @@ def checkpoint_state_dict(model: nn.Module, state_dict: Optional[Dict[str, torch
     src = model.state_dict() if state_dict is None else state_dict
     layers = {}
     for name, m in named_sorsa_layers(model):
-        name = _clean(name)
+        name = clean_name(name)
         if name + ".sorsa_A" in src:
             layers[name] = m
     if src and named_sorsa_layers(model) and not layers:
@@ -132,9 +141,24 @@ def checkpoint_state_dict(model: nn.Module, state_dict: Optional[Dict[str, torch
             if init is not None:
                 sd.update({p + n: t.detach() for n, t in zip(_INIT_NAMES, init)})
     if fmt == "adapter":
-        train = {_clean(n) for n, prm in model.named_parameters() if prm.requires_grad and "sorsa_" not in n}
+        train = {clean_name(n) for n, prm in model.named_parameters() if prm.requires_grad and "sorsa_" not in n}
         sd = {k: v for k, v in sd.items() if "sorsa_" in k.rpartition(".")[2] or k in train}
     return sd
+
+
+def check_zero3(model: nn.Module, what: str) -> None:
+    """Refuse, on a DeepSpeed ZeRO-3 model, what it cannot hold: a merged SORSA layer (merging
+    replaces a partitioned weight's data) and a 4-bit residual (bitsandbytes' packed weight and its
+    statistics are not partitioned parameters DeepSpeed can gather)."""
+    layers = named_sorsa_layers(model)
+    q = [n for n, m in layers if quant.is_params4bit(m.weight)]
+    if q:
+        raise ValueError(f"{what}: 4-bit residual layers {q[:5]} under DeepSpeed ZeRO-3 are not supported; use "
+                         f"ZeRO-2, or a full-precision residual (apply_sorsa without quantize=)")
+    merged = [n for n, m in layers if m.merged]
+    if merged:
+        raise ValueError(f"{what}: layers {merged[:5]} are merged under DeepSpeed ZeRO-3 (not supported: merging "
+                         f"replaces a partitioned weight); call sk.unmerge_sorsa(model) before deepspeed.initialize")
 
 
 def save_pretrained_sorsa(model: nn.Module, save_directory: str, *args, sorsa_format: Optional[str] = None,
@@ -143,7 +167,38 @@ def save_pretrained_sorsa(model: nn.Module, save_directory: str, *args, sorsa_fo
     set by ``SORSACallback(save=…)``, else ``"full"``); other arguments are transformers'.
     ``config_fn`` builds the adapter config (passed in: the adapter format's home imports this one)."""
     fmt = check_format(sorsa_format or getattr(model, _ATTR, "full"))
-    sd = checkpoint_state_dict(model, kwargs.pop("state_dict", None), fmt)
+    src = kwargs.pop("state_dict", None)
+    zero3 = _zero3.is_zero3_model(model)
+    if zero3:
+        check_zero3(model, "save_pretrained")
+    if zero3 and src is None:
+        # called on every rank (its parameters are partitioned): gather one module at a time to rank
+        # 0, which writes; every rank returns once the files are written
+        if args or kwargs.get("push_to_hub"):
+            raise ValueError("save_pretrained of a DeepSpeed ZeRO-3 model takes only save_directory, sorsa_format "
+                             "and transformers' keyword arguments other than push_to_hub (save, then push from one "
+                             "process)")
+        src = _zero3.gathered_state_dict(model)
+        writer = _zero3.rank() == 0 and kwargs.pop("is_main_process", True)
+        try:
+            if writer:
+                save_pretrained_sorsa(model, save_directory, sorsa_format=fmt, config_fn=config_fn,
+                                      state_dict=src, **kwargs)
+        except Exception:
+            _zero3.agree(False, f"save_pretrained({save_directory!r})")
+            raise
+        _zero3.agree(True, f"save_pretrained({save_directory!r}) on rank 0")
+        return
+    if zero3 and not src:
+        # the Trainer under ZeRO-3 with stage3_gather_16bit_weights_on_model_save false passes {} on its
+        # main process only (no collective possible here) and writes DeepSpeed's own checkpoint instead
+        warnings.warn(f"save_pretrained: no weights to write to {save_directory} (a DeepSpeed ZeRO-3 model saved "
+                      f"without gathered weights: set stage3_gather_16bit_weights_on_model_save to true, or call "
+                      f"model.save_pretrained(path) / sk.save_adapter(model, path) on every rank)",
+                      UserWarning, stacklevel=3)
+        if fmt == "adapter":
+            return
+    sd = checkpoint_state_dict(model, src, fmt)
     if fmt != "adapter":
         type(model).save_pretrained(model, save_directory, *args, state_dict=sd, **kwargs)
         if fmt == "full" and has_4bit(model) and kwargs.get("is_main_process", True):
@@ -160,7 +215,7 @@ def save_pretrained_sorsa(model: nn.Module, save_directory: str, *args, sorsa_fo
     from safetensors.torch import save_file
 
     os.makedirs(save_directory, exist_ok=True)
-    cfg = config_fn(model)
+    cfg = config_fn(model, src if zero3 else None)
     own = {f"{n}.{part}" for n, _ in named_sorsa_layers(model)
            for part in ("sorsa_A", "sorsa_S", "sorsa_B", "bias") + _INIT_NAMES}
     cfg["trainable"] = sorted(k for k in sd if k not in own)  # e.g. an unfrozen lm_head

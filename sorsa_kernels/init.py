@@ -10,6 +10,7 @@ function is unchanged at init. TF32 is off during init (:func:`sorsa_kernels._pr
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import defaultdict
@@ -19,8 +20,9 @@ import torch
 
 from . import quant
 from ._validate import FLOAT_DTYPES, check_finite, check_rank
+from ._zero3 import full_shape, gathered, is_partitioned
 from ._precision import no_tf32
-from .ops.rsvd import DEFAULT_NITER, default_oversample, rsvd
+from .ops.rsvd import DEFAULT_NITER, MAX_TOL_ITERS, default_oversample, rsvd
 from .ops.rsvd import check_options as check_rsvd_options
 
 INIT_METHODS = ("svd", "rsvd", "rsvd_always")
@@ -49,18 +51,19 @@ RSVD_FIXED_COST = 1.5e9  # per-call overhead in svd_cost units, counted per matr
 
 
 def rsvd_cost(m: int, n: int, r: int, oversample: Optional[int] = None, niter: Optional[int] = None) -> float:
-    """Relative cost of :func:`rsvd` in the same units: fp32 GEMMs ``2·m·n·k`` per pass (2·niter + 2
-    passes), CholeskyQR with fp64 Gram matrices and many small launches (~40·(m+n)·k² per
-    iteration) and the fp64 2k×2k small SVD (~200·(2k)³), plus a fixed ~1.5e9 for its ~100 small
-    launches and Python steps (CI's quick bench, 2×256², r = 16: exact 15.7 ms, rsvd 19.9 ms,
-    where the flop terms alone said rsvd); the constants are fitted to the measurements in
-    :func:`svd_cost`."""
+    """Relative cost of :func:`rsvd` in the same units (block Krylov, ``q`` iterations of blocks of
+    ``b`` columns, basis width ``d = (q + 1)·b``): fp32 GEMMs ``2·m·n·b`` per pass (2·q + 2 passes),
+    CholeskyQR with fp64 Gram matrices (~40·(m+n)·b² per iteration), the basis'
+    re-orthogonalisation and Gram updates (~2·(m+n)·d·b per iteration), the d×d eigenvalue checks
+    and final small SVD (~60·d³), plus a fixed ~1.5e9 for its small launches and Python steps. A
+    default (tol) call is costed at ``DEFAULT_NITER`` iterations, what LLM-like matrices need."""
     M, N = max(m, n), min(m, n)
-    k = min(r + (default_oversample(r) if oversample is None else oversample), N)
+    b = min(r + (default_oversample(r) if oversample is None else oversample), N)
     q = DEFAULT_NITER if niter is None else niter
-    gemm = 2.0 * M * N * k * (2 * q + 2)
-    orth = 40.0 * (M + N) * k * k * (q + 2)
-    small = 200.0 * (2 * k) ** 3
+    d = min((q + 1) * b, N)
+    gemm = 2.0 * M * N * b * (2 * q + 2)
+    orth = 40.0 * (M + N) * b * b * (q + 2) + 2.0 * (M + N) * d * b * q
+    small = 60.0 * d ** 3
     return gemm + orth + small + RSVD_FIXED_COST
 
 
@@ -101,10 +104,13 @@ def memory_budget(device: torch.device) -> int:
 def bytes_per_matrix(m: int, n: int, r: int, weight_dtype: torch.dtype) -> int:
     """Peak working memory of one m×n matrix in a batched init call: its fp32 effective weight,
     the stacked batch, rsvd's normalised fp32 copy and bf16 iteration copy, the weight itself,
-    and the fp64 bases (2k columns) on both sides."""
-    k = min(r + default_oversample(r), m, n)
+    and rsvd's Krylov basis at its widest (``MAX_TOL_ITERS + 1`` blocks, at most min(m, n)
+    columns: the basis and its W·Z products in fp32, their fp64 copy for the Gram update, and the
+    d×d fp64 Gram matrix with its factors)."""
+    b = min(r + default_oversample(r), m, n)
+    d = min((MAX_TOL_ITERS + 1) * b, m, n)
     elt = torch.empty((), dtype=weight_dtype).element_size()
-    return m * n * (3 * 4 + 2 + elt) + 8 * (m + n) * 2 * k * 3
+    return m * n * (3 * 4 + 2 + elt) + (m + n) * d * 4 + max(m, n) * d * 8 + 3 * 8 * d * d
 
 
 # ---- per-matrix pieces ---------------------------------------------------------------------
@@ -163,12 +169,16 @@ def adapters_from_factors(W, U, S, Vh, scale: float, weight_dtype=None, adapter_
     result owns its storage (a slice of a batched result is copied), so saving one layer never
     writes a whole batch."""
     weight_dtype = weight_dtype or W.dtype
-    adapter_dtype = adapter_dtype or weight_dtype
-    A, S_, B = (t.to(adapter_dtype).clone(memory_format=torch.contiguous_format) for t in (Vh, S, U))
+    A, S_, B = _round_adapters(U, S, Vh, adapter_dtype or weight_dtype)
     work = _work_dtype(W)
     with no_tf32():
         W_r = W.to(work) - scale * (B.to(work) * S_.to(work)[..., None, :]) @ A.to(work)
     return W_r.to(weight_dtype).contiguous(), A, S_, B
+
+
+def _round_adapters(U, S, Vh, adapter_dtype):
+    """``(A, S, B)`` = ``(Vh, S, U)`` rounded to ``adapter_dtype``, each owning its storage."""
+    return tuple(t.to(adapter_dtype).clone(memory_format=torch.contiguous_format) for t in (Vh, S, U))
 
 
 @torch.no_grad()
@@ -236,8 +246,25 @@ def init_layers(
     float64 fingerprint: an error, not another rank's SVD, if they differ); a failure on one rank
     is raised on all. The result equals a one-process init bit for bit, given the same ``seed`` and
     ``chunk_bytes`` (ranks take the smallest chunk size any of them can hold; without a seed rank
-    0's draw is shared). Sharded (DTensor) weights are refused. ``report``'s ``iterations`` and
-    ``error_estimate`` then cover this rank's chunks; the progress bar runs on rank 0.
+    0's draw is shared). ``report``'s ``iterations`` and ``error_estimate`` then cover this rank's
+    chunks; the progress bar runs on rank 0.
+
+    DeepSpeed ZeRO-3 weights (partitioned by ``deepspeed.zero.Init``, or transformers'
+    ``from_pretrained`` under a ZeRO-3 config; every rank must call, with the same layers): always
+    shared out as with ``distributed=True``. The chunks go in rounds of one per rank: each weight
+    is gathered (``deepspeed.zero.GatheredParameters``, an all-gather: every rank briefly holds
+    that one weight) and kept by its chunk's owner only; the owners decompose at once. Once all
+    succeeded, each chunk's factors are broadcast and its owner writes ``W_r`` (a second gather,
+    ``modifier_rank=owner``): no layer changes if any rank fails. A rank holds at most one chunk of
+    full weights and one gathered weight; the initial adapter buffers are full on every rank. The
+    result equals a one-process init of the same weights bit for bit (same ``seed``,
+    ``chunk_bytes`` and BLAS thread count). ``weight_dtype`` / ``adapter_dtype`` must be None (DeepSpeed owns the dtypes).
+
+    Sharded (DTensor) weights are refused: FSDP2's ``fully_shard`` must come after the init.
+    Adapters left on the meta device next to a real weight (a model built on the meta device,
+    :func:`sorsa_kernels.apply_sorsa` with ``init=None``, then its base weights loaded with
+    ``load_state_dict(..., assign=True)``) are first made zeros, so the base weight is decomposed:
+    such layers may be initialised one at a time as their weights arrive.
     """
     if report is not None and not isinstance(report, list):
         raise TypeError(f"report must be None or a list, got {type(report).__name__}")
@@ -252,6 +279,7 @@ def init_layers(
     if method != "svd":
         check_rsvd_options(**svd_kwargs)  # even where a group then takes the exact SVD
     groups: Dict[tuple, list] = defaultdict(list)
+    zero = None
     for layer in layers:
         if layer.r == 0:
             raise ValueError("sorsa_init needs r >= 1; a layer has r = 0 (no adapters)")
@@ -261,16 +289,29 @@ def init_layers(
         if layer.weight.is_meta:
             raise ValueError("cannot initialise SORSA adapters on the meta device (the weights hold no values): "
                              "pass init=None (apply_sorsa) and initialise after loading real weights")
-        out_f, in_f = layer.weight.shape
+        if _sharded(layer.weight):
+            raise ValueError("init_layers: a weight is a sharded DTensor (FSDP2 fully_shard or tensor parallelism "
+                             "already applied); initialise first and shard after: sk.apply_sorsa(model, ..., init=...)"
+                             " (distributed=True shares the work over ranks), then fully_shard")
+        if zero is not None and is_partitioned(layer.weight) != zero:
+            raise ValueError("init_layers: some weights are DeepSpeed ZeRO-3 partitions and some are not; "
+                             "pass layers of one model")
+        zero = is_partitioned(layer.weight)
+        out_f, in_f = full_shape(layer.weight)
         groups[(max(out_f, in_f), min(out_f, in_f), layer.r, layer.weight.dtype, layer.weight.device)].append(layer)
-    dist_ = _distributed(distributed, layers) if groups else None
+    if zero and (weight_dtype is not None or adapter_dtype is not None):
+        raise ValueError(f"init_layers: weight_dtype and adapter_dtype must be None for DeepSpeed ZeRO-3 weights "
+                         f"(DeepSpeed owns the parameters' dtypes), got {weight_dtype}, {adapter_dtype}")
+    dist_ = _distributed(distributed, layers, bool(zero)) if groups else None
+    for layer in layers:
+        _materialise_meta_adapters(layer)
     # the plan: (group key, method, chunk of layers) in one order on every rank
     sizes = []
     for (m, n, r, dtype, device), members in groups.items():
         budget = memory_budget(device) if chunk_bytes is None else chunk_bytes
         sizes.append(max(1, budget // bytes_per_matrix(m, n, r, dtype)))
     if dist_ is not None:
-        sizes = _agree_on_chunks(dist_, groups, sizes)
+        sizes = _agree_on_chunks(dist_, groups, sizes, bool(zero))
         if svd_kwargs.get("seed") is None and method != "svd":  # one sketch seed for all ranks
             svd_kwargs = {**svd_kwargs, "seed": _broadcast_seed(dist_, next(iter(groups))[4])}
     plan = []
@@ -300,10 +341,11 @@ def init_layers(
         except ImportError:
             bar = None
 
-    def decompose(key, chosen, chunk):
+    def decompose(key, chosen, chunk, Ws=None):
         m, n, r, dtype, device = key
         t0 = time.perf_counter()
-        Ws = [layer.effective_weight() for layer in chunk]
+        if Ws is None:
+            Ws = [layer.effective_weight() for layer in chunk]
         # orient every matrix as m×n, m ≥ n
         stack = torch.stack([W.mT if W.shape[0] < W.shape[1] else W for W in Ws])
         del Ws
@@ -322,11 +364,34 @@ def init_layers(
         e["seconds"] += time.perf_counter() - t0
         return out
 
+    def install(i, U, S, Vh):
+        key, chosen, chunk = plan[i]
+        for j, layer in enumerate(chunk):
+            # ZeRO-3: W_r and the adapters leave with the owner's values (a no-op context otherwise)
+            with gathered(_zero_params(layer) if zero else (), modifier_rank=owners[i]):
+                Ui, Vhi = (Vh[j].mT, U[j].mT) if layer.w.shape[0] < layer.w.shape[1] else (U[j], Vh[j])
+                if zero and owners[i] != rank:  # the owner's W_r arrives on leaving the context
+                    parts = (layer.w.detach(), *_round_adapters(Ui, S[j], Vhi, adapter_dtype or layer.weight.dtype))
+                else:
+                    parts = adapters_from_factors(layer.effective_weight(), Ui, S[j], Vhi, layer.scale,
+                                                  weight_dtype or layer.weight.dtype, adapter_dtype)
+                layer.set_decomposition(*parts)
+        if bar is not None:
+            bar.set_postfix_str(f"{key[0]}x{key[1]} r={key[2]} ×{entries[key]['count']} {chosen}")
+            bar.update(len(chunk))
+
+    paused = contextlib.ExitStack()
+    if zero:  # inside a zero.Init block its constructors would make the SVD's float tensors the model's dtype
+        from .integrations.deepspeed_init import paused_zero_init
+
+        paused.enter_context(paused_zero_init())
     try:
         # a rank first decomposes its own chunks (all ranks at once), then every chunk's factors are
         # broadcast from its owner (one collective per chunk) and applied everywhere, in plan order
         mine, failure = {}, None
-        if dist_ is not None:
+        if zero:
+            mine = _decompose_zero(dist_, plan, owners, decompose)
+        elif dist_ is not None:
             try:
                 mine = {i: decompose(*plan[i]) for i in range(len(plan)) if owners[i] == rank}
             except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
@@ -339,15 +404,9 @@ def init_layers(
             else:
                 U, S, Vh = _broadcast_factors(dist_, mine.pop(i, None), owners[i], (len(chunk), m, n, r),
                                               _work_dtype(chunk[0].weight), device)
-            for j, layer in enumerate(chunk):
-                W = layer.effective_weight()
-                Ui, Vhi = (Vh[j].mT, U[j].mT) if W.shape[0] < W.shape[1] else (U[j], Vh[j])
-                layer.set_decomposition(*adapters_from_factors(
-                    W, Ui, S[j], Vhi, layer.scale, weight_dtype or layer.weight.dtype, adapter_dtype))
-            if bar is not None:
-                bar.set_postfix_str(f"{m}x{n} r={r} ×{entries[key]['count']} {chosen}")
-                bar.update(len(chunk))
+            install(i, U, S, Vh)
     finally:
+        paused.close()
         if bar is not None:
             bar.close()
     if report is not None:
@@ -360,10 +419,18 @@ def _own_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _distributed(distributed: Optional[bool], layers):
-    """``torch.distributed`` when the init is split over ranks (``distributed=True``), else None."""
+def _distributed(distributed: Optional[bool], layers, zero: bool = False):
+    """``torch.distributed`` when the init is split over ranks (``distributed=True``, or ZeRO-3
+    weights, which every rank must gather together anyway), else None."""
     if distributed is not None and not isinstance(distributed, bool):
         raise TypeError(f"distributed must be None or a bool, got {distributed!r}")
+    if zero:
+        from .integrations.deepspeed_init import check_partitioned_over_world
+
+        check_partitioned_over_world([p for layer in layers for p in _zero_params(layer)], "init_layers")
+        import torch.distributed as dist
+
+        return dist
     if not distributed:
         return None
     import torch.distributed as dist
@@ -371,9 +438,6 @@ def _distributed(distributed: Optional[bool], layers):
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         raise RuntimeError("init_layers(distributed=True) needs an initialised torch.distributed process group "
                            "with more than one rank")
-    if any(type(layer.weight.data) is not torch.Tensor for layer in layers):
-        raise ValueError("init_layers(distributed=True) splits the work of replicated weights (DDP, or a model "
-                         "built the same way on every rank); some weights are sharded tensors (DTensor)")
     if dist.get_backend() == "nccl":
         devs = {layer.weight.device for layer in layers}
         if any(d.type != "cuda" or d.index != torch.cuda.current_device() for d in devs):
@@ -387,15 +451,19 @@ def _comm_device(dist, device: torch.device) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _agree_on_chunks(dist, groups, sizes):
+def _agree_on_chunks(dist, groups, sizes, zero: bool = False):
     """Every rank must hold the same weights (a rank gets the factors another decomposed) and cut
     the same chunks (the rsvd sketch depends on the batch): compare shapes and a float64
     fingerprint (sum, sum of squares) of every weight across ranks, and take the smallest chunk
-    size of each group (free memory differs)."""
+    size of each group (free memory differs). ZeRO-3 weights are one copy by construction: their
+    DeepSpeed ids are compared instead (the same layers, in the same order, on every rank)."""
     mine = []
     for k, v in groups.items():
         prints = []
         for layer in v:
+            if zero:
+                prints.append(layer.weight.ds_id)
+                continue
             W = layer.effective_weight().to(torch.float64)
             prints.append((W.sum().item(), (W * W).sum().item()))
         mine.append((k[0], k[1], k[2], str(k[3]), k[4].type, prints))
@@ -408,6 +476,67 @@ def _agree_on_chunks(dist, groups, sizes):
     t = torch.tensor(sizes, dtype=torch.int64, device=_comm_device(dist, next(iter(groups))[4]))
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t.tolist()
+
+
+def _sharded(w: torch.Tensor) -> bool:
+    """Whether ``w`` is a DTensor (FSDP2, tensor parallelism). ZeRO-3 weights are plain (empty)
+    tensors, told apart by :func:`is_partitioned`."""
+    if type(w.data) is torch.Tensor:
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed
+        return False
+    return isinstance(w.data, DTensor)
+
+
+def _zero_params(layer) -> list:
+    """The layer's parameters an init reads or writes (the bias is neither)."""
+    return [layer.weight, layer.sorsa_A, layer.sorsa_S, layer.sorsa_B]
+
+
+def _materialise_meta_adapters(layer) -> None:
+    """Adapters still on the meta device next to a real weight become zeros on its device (so the
+    effective weight is the base weight); a no-op otherwise."""
+    if layer.weight.is_meta:
+        return
+    for name in ("sorsa_A", "sorsa_S", "sorsa_B"):
+        p = getattr(layer, name)
+        if p.is_meta:
+            setattr(layer, name, torch.nn.Parameter(torch.zeros(p.shape, dtype=p.dtype, device=layer.weight.device),
+                                                    requires_grad=p.requires_grad))
+
+
+def _decompose_zero(dist, plan, owners, decompose) -> dict:
+    """ZeRO-3: the factors of this rank's chunks, decomposed in rounds of one chunk per rank. Every
+    rank gathers the round's weights one at a time, in plan order (a collective), and only the
+    owner keeps a copy; the owners then decompose at once, and a failure anywhere is raised on
+    every rank before any layer changes."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    queues = [[i for i, o in enumerate(owners) if o == w] for w in range(world)]
+    device = plan[0][0][4]
+    mine = {}
+    for k in range(max(map(len, queues))):
+        batch = sorted(q[k] for q in queues if k < len(q))
+        Ws = []
+        for i in batch:
+            for layer in plan[i][2]:
+                with gathered(_zero_params(layer)):
+                    if owners[i] == rank:
+                        W = layer.effective_weight()
+                        # a view of the gathered data (merged layer) would not outlive the context
+                        same = W.untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr()
+                        Ws.append(W.clone() if same else W)
+        failure = None
+        try:
+            for i in batch:
+                if owners[i] == rank:  # one chunk of this rank per round
+                    mine[i] = decompose(*plan[i], Ws=Ws)
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            failure = e
+        del Ws
+        _raise_if_any_failed(dist, failure, device)
+    return mine
 
 
 def _broadcast_seed(dist, device) -> int:

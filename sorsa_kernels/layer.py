@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._validate import check_dropout_p, check_float, check_rank
+from ._zero3 import full_shape
 from .init import INIT_METHODS, init_layers
 from .ops.linear import sorsa_linear
 from .ops.rsvd import check_options as check_rsvd_options, rsvd
@@ -191,7 +192,7 @@ class SORSALinear(nn.Module):
         if cls.fan_in_fan_out:
             if not is_conv1d(linear):
                 raise TypeError(f"linear must be a transformers Conv1D, got {type(linear).__name__}")
-            in_f, out_f = linear.weight.shape
+            in_f, out_f = full_shape(linear.weight)  # a ZeRO-3 weight's local data is empty
         else:
             if not isinstance(linear, nn.Linear):
                 raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")

@@ -11,8 +11,9 @@ import torch.nn as nn
 
 from ._validate import check_dropout_p, check_finite, check_float, check_rank
 from . import checkpoints
+from ._zero3 import full_shape, is_partitioned
 from .adapters import adapter_config
-from .init import DEFAULT_CHUNK_BYTES, init_layers
+from .init import DEFAULT_CHUNK_BYTES, _sharded, init_layers
 from . import quant
 from .layer import SORSAConv1D, SORSALinear, _check_init_args, check_alpha, is_conv1d
 from .layer_4bit import SORSALinear4bit, dequantized_linear
@@ -73,7 +74,18 @@ def _validate_site(name: str, mod: nn.Module, r, init, quantize=None) -> None:
         out_f, in_f = quant.weight_shape(mod.weight)
     else:
         check_float(f"{name}.weight", mod.weight)
-        out_f, in_f = (mod.weight.shape[1], mod.weight.shape[0]) if is_conv1d(mod) else mod.weight.shape
+        if _sharded(mod.weight):
+            raise ValueError(f"{name}.weight is a sharded DTensor (FSDP2 fully_shard or tensor parallelism already "
+                             f"applied): apply_sorsa must run before fully_shard, so that sorsa_A/S/B are sharded "
+                             f"with their layer (distributed=True shares the SVDs over the ranks)")
+        if is_partitioned(mod.weight) and getattr(mod.weight, "_z3_optimizer", None) is not None:
+            raise ValueError(f"{name}.weight belongs to an initialised DeepSpeed engine: apply_sorsa must run before "
+                             f"deepspeed.initialize (on the model built under deepspeed.zero.Init), so that the "
+                             f"optimizer gets the adapters")
+        shape = full_shape(mod.weight)  # a ZeRO-3 weight's local data is empty
+        out_f, in_f = (shape[1], shape[0]) if is_conv1d(mod) else shape
+        if quantize is not None and is_partitioned(mod.weight):
+            raise ValueError(f"{name}: quantize={quantize!r} is not supported on DeepSpeed ZeRO-3 partitioned weights")
         if quantize is not None and is_conv1d(mod):
             raise ValueError(f"{name}: quantize={quantize!r} supports nn.Linear targets, not transformers Conv1D")
     try:
@@ -82,8 +94,11 @@ def _validate_site(name: str, mod: nn.Module, r, init, quantize=None) -> None:
         raise ValueError(f"{name}: {e}") from None
     if init is not None and r > 0:
         if mod.weight.is_meta:
-            raise ValueError(f"{name}.weight is on the meta device, so it cannot be decomposed: "
-                             f"pass init=None (then load weights and an adapter with sk.load_adapter)")
+            raise ValueError(f"{name}.weight is on the meta device, so it cannot be decomposed: pass init=None, then "
+                             f"load the base weights (load_state_dict(..., assign=True)) and call "
+                             f"sk.init_layers(list(sk.sorsa_layers(model))), or load an adapter with sk.load_adapter")
+        if is_partitioned(mod.weight):
+            return  # its owner rank checks the gathered weight before decomposing it (svd_factors)
         check_finite(f"{name}.weight", quant.dequantize(mod.weight) if quant.is_linear4bit(mod) else mod.weight)
 
 
@@ -118,6 +133,14 @@ def apply_sorsa(
     ``distributed=True``: every rank of a ``torch.distributed`` job (DDP: the same model on every
     rank) decomposes a share of the matrices and receives the rest (see
     :func:`sorsa_kernels.init.init_layers`); equal to a one-process init bit for bit.
+
+    DeepSpeed ZeRO-3 (a model built under ``deepspeed.zero.Init`` or loaded by transformers with a
+    ZeRO-3 config; call on every rank, before ``deepspeed.initialize``): each SORSA layer keeps the
+    partitioned ``weight`` and ``bias`` Parameters, its new ``sorsa_A/S/B`` are partitioned the same
+    way, and the init is shared over the ranks whatever ``distributed`` says: each weight is
+    gathered one at a time and kept whole only by the rank that decomposes it (see
+    :func:`sorsa_kernels.init.init_layers`); equal to a one-process init bit for bit. FSDP2: call before ``fully_shard`` (sharded DTensor weights
+    are refused). A model on the meta device takes ``init=None``; see ``init_layers`` for its init.
 
     ``match``: "substring" (default; sorsa 1.0.1's rule: a name matches when it contains a
     target) or "peft" (PEFT's rule: exact names or suffixes at a ``.`` boundary; a single str
@@ -209,16 +232,20 @@ def apply_sorsa(
     if distributed and four_bit:  # 4-bit layers are decomposed one at a time as they are converted
         raise ValueError("distributed=True is not supported with 4-bit layers (quantize= or 4-bit bases): "
                          "each rank initialises them itself")
+    zero = {id(old): old for _, _, old in sites if is_partitioned(old.weight)}
+    frozen = {id(old): old.weight.requires_grad for old in zero.values()}
     try:
         if four_bit:
             matched = _convert_4bit(sites, r, alpha, dropout, init, progress, svd_kwargs,
                                     (quantize, quant_blocksize, double_quant, quant_iters))
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _zero_init_paused(bool(zero)):
             warnings.simplefilter("ignore")  # alpha = 0 warned once above, not once per layer
             for _, _, old in sites:
                 if id(old) not in matched:
                     cls = SORSAConv1D if is_conv1d(old) else SORSALinear
                     matched[id(old)] = cls.from_linear(old, r, alpha=alpha, dropout=dropout, init=None)
+                    if id(old) in zero:
+                        _adopt_zero3(matched[id(old)], old)
         for parent, attr, old in sites:
             setattr(parent, attr, matched[id(old)])
         if init is not None and r > 0:
@@ -231,9 +258,32 @@ def apply_sorsa(
     except BaseException:
         for parent, attr, old in sites:  # the old modules were never modified: put them back
             setattr(parent, attr, old)
+        for key, flag in frozen.items():  # a ZeRO-3 weight is shared, not copied: its flag was changed
+            zero[key].weight.requires_grad_(flag)
         raise
     checkpoints.install(model, adapter_config)  # transformers' save_pretrained must not write W_r alone
     return model
+
+
+def _zero_init_paused(active: bool):
+    """An active ``deepspeed.zero.Init`` suspended while SORSA layers are built (a no-op context
+    without ZeRO-3 targets)."""
+    if not active:
+        return contextlib.nullcontext()
+    from .integrations.deepspeed_init import paused_zero_init
+
+    return paused_zero_init()
+
+
+def _adopt_zero3(layer: SORSALinear, old: nn.Module) -> None:
+    """Give ``layer`` the ZeRO-3 base's own partitioned ``weight`` and ``bias`` Parameters (their
+    local data is empty: a copy would lose the partition) and partition its new zero adapters the
+    same way (a collective: every rank converts the same layers in the same order)."""
+    from .integrations.deepspeed_init import partition_like
+
+    layer.weight, layer.bias = old.weight, old.bias
+    layer.weight.requires_grad_(False)  # as from_linear freezes the weight of an r >= 1 layer
+    partition_like(old.weight, [layer.sorsa_A, layer.sorsa_S, layer.sorsa_B])
 
 
 def _convert_4bit(sites, r, alpha, dropout, init, progress, svd_kwargs, qargs) -> Dict[int, SORSALinear]:

@@ -14,6 +14,22 @@ an ``r × r`` partial Gram, summed across the shard group with one all-reduce pe
 a matrix sharded along ``r`` (``A`` under the default ``Shard(0)``) has no such partial
 (every Gram entry pairs two rows that live on different ranks), so that ``r × in`` matrix is
 all-gathered. Sharded parameters use the torch backend.
+
+DeepSpeed ZeRO (:mod:`sorsa_kernels.integrations.deepspeed`, imported only when a ZeRO-managed
+adapter is seen). Under ZeRO-3 a parameter is an empty tensor outside its module's forward, so
+:func:`ortho_loss` all-gathers the adapters once (``deepspeed.zero.GatheredParameters``), computes
+the value and keeps the fp32 copies its backward needs; the backward returns full-shape gradients,
+which ZeRO-3's gradient hooks reduce-scatter like any other (no collective in the backward). Under
+ZeRO-1/2/3 the gradients have left ``.grad`` by the end of the backward, so :func:`orthonormal_grad_`
+(and ``SORSARegularizer``, ``SORSACallback``) adds the regularizer's gradient to each rank's own
+partition of them, times the optimizer's loss scale; it gathers only the adapters (ZeRO-3), never
+a gradient. Every rank must make the same calls. ``backend="triton"`` is refused for partitioned
+adapters, and a gradient for partitioned adapters that no DeepSpeed engine owns is an error. Under
+ZeRO-3 compute the loss term after the model's forward of the step (``loss = task + gamma *
+ortho_loss(engine)``): computed before it, its backward node runs after the layers' (autograd
+runs later-created nodes first), so an adapter's gradient accumulation waits for it until ZeRO-3
+has released the adapter, and autograd then fails copying the gradient into the empty parameter
+("The size of tensor a (0) must match ...").
 """
 from __future__ import annotations
 
@@ -24,12 +40,30 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ._zero3 import full_shape, is_partitioned, is_zero3_model
 from .ops.ortho.op import OrthoLoss, backend_pair, run_forward
 from .ops.ortho.reference import calc_ortho_naive, grad_coefs
 
 NamedParams = Iterable[Tuple[str, torch.Tensor]]
 SORSA_NAMES = ("sorsa_A", "sorsa_B")
 PEFT_NAMES = ("lora_A", "lora_B")
+
+
+def any_partitioned(mats: Iterable[torch.Tensor]) -> bool:
+    """Whether some of ``mats`` are DeepSpeed ZeRO-3 partitioned parameters."""
+    return any(is_partitioned(m) for m in mats)
+
+
+def is_zero_managed(p: torch.Tensor) -> bool:
+    """Whether a DeepSpeed ZeRO optimizer moves ``p``'s gradient out of ``p.grad`` during the
+    backward: ZeRO-3 (``ds_id``) or ZeRO-1/2 (``_hp_mapping``, set on every rank, None on a rank
+    that holds no part of ``p``)."""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+def any_zero_managed(mats: Iterable[torch.Tensor]) -> bool:
+    """Whether a DeepSpeed ZeRO optimizer keeps some of ``mats``' gradients outside ``.grad``."""
+    return any(is_zero_managed(m) for m in mats)
 
 
 def collect_adapters(model_or_params=None, a: Optional[Sequence[torch.Tensor]] = None,
@@ -53,14 +87,16 @@ def collect_adapters(model_or_params=None, a: Optional[Sequence[torch.Tensor]] =
             name, p = item
             ia, ib = names[0] in name, names[1] in name
             if ia or ib:
-                if p.dim() != 2:
-                    raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(p.shape)}")
+                shape = full_shape(p)
+                if len(shape) != 2:
+                    raise ValueError(f"{name} must be a 2-D matrix, got shape {shape}")
                 mats.append(p)
                 is_b.append(ib and not ia)
     for kind, lst in (("a", a), ("b", b)):
         for j, p in enumerate(lst or ()):
-            if not isinstance(p, torch.Tensor) or p.dim() != 2:
-                raise ValueError(f"{kind}[{j}] must be a 2-D tensor, got {getattr(p, 'shape', type(p).__name__)}")
+            if not isinstance(p, torch.Tensor) or len(full_shape(p)) != 2:
+                shape = full_shape(p) if isinstance(p, torch.Tensor) else type(p).__name__
+                raise ValueError(f"{kind}[{j}] must be a 2-D tensor, got {shape}")
             mats.append(p)
             is_b.append(kind == "b")
     return mats, is_b
@@ -85,7 +121,10 @@ def calc_ortho(model: nn.Module) -> Optional[torch.Tensor]:
     Differentiable (backward through it is the reference's way of applying the
     regularizer); ``None`` when the model has no adapters. :func:`orthonormal_grad_`
     does the same job without an autograd graph, :func:`ortho_loss` with a fused one.
+    DeepSpeed ZeRO-3 partitioned adapters go through :func:`ortho_loss` (same value).
     """
+    if is_zero3_model(model):  # the literal formula needs the whole matrices
+        return ortho_loss(model, backend="torch")
     return calc_ortho_naive(model.named_parameters())
 
 
@@ -188,8 +227,10 @@ def ortho_loss(
 
     A fused op (one autograd node; its backward is the fused gradient kernel), so
     ``loss + (gamma / lr) * sk.ortho_loss(model)`` works wherever autograd works (DDP,
-    FSDP2 ``fully_shard``, DeepSpeed, ``GradScaler``, gradient accumulation): the gradient
-    reaches the parameters the ordinary way, wherever they keep their grads.
+    FSDP2 ``fully_shard``, DeepSpeed ZeRO-1/2/3, ``GradScaler``, gradient accumulation): the
+    gradient reaches the parameters the ordinary way, wherever they keep their grads. ZeRO-3
+    partitioned adapters are all-gathered for the value (see the module docstring): call it on
+    every rank, with the engine or ``engine.module``.
 
     Args:
         model_or_params: a module, or ``(name, parameter)`` pairs; names containing
@@ -207,6 +248,9 @@ def ortho_loss(
     mats, is_b = collect_adapters(model_or_params, a, b, names)
     if not mats:
         raise ValueError(f"ortho_loss {_no_adapters_message(names)}")
+    if any_partitioned(mats):
+        from .integrations.deepspeed import zero3_ortho_loss
+        return zero3_ortho_loss(mats, is_b, bool(squared), backend)
     local, keys, kinds = _localize(mats, is_b)
     fwd, bwd = backend_pair(backend, local[0].device, keys is not None, local)
     return OrthoLoss.apply((tuple(is_b), bool(squared), keys, _allreduce if keys else None, fwd, bwd), *local)
@@ -227,7 +271,9 @@ def orthonormal_grad_(
     Call after the task loss's ``backward()`` (and any gradient clipping), before
     ``optimizer.step()``: sorsa 1.0.1's exact semantics. ``.grad`` is created where it is
     None; parameters with ``requires_grad=False`` count in the mean but get no gradient
-    (as with autograd). Math is fp32 whatever the parameter dtype. No host sync.
+    (as with autograd). Math is fp32 whatever the parameter dtype. No host sync. Under
+    DeepSpeed ZeRO call it on every rank between ``engine.backward`` and ``engine.step``: it
+    adds to ZeRO's gradient partitions instead (see the module docstring).
 
     Args:
         model_or_params: a module, or ``(name, parameter)`` pairs (see :func:`ortho_loss`).
@@ -255,9 +301,13 @@ def grad_step(mats: List[torch.Tensor], is_b: List[bool], gamma, lr, squared: bo
                plain: bool = False) -> torch.Tensor:
     """:func:`orthonormal_grad_` on adapters already collected and checked (``SORSARegularizer``
     calls this every step with its cached list). ``plain``: the caller knows no adapter is a
-    DTensor (skips the per-step scan)."""
-    local, keys, kinds = (mats, None, None) if plain else _localize(mats, is_b)
+    DTensor or DeepSpeed-managed (skips the per-step scans)."""
     scale = gamma / (lr * len(mats))
+    if not plain and any_zero_managed(mats):  # the grads are in ZeRO's partitions, not in .grad
+        from .integrations.deepspeed import add_partitioned_grads
+        norms = add_partitioned_grads(mats, is_b, scale, squared, backend)
+        return (norms * norms if squared else norms).mean()
+    local, keys, kinds = (mats, None, None) if plain else _localize(mats, is_b)
     if keys is None:
         fwd, bwd = backend_pair(backend, mats[0].device, False, local)
         norms, state = run_forward(fwd, local, is_b, None, None)
@@ -353,7 +403,7 @@ class SORSARegularizer:
             raise ValueError("model has no sorsa_A / sorsa_B parameters: apply_sorsa first")
         # collected once: a step then does no per-parameter name matching or DTensor scan
         self._mats, self._is_b = collect_adapters(self.params)
-        self._plain = not any_dtensor(self._mats)
+        self._plain = not any_dtensor(self._mats) and not any_zero_managed(self._mats)
         self.gamma, self.squared, self.backend = check_gamma(gamma), squared, backend
         if optimizer is None and isinstance(lr, torch.optim.Optimizer):
             optimizer = lr
@@ -388,6 +438,8 @@ class SORSARegularizer:
             return None
         if self.scaler is not None:
             self._unscale()
+        if self._plain and is_zero_managed(self._mats[0]):  # built before deepspeed.initialize took the model
+            self._plain = False
         self.last_value = grad_step(self._mats, self._is_b, self.gamma, check_lr(lr), self.squared, self.backend,
                                      plain=self._plain)
         return self.last_value

@@ -8,9 +8,18 @@ rate and skip a step whose learning rate is 0 (warm-up start), where ``gamma / l
 undefined and the update is empty anyway. ``lr="initial"`` divides by the initial learning
 rate instead, exactly as sorsa 1.0.1 does (its coefficient stays ``gamma / lr0`` for the whole
 schedule).
+
+Under DeepSpeed (any ZeRO stage) accelerate runs the engine's backward and step together inside
+``accelerator.backward``, so the Trainer's pre-optimizer-step event comes after the update: the
+callback instead runs when the engine calls its optimizer's ``step`` (see
+:mod:`sorsa_kernels.integrations.deepspeed`). With ZeRO-1/2/3 that is before DeepSpeed's own
+gradient clipping (which happens inside that step), so with ``max_grad_norm > 0`` the clipped norm
+includes the regularizer's gradient; with ``max_grad_norm=0`` the update equals a plain Trainer's.
+The logged ``grad_norm`` (DeepSpeed's) includes the regularizer's gradient too.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import List, Optional
 
@@ -18,9 +27,10 @@ import torch
 import torch.nn as nn
 
 from . import checkpoints
+from ._zero3 import full_shape, is_partitioned
 from .adapters import adapter_config
 from .layer import named_sorsa_layers
-from .regularizer import check_gamma, orthonormal_grad_, unscale_once
+from .regularizer import any_zero_managed, check_gamma, orthonormal_grad_, unscale_once
 
 
 def trainable_non_adapters(model: nn.Module) -> List[str]:
@@ -35,8 +45,8 @@ def warn_trainable_non_adapters(model: nn.Module, who: str) -> None:
     if not names or not named_sorsa_layers(model):
         return
     params = dict(model.named_parameters())
-    n_other = sum(params[n].numel() for n in names)
-    total = sum(p.numel() for p in model.parameters())
+    n_other = sum(math.prod(full_shape(params[n])) for n in names)
+    total = sum(math.prod(full_shape(p)) for p in model.parameters())
     warnings.warn(f"{who}: {len(names)} parameter tensors besides the SORSA adapters are trainable "
                   f"({n_other:,d} values, {100 * n_other / max(total, 1):.1f}% of the model: "
                   f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) and will be trained; call "
@@ -47,7 +57,8 @@ def warn_trainable_non_adapters(model: nn.Module, who: str) -> None:
 def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto", lr: str = "current",
                   save: Optional[str] = None, warn_trainable: bool = True):
     """A ``transformers.TrainerCallback`` applying the regularizer at the Trainer's
-    pre-optimizer-step event (after clipping). ``lr="current"`` (default): the scheduler's
+    pre-optimizer-step event (after clipping; under DeepSpeed when the engine steps its optimizer,
+    see the module docstring). ``lr="current"`` (default): the scheduler's
     current learning rate; ``lr="initial"``: ``args.learning_rate``, as sorsa 1.0.1's
     Trainer does. Imports transformers only when called. The last value (a 0-d tensor) is
     on ``callback.last_value``.
@@ -79,6 +90,7 @@ def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto",
         def __init__(self):
             self.gamma, self.squared, self.backend, self.lr_mode = gamma, squared, backend, lr
             self.last_value: Optional[torch.Tensor] = None
+            self._undo_deepspeed = None  # set while the DeepSpeed engine's optimizer step runs the regularizer
 
         def on_init_end(self, args, state, control, model=None, **kw):
             if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # added in transformers 4.45
@@ -90,12 +102,27 @@ def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto",
                 checkpoints.install(model, adapter_config, save)
             return control
 
-        def on_train_begin(self, args, state, control, model=None, **kw):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            if self._undo_deepspeed is not None:  # a previous train() that ended in an exception
+                self._undo_deepspeed()
+                self._undo_deepspeed = None
+            if model is not None:
+                from .integrations.deepspeed import engine_optimizer, run_before_step
+                ds_opt = engine_optimizer(optimizer)
+                if ds_opt is not None:  # every rank: the step it wraps is collective under ZeRO-3
+                    self._undo_deepspeed = run_before_step(ds_opt, lambda: self._deepspeed_step(args, model, ds_opt))
+                elif any_zero_managed(model.parameters()):  # the pre-optimizer-step event would come too late
+                    raise RuntimeError(f"SORSACallback: the model's parameters are managed by DeepSpeed ZeRO but the "
+                                       f"Trainer's optimizer is a {type(optimizer).__name__}, not accelerate's "
+                                       f"DeepSpeedOptimizerWrapper, so the regularizer cannot reach the engine's step; "
+                                       f"call sk.orthonormal_grad_ between engine.backward and engine.step instead")
             if model is None or not state.is_world_process_zero:
                 return control
             if warn_trainable:
                 warn_trainable_non_adapters(model, "SORSACallback")
-            zero = [n for n, m in named_sorsa_layers(model) if not m.sorsa_S.detach().any()]
+            # a ZeRO-3 partitioned S is not checked: reading it is a collective, and this runs on rank 0 only
+            zero = [n for n, m in named_sorsa_layers(model)
+                    if not is_partitioned(m.sorsa_S) and not m.sorsa_S.detach().any()]
             if zero:  # apply_sorsa(init=None) / sorsa 1.0.1 without sorsa_init(): nothing would train
                 warnings.warn(f"SORSACallback: {len(zero)} SORSA layers have all-zero adapters ({zero[0]}, ...): "
                               f"their A and B get no gradient, so training changes nothing there; initialise them "
@@ -103,7 +130,20 @@ def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto",
                               UserWarning, stacklevel=2)
             return control
 
+        def on_train_end(self, args, state, control, **kw):
+            if self._undo_deepspeed is not None:
+                self._undo_deepspeed()
+                self._undo_deepspeed = None
+            return control
+
+        def _deepspeed_step(self, args, model, ds_opt) -> None:
+            lr = float(args.learning_rate) if self.lr_mode == "initial" else float(ds_opt.param_groups[0]["lr"])
+            if lr != 0.0:  # the lr this step uses: DeepSpeed steps its scheduler after the optimizer
+                self.last_value = orthonormal_grad_(model, self.gamma, lr, squared=self.squared, backend=self.backend)
+
         def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
+            if self._undo_deepspeed is not None:  # the engine's step already ran the regularizer
+                return control
             if self.lr_mode == "initial":
                 lr = float(args.learning_rate)
             elif lr_scheduler is not None:

@@ -1,0 +1,110 @@
+"""SVD init where weights are not whole tensors of one process.
+
+Meta device: a model built on ``torch.device("meta")`` takes ``apply_sorsa(..., init=None)``; once
+its base weights are loaded (``assign=True``, all at once or one layer at a time) ``init_layers``
+decomposes them, equal bit for bit to initialising the real model; ``init=`` on meta weights is a
+clear error. FSDP2 (2 CPU ranks over gloo): ``apply_sorsa`` runs before ``fully_shard`` (then the
+sharded model computes what one process does); on DTensor weights both ``apply_sorsa`` and
+``init_layers`` are clear errors."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import sorsa_kernels as sk
+
+DIMS = [48, 64, 48, 64, 40]
+R = 4
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(*(nn.Linear(a, b, bias=i % 2 == 0) for i, (a, b) in enumerate(zip(DIMS, DIMS[1:]))))
+
+
+def targets():
+    return [str(i) for i in range(len(DIMS) - 1)]
+
+
+def x():
+    return torch.randn(5, DIMS[0], generator=torch.Generator().manual_seed(1))
+
+
+def test_meta_model_initialised_after_loading_equals_a_real_init():
+    want = sk.apply_sorsa(build(), targets(), r=R, init="rsvd", seed=3)
+    base = build().state_dict()
+    for per_layer in (False, True):
+        with torch.device("meta"):
+            model = build()
+        with pytest.raises(ValueError, match="meta device, so it cannot be decomposed: pass init=None"):
+            sk.apply_sorsa(model, targets(), r=R, init="rsvd")
+        sk.apply_sorsa(model, targets(), r=R, init=None)
+        assert model[0].sorsa_A.is_meta
+        if per_layer:  # as a loader that materialises one layer at a time
+            for name, layer in model.named_children():
+                own = {k.split(".", 1)[1]: v for k, v in base.items() if k.split(".", 1)[0] == name}
+                layer.load_state_dict(own, strict=False, assign=True)
+                sk.init_layers([layer], "rsvd", seed=3)
+        else:
+            model.load_state_dict(base, strict=False, assign=True)
+            sk.init_layers(list(sk.sorsa_layers(model)), "rsvd", seed=3)
+        got = model.state_dict()
+        assert set(got) == set(want.state_dict())
+        for k, v in want.state_dict().items():
+            assert torch.equal(got[k], v), (per_layer, k)
+        for a, b in zip(sk.sorsa_layers(model), sk.sorsa_layers(want)):
+            assert all(torch.equal(s, t) for s, t in zip(a.initial_adapter(), b.initial_adapter()))
+        torch.testing.assert_close(model(x()), build()(x()), rtol=1e-5, atol=1e-6)  # the function is the base's
+    # a layer whose weight is still meta: a clear error, nothing changed
+    with torch.device("meta"):
+        unloaded = sk.apply_sorsa(build(), targets(), r=R, init=None)
+    with pytest.raises(ValueError, match="cannot initialise SORSA adapters on the meta device"):
+        sk.init_layers(list(sk.sorsa_layers(unloaded)), "rsvd", seed=3)
+    assert unloaded[0].sorsa_A.is_meta
+
+
+def _worker(rank, world, init_file, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        # supported: apply_sorsa (the SVDs shared over the ranks), then fully_shard
+        model = sk.apply_sorsa(build(), targets(), r=R, init="rsvd", seed=3, distributed=True)
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert isinstance(model[0].sorsa_A, DTensor) and isinstance(model[0].weight, DTensor)
+        out = model(x()).detach()
+        # refused: the other order
+        late = build()
+        for layer in late:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(late, mesh=mesh)
+        for init in ("rsvd", None):
+            with pytest.raises(ValueError, match="apply_sorsa must run before fully_shard"):
+                sk.apply_sorsa(late, targets(), r=R, init=init)
+        assert not any(isinstance(m, sk.SORSALinear) for m in late.modules())  # unchanged
+        shell = sk.apply_sorsa(build(), targets(), r=R, init=None)
+        for layer in shell:
+            fully_shard(layer, mesh=mesh)
+        with pytest.raises(ValueError, match="initialise first and shard after"):
+            sk.init_layers(list(sk.sorsa_layers(shell)), "rsvd", seed=3)
+        torch.save(out, os.path.join(out_dir, f"out{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_apply_before_fully_shard_and_clear_errors_after(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build")
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    want = sk.apply_sorsa(build(), targets(), r=R, init="rsvd", seed=3)(x()).detach()
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"out{rank}.pt"), want, rtol=1e-6, atol=1e-7)
