@@ -101,16 +101,19 @@ def memory_budget(device: torch.device) -> int:
     return int(_cpu_available_bytes() * MEMORY_FRACTION["cpu"])
 
 
-def bytes_per_matrix(m: int, n: int, r: int, weight_dtype: torch.dtype) -> int:
-    """Peak working memory of one m×n matrix in a batched init call: its fp32 effective weight,
-    the stacked batch, rsvd's normalised fp32 copy and bf16 iteration copy, the weight itself,
-    and rsvd's Krylov basis at its widest (``MAX_TOL_ITERS + 1`` blocks, at most min(m, n)
-    columns: the basis and its W·Z products in fp32, their fp64 copy for the Gram update, and the
-    d×d fp64 Gram matrix with its factors)."""
-    b = min(r + default_oversample(r), m, n)
-    d = min((MAX_TOL_ITERS + 1) * b, m, n)
+def bytes_per_matrix(m: int, n: int, r: int, weight_dtype: torch.dtype, oversample: Optional[int] = None,
+                     niter: Optional[int] = None) -> int:
+    """Peak working memory of one m×n matrix in a batched init call: its effective weight in the
+    working precision (fp32, fp64 for fp64 weights), the stacked batch, rsvd's normalised copy and
+    bf16 iteration copy, the weight itself, and rsvd's Krylov basis at its widest (``niter + 1``
+    blocks, ``MAX_TOL_ITERS + 1`` with the default tol, at most min(m, n) columns: the basis and
+    its W·Z products, their fp64 copy for the Gram update, and ~6 fp64 d×d matrices: the Gram
+    matrix, the eigen-solver's copies and vectors)."""
+    b = min(r + (default_oversample(r) if oversample is None else oversample), m, n)
+    d = min(((MAX_TOL_ITERS if niter is None else niter) + 1) * b, m, n)
     elt = torch.empty((), dtype=weight_dtype).element_size()
-    return m * n * (3 * 4 + 2 + elt) + (m + n) * d * 4 + max(m, n) * d * 8 + 3 * 8 * d * d
+    w = 8 if weight_dtype == torch.float64 else 4
+    return m * n * (3 * w + 2 + elt) + (m + n) * d * w + max(m, n) * d * 8 + 6 * 8 * d * d
 
 
 # ---- per-matrix pieces ---------------------------------------------------------------------
@@ -309,7 +312,8 @@ def init_layers(
     sizes = []
     for (m, n, r, dtype, device), members in groups.items():
         budget = memory_budget(device) if chunk_bytes is None else chunk_bytes
-        sizes.append(max(1, budget // bytes_per_matrix(m, n, r, dtype)))
+        sizes.append(max(1, budget // bytes_per_matrix(m, n, r, dtype, svd_kwargs.get("oversample"),
+                                                             svd_kwargs.get("niter"))))
     if dist_ is not None:
         sizes = _agree_on_chunks(dist_, groups, sizes, bool(zero))
         if svd_kwargs.get("seed") is None and method != "svd":  # one sketch seed for all ranks

@@ -135,6 +135,32 @@ def test_init_runs_without_tf32_and_restores_the_setting(monkeypatch):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1], before[2]
 
 
+def test_init_under_the_new_fp32_precision_api():
+    """torch ≥ 2.9's per-backend ``fp32_precision`` (set by the caller) makes the legacy TF32 flags
+    unreadable; init then uses the new API: IEEE fp32 inside, the caller's values restored."""
+    import subprocess
+    import sys
+    code = """
+import torch, torch.nn as nn
+import sorsa_kernels as sk
+from sorsa_kernels import _precision
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+torch.backends.cudnn.conv.fp32_precision = "tf32"
+seen = []
+orig = torch.linalg.svd
+def spy(*a, **k):
+    seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision))
+    return orig(*a, **k)
+torch.linalg.svd = spy
+m = sk.apply_sorsa(nn.Sequential(nn.Linear(16, 12)), ["0"], r=2, init="svd")
+assert seen and all(s == ("ieee", "ieee") for s in seen), seen
+assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 def test_non_float_weight_dtype_is_rejected_before_any_change():
     """sorsa_init(weight_dtype=torch.int32) → TypeError, layer untouched."""
     lin = nn.Linear(12, 10)
