@@ -202,13 +202,23 @@ def _collect(model: nn.Module, state_dict: Optional[Dict[str, torch.Tensor]] = N
     return config, tensors
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a training wrapper (DeepSpeed's engine, DDP): its parameter names carry a
+    ``module.`` prefix that a plain model's do not, so files written through the wrapper would not
+    load into the model it wraps."""
+    while type(model).__name__ in ("DeepSpeedEngine", "DistributedDataParallel") and isinstance(
+            getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
 def adapter_config(model: nn.Module, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> dict:
     """The ``sorsa_config.json`` content for the SORSA layers of ``model`` (see the module docstring).
 
     Under DeepSpeed ZeRO-3 call it on every rank (each layer's parameters are gathered in turn),
     or pass ``state_dict`` with the model's full weights (as the Trainer consolidates them on its
     main process): base-weight fingerprints are then taken from it, with no collective."""
-    return _collect(model, state_dict)[0]
+    return _collect(_unwrap(model), state_dict)[0]
 
 
 def save_adapter(model: nn.Module, path: str) -> None:
@@ -222,20 +232,15 @@ def save_adapter(model: nn.Module, path: str) -> None:
     ``path`` can be read right after on any rank that sees rank 0's file system."""
     from safetensors.torch import save_file
 
+    model = _unwrap(model)
     zero3 = _zero3.is_zero3_model(model)
     config, tensors = _collect(model, with_tensors=True)
-    try:
+    with _zero3.all_or_none(f"save_adapter({path!r}) on rank 0", collective=zero3):
         if not zero3 or _zero3.rank() == 0:
             os.makedirs(path, exist_ok=True)
             save_file(tensors, os.path.join(path, ADAPTER_FILE), metadata={"format": FORMAT})
             with open(os.path.join(path, CONFIG_FILE), "w") as f:
                 json.dump(config, f, indent=2)
-    except Exception:
-        if zero3:
-            _zero3.agree(False, f"save_adapter({path!r})")
-        raise
-    if zero3:
-        _zero3.agree(True, f"save_adapter({path!r}) on rank 0")
 
 
 def read_adapter(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
@@ -352,8 +357,17 @@ def _plan_layer(name: str, mod: nn.Module, spec: dict, tensors: Dict[str, torch.
     return (name, mod, layer, new, W_r, (A0, S0, B0), tuple(t.to(dev, adt) for t in (A, S, B)), spec)
 
 
+def _set_masters(layer: SORSALinear, cur: tuple, bias: Optional[torch.Tensor]) -> None:
+    """Give a ZeRO optimizer's fp32 master copies of ``layer``'s adapters (and trained bias) the
+    values just loaded (see :func:`_zero3.set_master`; a no-op without DeepSpeed)."""
+    for p, t in zip((layer.sorsa_A, layer.sorsa_S, layer.sorsa_B, layer.bias), tuple(cur) + (bias,)):
+        if t is not None:
+            _zero3.set_master(p, t)
+
+
 def _install_layer(model: nn.Module, item: tuple, tensors: Dict[str, torch.Tensor]) -> None:
-    """Install one planned layer (see :func:`_plan_layer`) in ``model``."""
+    """Install one planned layer (see :func:`_plan_layer`) in ``model``; under ZeRO-1/2 its
+    optimizer's fp32 master copies get the values too."""
     name, mod, layer, new, W_r, init, cur, spec = item
     was_merged = layer.merged
     layer._merge(False)
@@ -361,11 +375,13 @@ def _install_layer(model: nn.Module, item: tuple, tensors: Dict[str, torch.Tenso
         layer._set_w(W_r)
     layer.sorsa_A.data, layer.sorsa_S.data, layer.sorsa_B.data = (t.clone() for t in cur)
     layer._record_initial(*init)
-    if spec.get("bias_trained"):
-        layer.bias.data = tensors[f"{name}.bias"].to(layer.bias.device, layer.bias.dtype)
+    bias = tensors[f"{name}.bias"] if spec.get("bias_trained") else None
+    if bias is not None:
+        layer.bias.data = bias.to(layer.bias.device, layer.bias.dtype)
     layer.init_config = spec.get("init")
     if was_merged:
         layer._merge(True)
+    _set_masters(layer, cur, bias)
     if new:  # every registration of the base module gets the one SORSA layer
         sites = [full for full, m in model.named_modules(remove_duplicate=False) if m is mod and full]
         for full in sites:
@@ -376,7 +392,8 @@ def _install_layer(model: nn.Module, item: tuple, tensors: Dict[str, torch.Tenso
 def _install_layer_zero3(mod: SORSALinear, name: str, spec: dict, tensors: Dict[str, torch.Tensor]) -> None:
     """:func:`_plan_layer` + :func:`_install_layer` for a ZeRO-3 SORSA layer: its parameters are
     gathered, written in place on every rank and rank 0's values re-partitioned; then the
-    optimizer's fp32 master copies get the same values (a collective: every rank calls it)."""
+    optimizer's fp32 master copies get the same values (a collective: every rank calls it, and a
+    failure on any rank raises on all before the next layer's gather)."""
     own = list(mod.parameters(recurse=False))
     with _zero3.gathered(own, modifier_rank=0):
         _, _, layer, _, W_r, init, cur, _ = _plan_layer(name, mod, spec, tensors)
@@ -390,16 +407,16 @@ def _install_layer_zero3(mod: SORSALinear, name: str, spec: dict, tensors: Dict[
         if bias is not None:
             layer.bias.data.copy_(bias)
         layer.init_config = spec.get("init")
-    for p, t in zip((layer.sorsa_A, layer.sorsa_S, layer.sorsa_B, layer.bias), cur + (bias,)):
-        if t is not None:
-            _zero3.set_master(p, t)
+    with _zero3.all_or_none(f"load_adapter: {name}'s optimizer master copies"):
+        _set_masters(layer, cur, bias)
 
 
 def _load_param_zero3(p: torch.Tensor, value: torch.Tensor) -> None:
     """Give the (possibly partitioned) parameter ``p`` the full ``value`` (every rank calls it)."""
     with _zero3.gathered([p], modifier_rank=0):
         p.data.copy_(value.to(p.device, p.dtype))
-    _zero3.set_master(p, value)
+    with _zero3.all_or_none("load_adapter: a trained parameter's optimizer master copy"):
+        _zero3.set_master(p, value)
 
 
 @torch.no_grad()
@@ -421,25 +438,25 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> nn.Mod
     ``base_fingerprint``, to the rounding of the weight dtype); adapters saved without a
     fingerprint (older versions) load with a warning. ``check_base=False`` skips the check.
 
-    A DeepSpeed ZeRO-3 model (``engine.module``, prepared with :func:`apply_sorsa` before
-    ``deepspeed.initialize``): call on every rank, each reading ``path``. Layers are gathered one
-    at a time and rank 0's values re-partitioned, so each rank ends with its partition; the
-    ZeRO optimizer's fp32 master copies of trainable parameters are set too (else its next step
-    would restore the old values). Mismatches are still found before anything changes, but
-    layers are then written one at a time (a failure midway leaves earlier layers loaded).
+    A DeepSpeed ZeRO model (``engine.module``, prepared with :func:`apply_sorsa` before
+    ``deepspeed.initialize``; a target still ``nn.Linear`` there raises ``ValueError``): call on
+    every rank, each reading ``path``. The ZeRO optimizer's fp32 master copies of trainable
+    parameters are set too (else its next step would restore the old values). ZeRO-3: layers are
+    gathered one at a time and rank 0's values re-partitioned, so each rank ends with its
+    partition; a failure on one rank raises on every rank. Mismatches are still found before
+    anything changes, but ZeRO-3 layers are then written one at a time (a failure midway leaves
+    earlier layers loaded).
     Returns ``model``.
     """
     if not isinstance(check_base, bool):
         raise TypeError(f"check_base must be a bool, got {type(check_base).__name__}")
+    wrapper, model = model, _unwrap(model)
     zero3 = _zero3.is_zero3_model(model)
-    try:
+    zero12 = not zero3 and _zero3.is_zero12_model(model)
+    # a rank that cannot read must not leave the others in the gathers below
+    with _zero3.all_or_none(f"load_adapter: reading {path!r}", collective=zero3):
         config, tensors = read_adapter(path)
-    except Exception:
-        if zero3:  # a rank that cannot read must not leave the others in the gathers below
-            _zero3.agree(False, f"load_adapter: reading {path!r}")
-        raise
     if zero3:
-        _zero3.agree(True, f"load_adapter: reading {path!r}")
         checkpoints.check_zero3(model, "load_adapter")
     specs: Dict[str, dict] = config["layers"]
     modules = dict(model.named_modules())
@@ -447,9 +464,11 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> nn.Mod
     for name, spec in specs.items():
         _check_layer(name, spec, modules.get(name), tensors, problems)
         mod = modules.get(name)
-        if zero3 and mod is not None and not isinstance(mod, SORSALinear):
-            problems.append(f"{name}: a {type(mod).__name__} in a DeepSpeed ZeRO-3 model: its SORSA layer cannot be "
-                            f"added after deepspeed.initialize; call sk.apply_sorsa (any init) before it, then load")
+        if (zero3 or zero12) and mod is not None and not isinstance(mod, SORSALinear):
+            # ZeRO-1/2 would run, but its optimizer would never see (nor train) the new adapters
+            problems.append(f"{name}: a {type(mod).__name__} in a DeepSpeed {'ZeRO-3' if zero3 else 'ZeRO-1/2'} "
+                            f"model: its SORSA layer cannot be added after deepspeed.initialize; call "
+                            f"sk.apply_sorsa (any init) before it, then load")
     extra = [n for n, _ in named_sorsa_layers(model) if n not in specs]
     if extra:
         problems.append(f"SORSA layers {extra} of the model are not in the adapter")
@@ -499,18 +518,19 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> nn.Mod
         for name, spec in specs.items():
             _install_layer_zero3(modules[name], name, spec, tensors)
         checkpoints.install(model, adapter_config)
-        return model
+        return wrapper
 
     # build every new layer (and every W_r) first; install only when all succeeded
     plan = [_plan_layer(name, modules[name], spec, tensors) for name, spec in specs.items()]
 
     for k in trainable:
         params[k].data = tensors[k].to(params[k].device, params[k].dtype)
+        _zero3.set_master(params[k], tensors[k])
     for item in plan:
         _install_layer(model, item, tensors)
     checkpoints.install(model, adapter_config)  # transformers' save_pretrained must not write W_r alone
     _check_rebuilt_residuals(model, specs, path)
-    return model
+    return wrapper
 
 
 def _check_rebuilt_residuals(model: nn.Module, specs: Dict[str, dict], path: str) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from . import quant
 from ._validate import FLOAT_DTYPES, check_finite, check_rank
-from ._zero3 import full_shape, gathered, is_partitioned
+from ._zero3 import comm_device, full_shape, gathered, is_partitioned
 from ._precision import no_tf32
 from .ops.rsvd import DEFAULT_NITER, MAX_TOL_ITERS, default_oversample, rsvd
 from .ops.rsvd import check_options as check_rsvd_options
@@ -71,7 +71,7 @@ def choose_method(m: int, n: int, r: int, method: str = "rsvd", **svd_kwargs) ->
     """The SVD actually used for an m×n group at rank r: ``"svd"`` or ``"rsvd"``."""
     if method == "svd":
         return "svd"
-    if method == "rsvd_always" or svd_kwargs.get("tol") is not None:
+    if method == "rsvd_always":
         return "rsvd"
     cost = rsvd_cost(m, n, r, svd_kwargs.get("oversample"), svd_kwargs.get("niter"))
     return "rsvd" if cost < svd_cost(m, n) else "svd"
@@ -269,6 +269,7 @@ def init_layers(
     ``load_state_dict(..., assign=True)``) are first made zeros, so the base weight is decomposed:
     such layers may be initialised one at a time as their weights arrive.
     """
+    layers = list(layers)  # sk.sorsa_layers(model) is a generator: counted (progress) and walked twice
     if report is not None and not isinstance(report, list):
         raise TypeError(f"report must be None or a list, got {type(report).__name__}")
     if "info" in svd_kwargs:
@@ -451,8 +452,9 @@ def _distributed(distributed: Optional[bool], layers, zero: bool = False):
 
 
 def _comm_device(dist, device: torch.device) -> torch.device:
-    """Where a collective's tensors live: the current CUDA device under NCCL, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    """Where a collective's tensors live (see :func:`_zero3.comm_device`: gloo on the CPU,
+    DeepSpeed's accelerator when deepspeed is imported, else CUDA under NCCL)."""
+    return comm_device(dist)
 
 
 def _agree_on_chunks(dist, groups, sizes, zero: bool = False):

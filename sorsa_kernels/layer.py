@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._validate import check_dropout_p, check_float, check_rank
-from ._zero3 import full_shape
+from ._zero3 import full_shape, is_partitioned
 from .init import INIT_METHODS, init_layers
 from .ops.linear import sorsa_linear
 from .ops.rsvd import check_options as check_rsvd_options, rsvd
@@ -328,6 +328,12 @@ class SORSALinear(nn.Module):
         """
         if not self.merge_weights or mode == self.merged:
             return
+        if any(is_partitioned(p) for p in (self.weight, self.sorsa_A, self.sorsa_S, self.sorsa_B)):
+            # a partitioned weight is an empty placeholder outside the forward: folding into it
+            # would silently drop the adapter
+            raise ValueError("cannot merge/unmerge a SORSA layer whose parameters are DeepSpeed ZeRO-3 partitions; "
+                             "save the adapters (sk.save_adapter(engine.module, path)), load them into a plain model "
+                             "(sk.load_adapter) and merge there")
         if self.r > 0:
             d = self._delta() if mode else -self._delta()
             self._set_w((self.w.to(d.dtype) + d).to(self.weight_dtype))

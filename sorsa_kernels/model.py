@@ -118,6 +118,7 @@ def apply_sorsa(
     double_quant: bool = True,
     quant_iters: int = 0,
     distributed: bool = False,
+    report: Optional[list] = None,
     **svd_kwargs,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` (and transformers ``Conv1D``) whose qualified name matches
@@ -125,7 +126,9 @@ def apply_sorsa(
     bias, then initialise all of them with ``init``: "rsvd" (default: batched randomized SVD,
     layers grouped by shape and processed in chunks of ``chunk_bytes``; ``svd_kwargs`` go to
     :func:`sorsa_kernels.rsvd`, with ``seed=0`` unless given — never the global RNG), "svd"
-    (exact, as the reference) or None (adapters stay zero). ``progress`` shows a tqdm bar.
+    (exact, as the reference) or None (adapters stay zero). ``progress`` shows a tqdm bar;
+    ``report=[]`` receives one entry per shape group (method, rsvd iterations and error estimate,
+    time; see :func:`sorsa_kernels.init.init_layers`).
     ``W_r`` is exact either way, so the model's output is unchanged (up to the 4-bit rounding of
     ``W_r`` with ``quantize`` or 4-bit bases: see below). A linear registered under
     several names is replaced by one SORSA layer everywhere. Returns ``model`` itself.
@@ -252,7 +255,7 @@ def apply_sorsa(
             layers = [m for m in matched.values() if not isinstance(m, SORSALinear4bit)]
             if layers:
                 init_layers(layers, init, chunk_bytes=chunk_bytes, progress=progress, distributed=distributed,
-                            **svd_kwargs)
+                            report=report, **svd_kwargs)
             for layer in layers:
                 layer.init_config = {"method": init, **svd_kwargs}
     except BaseException:
@@ -355,10 +358,11 @@ def mark_only_sorsa_trainable(model: nn.Module) -> nn.Module:
 def print_trainable_parameters(model: nn.Module) -> Tuple[int, int]:
     """Print ``trainable params: … || all params: … || trainable%: …`` (PEFT's format) and
     return ``(trainable, total)``; shared parameters count once, a 4-bit weight as the number of
-    weights it packs (two per byte, as PEFT counts them), not its bytes."""
+    weights it packs (two per byte, as PEFT counts them), not its bytes, a DeepSpeed ZeRO-3
+    partition as its whole parameter."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * 2 if quant.is_params4bit(p) else p.numel()
+        n = int(p.ds_numel) if is_partitioned(p) else (p.numel() * 2 if quant.is_params4bit(p) else p.numel())
         total += n
         trainable += n if p.requires_grad else 0
     pct = 100 * trainable / total if total else 0.0

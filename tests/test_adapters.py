@@ -268,3 +268,26 @@ def test_adapter_without_fingerprint_loads_with_a_warning(tmp_path):
         m2 = sk.load_adapter(base(), tmp_path)
     x = torch.randn(3, 24)
     assert torch.equal(m.eval()(x), m2.eval()(x))
+
+
+def test_files_written_through_a_training_wrapper_load_into_the_plain_model(tmp_path):
+    """save_adapter(engine) / (DDP(model)): the wrapper's ``module.`` prefix is not written (a
+    DeepSpeed engine or DDP is unwrapped), so the file loads into the model it wrapped."""
+    torch.manual_seed(0)
+    model = sk.apply_sorsa(nn.Sequential(nn.Linear(16, 12), nn.Linear(12, 8)), ["0", "1"], r=2, init="svd")
+    with torch.no_grad():
+        model[0].sorsa_S.add_(0.1)
+    Engine = type("DeepSpeedEngine", (nn.Module,), {})  # what deepspeed.initialize returns, by name
+    engine = Engine()
+    engine.module = model
+    sk.save_adapter(engine, str(tmp_path / "a"))
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(16, 12), nn.Linear(12, 8))
+    assert sk.load_adapter(plain, str(tmp_path / "a")) is plain
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(plain(x), model(x))
+    wrapped = Engine()
+    torch.manual_seed(0)
+    wrapped.module = nn.Sequential(nn.Linear(16, 12), nn.Linear(12, 8))
+    assert sk.load_adapter(wrapped, str(tmp_path / "a")) is wrapped
+    torch.testing.assert_close(wrapped.module(x), model(x))

@@ -242,7 +242,7 @@ def test_init_report_per_shape_group():
                and e["error_estimate"] == [] for e in report)
     assert report[0]["iterations"] == [1] * 3  # 48×40, blocks of 32: one iteration to fill the 40 columns
     report.clear()
-    init_mod.init_layers(layers[:1], "rsvd", report=report, tol=0.05, seed=0)
+    init_mod.init_layers(layers[:1], "rsvd_always", report=report, tol=0.05, seed=0)
     assert report[0]["method"] == "rsvd" and len(report[0]["error_estimate"]) == 1
     report.clear()
     init_mod.init_layers(layers[:1], "svd", report=report)
@@ -273,3 +273,17 @@ def test_svd_bottom_rank_deficient_and_tiny_singular_values():
         assert torch.all(S[:-1] >= S[1:])
         exact = torch.linalg.svdvals(W.double())[-10:]
         assert (S.double() - exact).abs().max() < 1e-7
+
+
+def test_init_layers_takes_a_generator_with_progress_and_apply_sorsa_reports():
+    """sk.sorsa_layers(model) is a generator: init_layers counts it for the progress bar; apply_sorsa
+    passes report=[] through (info= is refused with a pointer to it)."""
+    model = small_llama(1)
+    sk.apply_sorsa(model, ["q_proj", "v_proj"], r=4, init=None)
+    init_mod.init_layers(sk.sorsa_layers(model), "rsvd_always", progress=True, seed=0)
+    assert all(float(m.sorsa_S.detach().abs().sum()) > 0 for m in sk.sorsa_layers(model))
+    report = []
+    sk.apply_sorsa(small_llama(1), ["q_proj", "v_proj"], r=4, report=report)
+    assert report and all("method" in e and "iterations" in e for e in report)
+    with pytest.raises(TypeError, match="pass report=\\[\\] instead"):
+        sk.apply_sorsa(small_llama(1), ["q_proj"], r=4, info={})

@@ -283,3 +283,20 @@ def test_layers_swapped_into_an_eval_model_stay_in_eval_mode(tmp_path):
     torch.testing.assert_close(m2(x), m(x), rtol=0, atol=0)
     m.train()
     assert all(layer.training for layer in sk.sorsa_layers(m))  # .train() still reaches them
+
+
+def test_zero3_partitioned_layers_refuse_merge_and_count_whole_parameters(capsys):
+    """A DeepSpeed ZeRO-3 partition (``ds_id``/``ds_numel`` set, empty local data) cannot be merged
+    into (the adapter would be dropped silently): a clear error; and it counts as its whole size."""
+    model = sk.apply_sorsa(nn.Sequential(nn.Linear(16, 12)), ["0"], r=2, init="svd")
+    layer = model[0]
+    assert layer.merge_weights
+    full = {n: p.numel() for n, p in layer.named_parameters()}
+    for p in layer.parameters():  # what ZeRO-3 leaves outside the forward
+        p.ds_id, p.ds_numel, p.ds_shape = 1, p.numel(), p.shape
+        p.data = torch.empty(0, dtype=p.dtype)
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO-3 partitions"):
+        sk.merge_sorsa(model)
+    assert not layer.merged
+    trainable, total = sk.print_trainable_parameters(model)
+    assert total == sum(full.values()) and "all params: 0" not in capsys.readouterr().out

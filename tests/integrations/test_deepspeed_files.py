@@ -267,3 +267,108 @@ def test_merged_layers_under_zero3_are_refused_before_any_collective(tmp_path):
         with pytest.raises(ValueError, match="merged under DeepSpeed ZeRO-3.*unmerge_sorsa"):
             call()
     assert not (tmp_path / "b").exists()
+
+
+# --- load_adapter into ZeRO engines whose tensors do not split evenly, and into ZeRO-1/2 ---
+
+SMALL_R = 3  # odd: A, S, B of both layers have numels not divisible by 2 ranks (ZeRO-3 pads the last partition)
+
+
+def small_model(seed):
+    """A tiny SORSA model: the same init (and so W_r) for every seed, adapters moved by ``seed``."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(15, 22), torch.nn.GELU(), torch.nn.Linear(22, 9))
+    sk.apply_sorsa(m, ["0", "2"], r=SMALL_R, alpha=3, init="svd")
+    sk.mark_only_sorsa_trainable(m)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def _full_state(module):
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):  # a no-op below ZeRO-3
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _small_worker(rank, world, adapter, out):
+    torch.set_num_threads(1)  # 2 ranks on 2 cores
+    import deepspeed
+    import sorsa_kernels._zero3 as Z
+
+    res = {}
+    x = torch.randn(4, 15, generator=torch.Generator().manual_seed(rank))
+    for stage in (3, 2):
+        m = small_model(2)
+        # lr=0: the step must leave the loaded values (it writes the optimizer's fp32 master copies back)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.0, weight_decay=0.0)
+        cfg = ds_config(stage, world=world, zero_allow_untested_optimizer=True,
+                        zero_optimization={"stage": stage, "stage3_param_persistence_threshold": 0})
+        engine = deepspeed.initialize(model=m, optimizer=opt, config=cfg)[0]
+        sk.load_adapter(engine.module, adapter)
+        res[f"loaded{stage}"] = _full_state(engine.module)
+        engine.backward(engine(x).pow(2).mean())
+        engine.step()
+        res[f"stepped{stage}"] = _full_state(engine.module)
+        if stage == 3:  # a failure on one rank while setting the master copies raises on both
+            real = Z.set_master
+
+            def failing(p, value):
+                if rank == 1:
+                    raise OSError("injected master-copy failure")
+                real(p, value)
+
+            Z.set_master = failing
+            try:
+                sk.load_adapter(engine.module, adapter)
+            except (OSError, RuntimeError) as e:
+                res["one_rank_fails"] = f"{type(e).__name__}: {e}"
+            finally:
+                Z.set_master = real
+            res["after_failure"] = _full_state(engine.module)  # both ranks still gather together
+    plain = torch.nn.Sequential(torch.nn.Linear(15, 22), torch.nn.GELU(), torch.nn.Linear(22, 9))
+    engine = deepspeed.initialize(model=plain, optimizer=torch.optim.AdamW(plain.parameters(), lr=0.0),
+                                  config=ds_config(2, world=world, zero_allow_untested_optimizer=True))[0]
+    try:
+        sk.load_adapter(engine.module, adapter)
+    except ValueError as e:
+        res["linear_target_zero2"] = str(e)
+    torch.save(res, os.path.join(out, f"small{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small")
+    sk.save_adapter(small_model(1), str(out / "adapter"))  # a plain process writes the file
+    spawn(_small_worker, str(out / "adapter"), str(out))
+    return out, [torch.load(out / f"small{r}.pt") for r in range(2)]
+
+
+def test_load_adapter_into_zero_engines_survives_a_step(small_run):
+    out, res = small_run
+    want = sk.load_adapter(small_model(2), str(out / "adapter")).state_dict()  # one plain process
+    before = small_model(2).state_dict()
+    assert any(not torch.equal(want[k], before[k]) for k in want if "sorsa_A" in k)  # the load changes the adapters
+    for r in res:
+        for key in ("loaded3", "stepped3", "loaded2", "stepped2"):
+            assert r[key].keys() == want.keys()
+            for k, v in want.items():
+                torch.testing.assert_close(r[key][k], v, rtol=0, atol=0, msg=f"{key} {k}")
+
+
+def test_zero3_master_copy_failure_on_one_rank_raises_on_every_rank(small_run):
+    _, res = small_run
+    assert res[1]["one_rank_fails"] == "OSError: injected master-copy failure"
+    assert res[0]["one_rank_fails"].startswith("RuntimeError") and "another rank" in res[0]["one_rank_fails"]
+    torch.testing.assert_close(res[0]["after_failure"], res[1]["after_failure"], rtol=0, atol=0)
+
+
+def test_load_adapter_refuses_new_layers_under_zero12(small_run):
+    _, res = small_run
+    for r in res:
+        msg = r["linear_target_zero2"]
+        assert "ZeRO-1/2" in msg and "apply_sorsa" in msg and "0: a Linear" in msg

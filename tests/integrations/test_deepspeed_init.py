@@ -256,3 +256,47 @@ def test_zero3_from_pretrained_then_apply_sorsa_equals_one_process(tmp_path):
     assert set(got) == set(want) and any("sorsa_A" in k for k in want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+class _Accelerator:
+    """A stand-in for DeepSpeed's accelerator of a device whose backend is neither gloo nor NCCL."""
+
+    def current_device_name(self):
+        return "meta"
+
+
+class _Reached(Exception):
+    pass
+
+
+def test_collectives_use_deepspeeds_accelerator_device(monkeypatch):
+    """Under an HCCL-like backend the small tensors of the ranks' agreements live on DeepSpeed's
+    accelerator device (not the CPU: such backends take only their device's tensors); gloo keeps
+    the CPU; without deepspeed imported the choice is by backend name alone."""
+    import sys
+
+    import deepspeed.accelerator
+    import torch.distributed as dist
+
+    import sorsa_kernels._zero3 as Z
+    from sorsa_kernels.init import _comm_device
+
+    seen = []
+
+    def all_reduce(t, *args, **kwargs):
+        seen.append(t.device)
+        raise _Reached  # a meta tensor has no value to read back
+
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: _Accelerator())
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "hccl")
+    assert _comm_device(dist, torch.device("cpu")) == torch.device("meta")
+    with pytest.raises(_Reached):
+        Z.agree(True, "a check")
+    assert seen == [torch.device("meta")]
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert _comm_device(dist, torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "hccl")
+    monkeypatch.delitem(sys.modules, "deepspeed")
+    assert _comm_device(dist, torch.device("cpu")) == torch.device("cpu")

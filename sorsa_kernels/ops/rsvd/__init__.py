@@ -259,7 +259,8 @@ def rsvd(
         oversample: extra columns per Krylov block (block size ``rank + oversample``; default
             :func:`default_oversample`).
         niter: iterations, each adding one block ``Wᵀ·W·Z`` to the Krylov basis (2 GEMM passes).
-            Alone: exactly that many, no convergence check and no host sync in the loop. With
+            Alone: that many (fewer once the basis spans min(m, n): the result is then exact), no
+            convergence check and no host sync in the loop. With
             ``tol``: the cap (default 16).
         tol: iterate until the estimated worst relative error of the top-``rank`` singular values
             is ≤ tol (a host sync or two per iteration for the check), or warn at the cap. Default
