@@ -17,19 +17,19 @@ all-gathered. Sharded parameters use the torch backend.
 
 DeepSpeed ZeRO (:mod:`sorsa_kernels.integrations.deepspeed`, imported only when a ZeRO-managed
 adapter is seen). Under ZeRO-3 a parameter is an empty tensor outside its module's forward, so
-:func:`ortho_loss` all-gathers the adapters once (``deepspeed.zero.GatheredParameters``), computes
-the value and keeps the fp32 copies its backward needs; the backward returns full-shape gradients,
-which ZeRO-3's gradient hooks reduce-scatter like any other (no collective in the backward). Under
-ZeRO-1/2/3 the gradients have left ``.grad`` by the end of the backward, so :func:`orthonormal_grad_`
-(and ``SORSARegularizer``, ``SORSACallback``) adds the regularizer's gradient to each rank's own
-partition of them, times the optimizer's loss scale; it gathers only the adapters (ZeRO-3), never
-a gradient. Every rank must make the same calls. ``backend="triton"`` is refused for partitioned
-adapters, and a gradient for partitioned adapters that no DeepSpeed engine owns is an error. Under
-ZeRO-3 compute the loss term after the model's forward of the step (``loss = task + gamma *
-ortho_loss(engine)``): computed before it, its backward node runs after the layers' (autograd
-runs later-created nodes first), so an adapter's gradient accumulation waits for it until ZeRO-3
-has released the adapter, and autograd then fails copying the gradient into the empty parameter
-("The size of tensor a (0) must match ...").
+:func:`ortho_loss` and :func:`calc_ortho` all-gather the adapters (collectives: every rank must
+call them, in the same order; on one rank alone they hang) and keep the fp32 copies the backward
+needs; the backward keeps the partitioned adapters' gradients in fp32 and adds each rank's slice
+to its gradient partition when the engine's optimizer steps (no collective in the backward; the
+loss term may be computed before or after the model's forward, with activation checkpointing or
+adapters unused in the forward). Under ZeRO-1/2/3 the gradients have left ``.grad`` by the end of
+the backward, so :func:`orthonormal_grad_` (and ``SORSARegularizer``, ``SORSACallback``) adds the
+regularizer's gradient to each rank's own partition of them (BF16_Optimizer: its fp32
+accumulation buffer), times the optimizer's loss scale; it gathers only the adapters (ZeRO-3),
+never a gradient. Call it only at a gradient accumulation boundary
+(``engine.is_gradient_accumulation_boundary()``): elsewhere it adds nothing and warns.
+``backend="triton"`` is refused for partitioned adapters, and a gradient for partitioned adapters
+that no DeepSpeed engine owns is an error.
 """
 from __future__ import annotations
 
@@ -272,8 +272,9 @@ def orthonormal_grad_(
     ``optimizer.step()``: sorsa 1.0.1's exact semantics. ``.grad`` is created where it is
     None; parameters with ``requires_grad=False`` count in the mean but get no gradient
     (as with autograd). Math is fp32 whatever the parameter dtype. No host sync. Under
-    DeepSpeed ZeRO call it on every rank between ``engine.backward`` and ``engine.step``: it
-    adds to ZeRO's gradient partitions instead (see the module docstring).
+    DeepSpeed ZeRO call it on every rank between ``engine.backward`` and ``engine.step`` when
+    ``engine.is_gradient_accumulation_boundary()``: it adds to ZeRO's gradient partitions
+    instead; after any other backward it adds nothing and warns (see the module docstring).
 
     Args:
         model_or_params: a module, or ``(name, parameter)`` pairs (see :func:`ortho_loss`).
@@ -294,18 +295,19 @@ def orthonormal_grad_(
     if not mats:
         warnings.warn(f"orthonormal_grad_ {_no_adapters_message(names)}; nothing was added", stacklevel=2)
         return None
-    return grad_step(mats, is_b, gamma, lr, squared, backend)
+    return grad_step(mats, is_b, gamma, lr, squared, backend, owner=model_or_params)
 
 
 def grad_step(mats: List[torch.Tensor], is_b: List[bool], gamma, lr, squared: bool, backend: str,
-               plain: bool = False) -> torch.Tensor:
+               plain: bool = False, owner=None) -> torch.Tensor:
     """:func:`orthonormal_grad_` on adapters already collected and checked (``SORSARegularizer``
     calls this every step with its cached list). ``plain``: the caller knows no adapter is a
-    DTensor or DeepSpeed-managed (skips the per-step scans)."""
+    DTensor or DeepSpeed-managed (skips the per-step scans). ``owner``: what they were collected
+    from (a DeepSpeed engine tells ZeRO-1/2 adapters their optimizer)."""
     scale = gamma / (lr * len(mats))
     if not plain and any_zero_managed(mats):  # the grads are in ZeRO's partitions, not in .grad
         from .integrations.deepspeed import add_partitioned_grads
-        norms = add_partitioned_grads(mats, is_b, scale, squared, backend)
+        norms = add_partitioned_grads(mats, is_b, scale, squared, backend, owner)
         return (norms * norms if squared else norms).mean()
     local, keys, kinds = (mats, None, None) if plain else _localize(mats, is_b)
     if keys is None:
@@ -338,16 +340,28 @@ def grad_step(mats: List[torch.Tensor], is_b: List[bool], gamma, lr, squared: bo
 LrSource = Union[float, Callable[[], float], torch.optim.Optimizer, str]
 
 
-def _initial_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The first param group's learning rate before any scheduler touched it (schedulers
+def adapter_group(param_groups: Sequence[dict], mats: Sequence[torch.Tensor]) -> int:
+    """The index of the first of ``param_groups`` that holds one of the adapters ``mats`` (the
+    lr the regularizer divides by is theirs: another group, e.g. embeddings, may have its own);
+    0 when none does."""
+    ids = {id(m) for m in mats}
+    for i, g in enumerate(param_groups):
+        if any(id(p) in ids for p in g["params"]):
+            return i
+    return 0
+
+
+def _initial_lr(optimizer: torch.optim.Optimizer, mats: Sequence[torch.Tensor] = ()) -> float:
+    """The adapters' param group's learning rate before any scheduler touched it (schedulers
     record it as ``initial_lr``)."""
-    g = optimizer.param_groups[0]
+    g = optimizer.param_groups[adapter_group(optimizer.param_groups, mats)]
     return float(g.get("initial_lr", g["lr"]))
 
 
-def _lr_getter(lr: LrSource) -> Callable[[], float]:
+def _lr_getter(lr: LrSource, mats: Sequence[torch.Tensor] = ()) -> Callable[[], float]:
     if isinstance(lr, torch.optim.Optimizer):
-        return lambda: float(lr.param_groups[0]["lr"])
+        i = adapter_group(lr.param_groups, mats)
+        return lambda: float(lr.param_groups[i]["lr"])
     if callable(lr):
         return lambda: float(lr())
     if isinstance(lr, (int, float)) and not isinstance(lr, bool):
@@ -385,7 +399,8 @@ class SORSARegularizer:
     Args:
         model: the model (its ``sorsa_A`` / ``sorsa_B`` parameters are collected once, here).
         gamma: regularizer weight (finite).
-        lr: the learning rate: an optimizer (its first param group's current lr), a callable,
+        lr: the learning rate: an optimizer (the current lr of its first param group holding
+            an adapter), a callable,
             a constant, or ``"initial"``: the optimizer's initial lr (``initial_lr`` as recorded
             by its scheduler, else its lr at construction), which reproduces sorsa 1.0.1's
             ``gamma / lr0`` exactly; needs ``optimizer=`` unless ``lr`` is one.
@@ -398,6 +413,7 @@ class SORSARegularizer:
                  scaler=None, optimizer: Optional[torch.optim.Optimizer] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self._model = model
         self.params = [(n, p) for n, p in model.named_parameters() if "sorsa_A" in n or "sorsa_B" in n]
         if not self.params:
             raise ValueError("model has no sorsa_A / sorsa_B parameters: apply_sorsa first")
@@ -421,10 +437,10 @@ class SORSARegularizer:
                 raise ValueError(f"lr must be a float, a callable, an optimizer or 'initial', got {lr!r}")
             if optimizer is None:
                 raise ValueError("lr='initial' needs the optimizer: pass optimizer=")
-            lr0 = _initial_lr(optimizer)
+            lr0 = _initial_lr(optimizer, self._mats)
             self._lr = lambda: lr0
         else:
-            self._lr = _lr_getter(lr)
+            self._lr = _lr_getter(lr, self._mats)
         self.last_value: Optional[torch.Tensor] = None
 
     def _unscale(self) -> None:
@@ -441,7 +457,7 @@ class SORSARegularizer:
         if self._plain and is_zero_managed(self._mats[0]):  # built before deepspeed.initialize took the model
             self._plain = False
         self.last_value = grad_step(self._mats, self._is_b, self.gamma, check_lr(lr), self.squared, self.backend,
-                                     plain=self._plain)
+                                     plain=self._plain, owner=self._model)
         return self.last_value
 
     __call__ = step

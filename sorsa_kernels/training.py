@@ -15,7 +15,8 @@ callback instead runs when the engine calls its optimizer's ``step`` (see
 :mod:`sorsa_kernels.integrations.deepspeed`). With ZeRO-1/2/3 that is before DeepSpeed's own
 gradient clipping (which happens inside that step), so with ``max_grad_norm > 0`` the clipped norm
 includes the regularizer's gradient; with ``max_grad_norm=0`` the update equals a plain Trainer's.
-The logged ``grad_norm`` (DeepSpeed's) includes the regularizer's gradient too.
+The logged ``grad_norm`` (DeepSpeed's) includes the regularizer's gradient too. One callback per
+engine: a second one wrapping the same optimizer step (two callbacks, two Trainers) raises.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from . import checkpoints
 from ._zero3 import full_shape, is_partitioned
 from .adapters import adapter_config
 from .layer import named_sorsa_layers
-from .regularizer import any_zero_managed, check_gamma, orthonormal_grad_, unscale_once
+from .regularizer import (adapter_group, any_zero_managed, check_gamma, collect_adapters, orthonormal_grad_,
+                          unscale_once)
 
 
 def trainable_non_adapters(model: nn.Module) -> List[str]:
@@ -54,13 +56,17 @@ def warn_trainable_non_adapters(model: nn.Module, who: str) -> None:
                   UserWarning, stacklevel=3)
 
 
+def _adapters(model: Optional[nn.Module]) -> List[torch.Tensor]:
+    return [] if model is None else collect_adapters(model)[0]
+
+
 def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto", lr: str = "current",
                   save: Optional[str] = None, warn_trainable: bool = True):
     """A ``transformers.TrainerCallback`` applying the regularizer at the Trainer's
     pre-optimizer-step event (after clipping; under DeepSpeed when the engine steps its optimizer,
-    see the module docstring). ``lr="current"`` (default): the scheduler's
-    current learning rate; ``lr="initial"``: ``args.learning_rate``, as sorsa 1.0.1's
-    Trainer does. Imports transformers only when called. The last value (a 0-d tensor) is
+    see the module docstring). ``lr="current"`` (default): the current learning rate
+    of the optimizer's param group that holds the adapters (the first such group);
+    ``lr="initial"``: ``args.learning_rate``, as sorsa 1.0.1's Trainer does. Imports transformers only when called. The last value (a 0-d tensor) is
     on ``callback.last_value``.
 
     ``save``: the form of every checkpoint the Trainer writes (``save_model`` and periodic
@@ -107,9 +113,11 @@ def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto",
                 self._undo_deepspeed()
                 self._undo_deepspeed = None
             if model is not None:
-                from .integrations.deepspeed import engine_optimizer, run_before_step
+                from .integrations.deepspeed import engine_optimizer, link_optimizer, run_before_step
                 ds_opt = engine_optimizer(optimizer)
                 if ds_opt is not None:  # every rank: the step it wraps is collective under ZeRO-3
+                    link_optimizer(ds_opt, _adapters(model))  # the Trainer hands callbacks the module
+                    # raises when another callback / Trainer already runs the regularizer there
                     self._undo_deepspeed = run_before_step(ds_opt, lambda: self._deepspeed_step(args, model, ds_opt))
                 elif any_zero_managed(model.parameters()):  # the pre-optimizer-step event would come too late
                     raise RuntimeError(f"SORSACallback: the model's parameters are managed by DeepSpeed ZeRO but the "
@@ -137,7 +145,8 @@ def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto",
             return control
 
         def _deepspeed_step(self, args, model, ds_opt) -> None:
-            lr = float(args.learning_rate) if self.lr_mode == "initial" else float(ds_opt.param_groups[0]["lr"])
+            from .integrations.deepspeed import adapter_lr
+            lr = float(args.learning_rate) if self.lr_mode == "initial" else adapter_lr(ds_opt, _adapters(model))
             if lr != 0.0:  # the lr this step uses: DeepSpeed steps its scheduler after the optimizer
                 self.last_value = orthonormal_grad_(model, self.gamma, lr, squared=self.squared, backend=self.backend)
 
@@ -146,10 +155,10 @@ def SORSACallback(gamma: float, *, squared: bool = False, backend: str = "auto",
                 return control
             if self.lr_mode == "initial":
                 lr = float(args.learning_rate)
+            elif optimizer is not None:  # the adapters' group: another one may have its own lr
+                lr = float(optimizer.param_groups[adapter_group(optimizer.param_groups, _adapters(model))]["lr"])
             elif lr_scheduler is not None:
                 lr = float(lr_scheduler.get_last_lr()[0])
-            elif optimizer is not None:
-                lr = float(optimizer.param_groups[0]["lr"])
             else:
                 lr = float(args.learning_rate)
             if model is None or lr == 0.0:
