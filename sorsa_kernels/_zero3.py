@@ -100,13 +100,13 @@ def all_or_none(what: str, collective: bool = True) -> Iterator[None]:
     agree(True, what)
 
 
-def _local_slice(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """This rank's partition of the full ``value`` of the partitioned ``p``, in fp32: DeepSpeed
-    pads the flattened parameter with zeros to ``partition_numel() * world`` elements, so the last
-    ranks' slices are short (or empty) and padded here."""
+def local_slice(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """This rank's partition of the full ``value`` of the partitioned ``p`` (``value``'s dtype):
+    DeepSpeed pads the flattened parameter with zeros to ``partition_numel() * world`` elements,
+    in partition-group rank order, so the last ranks' slices are short (or empty) and padded here."""
     n = p.partition_numel()
     me = torch.distributed.get_rank(group=getattr(p, "ds_process_group", None))
-    flat = value.detach().reshape(-1).to(torch.float32)
+    flat = value.detach().reshape(-1)
     local = flat[min(me * n, flat.numel()):(me + 1) * n]
     return torch.cat([local, local.new_zeros(n - local.numel())]) if local.numel() < n else local
 
@@ -123,7 +123,7 @@ def set_master(p: torch.Tensor, value: torch.Tensor) -> None:
 
             # not safe_set_full_fp32_param: its slice ignores the padding, failing on the last rank
             # whenever the numel is not a multiple of the world size
-            safe_set_local_fp32_param(p, _local_slice(p, value))
+            safe_set_local_fp32_param(p, local_slice(p, value).to(torch.float32))
     elif getattr(p, "_hp_mapping", None) is not None:
         from deepspeed.utils import safe_set_full_fp32_param
 

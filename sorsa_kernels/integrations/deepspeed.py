@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._zero3 import full_shape, gathered, is_partitioned
+from .._zero3 import full_shape, gathered, is_partitioned, local_slice
 from ..ops.ortho import torch_path
 from ..ops.ortho.reference import grad_coefs
 
@@ -231,15 +231,6 @@ def _loss_scale(mats: Sequence[torch.Tensor]) -> float:
     return 1.0
 
 
-def _local_slice(g: torch.Tensor, p: torch.Tensor, n: int) -> torch.Tensor:
-    """This rank's ``n`` values of the flattened ``g``, as ZeRO-3 partitions ``p`` (contiguous
-    equal slices in partition-group rank order, the last one zero-padded)."""
-    import torch.distributed as dist
-    start = n * dist.get_rank(group=p.ds_process_group)
-    flat = g.reshape(-1)[start:start + n]
-    return flat if flat.numel() == n else torch.nn.functional.pad(flat, (0, n - flat.numel()))
-
-
 @torch.no_grad()
 def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
     """Add the full-shape ``g`` to wherever DeepSpeed keeps ``p``'s gradient now, in the order of
@@ -260,7 +251,7 @@ def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
         reduced = getattr(p._z3_optimizer, "_offload_boundary_param_ids", None)
         if reduced is not None and p.ds_id not in reduced:
             local = torch.zeros_like(local)
-        safe_set_local_grad(p, local + _local_slice(g, p, local.numel()).to(local.dtype))
+        safe_set_local_grad(p, local + local_slice(p, g).to(local.dtype))
     else:
         m = p._hp_mapping
         if m is None:  # this rank's optimizer partition holds no part of p

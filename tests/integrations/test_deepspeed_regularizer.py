@@ -28,6 +28,18 @@ class Net(nn.Sequential):
         return torch.utils.checkpoint.checkpoint(run, x.detach().requires_grad_(), use_reentrant=True)
 
 
+def off_orthonormal(m, seed, amount):
+    """Only the adapters trainable, A and B pushed off orthonormal (seeded) so the regularizer's
+    gradient is as large as the task's."""
+    sk.mark_only_sorsa_trainable(m)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "sorsa_A" in n or "sorsa_B" in n:
+                p.add_(amount * torch.randn(p.shape, generator=g))
+    return m
+
+
 def build(seed=0, net=False):
     """Two SORSA layers with odd sizes (uneven ZeRO-3 partitions), adapters pushed off orthonormal
     so the regularizer's gradient is as large as the task's. ``net``: a :class:`Net` instead."""
@@ -35,13 +47,7 @@ def build(seed=0, net=False):
     layers = [nn.Linear(15, 22), nn.GELU(), nn.Linear(22, 9)] + ([nn.Linear(9, 9)] if net else [])
     m = Net(*layers) if net else nn.Sequential(*layers)
     sk.apply_sorsa(m, ["0", "2", "3"] if net else ["0", "2"], r=3, alpha=3, init="svd")
-    sk.mark_only_sorsa_trainable(m)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "sorsa_A" in n or "sorsa_B" in n:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return m
+    return off_orthonormal(m, seed, 0.3)
 
 
 def batch(step, micro):
@@ -180,13 +186,7 @@ def tiny_llama(seed=0):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     m = LlamaForCausalLM(cfg)
     sk.apply_sorsa(m, TARGETS, r=4, alpha=4, init="svd")
-    sk.mark_only_sorsa_trainable(m)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "sorsa_A" in n or "sorsa_B" in n:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return m
+    return off_orthonormal(m, seed, 0.2)
 
 
 def run_trainer(model, out_dir, world, deepspeed_cfg=None, gamma=GAMMA):
