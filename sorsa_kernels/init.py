@@ -55,7 +55,7 @@ def rsvd_cost(m: int, n: int, r: int, oversample: Optional[int] = None, niter: O
     ``b`` columns, basis width ``d = (q + 1)·b``): fp32 GEMMs ``2·m·n·b`` per pass (2·q + 2 passes),
     CholeskyQR with fp64 Gram matrices (~40·(m+n)·b² per iteration), the basis'
     re-orthogonalisation and Gram updates (~2·(m+n)·d·b per iteration), the d×d eigenvalue checks
-    and final small SVD (~60·d³), plus a fixed ~1.5e9 for its small launches and Python steps. A
+    and final ``eigh`` (~60·d³), plus a fixed ~1.5e9 for its small launches and Python steps. A
     default (tol) call is costed at ``DEFAULT_NITER`` iterations, what LLM-like matrices need."""
     M, N = max(m, n), min(m, n)
     b = min(r + (default_oversample(r) if oversample is None else oversample), N)

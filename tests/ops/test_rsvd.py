@@ -387,9 +387,9 @@ def _r128_case(family_name):
 @pytest.mark.parametrize("family_name", ["llm", "flat"])
 @pytest.mark.parametrize("tol", [1e-2, 3e-3])
 def test_tol_estimate_bounds_the_true_error(family_name, tol):
-    """tol mode's error estimate (the Ritz values' last relative change or its geometric tail)
-    is at or above the true max relative σ error of what it returns (the final half step only
-    raises σ towards the truth), meets tol, and the loop stops once it does."""
+    """tol mode's error estimate (the last relative change of the returned Ritz values or its
+    geometric tail) is at or above their true max relative σ error, meets tol, and the loop stops
+    once it does."""
     from sorsa_kernels.synthetic import exact_sigmas, synthetic_weights
     W = synthetic_weights(1, 1376, 512, seed=2, family=family_name)
     ex = exact_sigmas(W, 32)

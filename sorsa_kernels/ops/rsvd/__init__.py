@@ -1,35 +1,42 @@
 """Batched randomized SVD: the top-``rank`` singular triplets of a stack of matrices.
 
-Algorithm: a randomized block Krylov method (Musco & Musco 2015) with full re-orthogonalisation,
-stopped by an accuracy target. With ``N`` the smaller dimension (W is transposed so that the basis
-lives there), blocks of ``b = rank + oversample`` columns: ``Z_0 = orth(Ω)``, and each iteration
-adds ``Z_{t+1} = orth(Wᵀ·orth(W·Z_t))`` made orthogonal to the basis ``Z_all`` by block classical
-Gram–Schmidt twice. The products ``X = W·Z`` are kept, so the Rayleigh–Ritz values of the whole
-basis — the top σ of ``W·Z_all`` — come from the growing fp64 Gram matrix ``X_allᵀ·X_all`` without
-touching W again: a convergence check costs one small eigenvalue problem (and one host sync).
-The result: the top-b left Ritz vectors ``Q``, then one more half step ``B = Qᵀ·W`` and its
-small SVD (exact when W's rank is ≤ b). Orthonormalisation is CholeskyQR2 in fp64 with the shifted
-CholeskyQR3 fallback (Fukaya et al. 2020) for panels whose Gram matrix is not numerically positive
-definite; exactly-null columns (an exhausted Krylov space, a zero matrix) are replaced by Gaussian
-ones so ``U`` and ``V`` are always orthonormal. The GEMMs are torch's (cuBLAS/MKL); the Gaussian
-sketch, the batched k×k Cholesky and Jacobi SVD are the building blocks below, from the C++/CUDA
-extension (``"ext"``, per-matrix code shared between the CPU and CUDA builds) or plain torch
-(``"torch"``); the d×d eigenproblems of the basis (checks, Rayleigh–Ritz) are torch's either way.
+Algorithm: a randomized block Krylov method (Musco & Musco 2015) in Golub–Kahan form with
+one-sided re-orthogonalisation (Simon & Zha 2000), stopped by an accuracy target. With ``A`` = W or
+Wᵀ so that its rows are the smaller dimension ``N``, blocks of ``b = rank + oversample`` columns:
+``Z_0 = orth(Ω)``; each block ``Q_t = orth(A·Z_t)`` made orthogonal to the basis ``Q_all`` by block
+classical Gram–Schmidt twice, then ``Y_t = Aᵀ·Q_t`` and ``Z_{t+1} = orth(Y_t)``, so ``span(Q_all)``
+is the block Krylov space ``A·K_t(AᵀA, Ω)``. Only ``Q`` is re-orthogonalised: ``Z`` just picks the
+next directions, and ``A·Z`` is projected against ``Q`` anyway. The products ``Y`` are kept (fp64),
+so the Rayleigh–Ritz values over the basis — ``σ(Q_allᵀ·A)``, square roots of the eigenvalues of the
+growing fp64 Gram matrix ``H = Y_allᵀ·Y_all`` — cost no pass over A: a convergence check is one
+small eigenvalue problem (and one host sync). The result is exactly what the last check measured:
+``U = Q_all·v``, ``σ``, ``V = orth(Y_all·v)`` from H's top eigenpairs (exact once the basis spans
+N). Orthonormalisation is CholeskyQR with fp64 Gram matrices and the shifted CholeskyQR3 fallback
+(Fukaya et al. 2020) for panels whose Gram matrix is not numerically positive definite;
+exactly-null columns (an exhausted Krylov space, a zero matrix) are replaced by Gaussian ones so
+``U`` and ``V`` are always orthonormal. The GEMMs are torch's (cuBLAS/MKL); the Gaussian sketch and
+the batched k×k Cholesky are the building blocks below, from the C++/CUDA extension (``"ext"``,
+per-matrix code shared between the CPU and CUDA builds) or plain torch (``"torch"``); the d×d
+eigenproblems (checks, Rayleigh–Ritz) are torch's either way.
 
 Why block Krylov: subspace iteration (each iterate replacing the last) forgets what the earlier
-iterates had found. On 4 LLM-like 2048² matrices at r = 64 (max relative σ error of the Ritz
-values by basis blocks, blocks of 64 columns): 4: 5.7 %, 5: 2.4 %, 6: 1.1 %, 7: 0.45 %, 8: 0.13 %,
-where the previous default (subspace iteration, oversample 32, Rayleigh–Ritz on the last two
-iterates) needed 6 iterations of 96 columns for 0.70 % and 8 for 0.23 %. Blocks of ``rank``
-columns converge as fast per GEMM pass as wider ones at r = 16–128, so the default adds no
+iterates had found. On 16 LLM-like 2048² matrices at r = 64, blocks of 64 columns, max relative σ
+error by iterations: 3: 3.9 %, 4: 1.8 %, 5: 0.89 %, 6: 0.33 %, 7: 0.12 %, where subspace iteration
+(oversample 32, Rayleigh–Ritz on the last two iterates) needed 8 iterations of 96 columns for
+0.30 %. Blocks of ``rank`` columns converge as fast per GEMM pass as wider ones at r = 16–128
+(blocks of 96 / 128 needed a wider basis for the same error here), so the default adds no
 oversampling above ``MIN_BLOCK`` columns (BENCHMARKS.md has the cases and the iterations chosen).
+Why this form: the previous block Krylov version kept ``W·Z`` products and returned one half step
+past the values it checked; its checks lagged what it returned (estimate 2× the returned error,
+one iteration more) and it re-orthogonalised both sides: 7 iterations and 5.1 s on that stack
+against 6 and ~3 s here (BENCHMARKS.md).
 
-Stopping: the Ritz values grow monotonically towards the true σ as the basis grows, so the
-remaining error is the sum of the changes still to come; the estimate is the last relative change
-or its geometric tail, whichever is larger (:func:`_check`), and the returned σ (after the half
-step) are at least as accurate. ``tol = 0.01`` by default; ``niter`` alone runs a fixed number of
-iterations with no host sync in the loop. PEFT's fast-PiSSA setting (``torch.svd_lowrank``,
-q = r, 2 iterations) is ~13 % off on LLM-like matrices.
+Stopping: the Ritz values grow monotonically towards the true σ as the basis grows (nested
+subspaces), so the remaining error is the sum of the changes still to come; the estimate is the
+last relative change or its geometric tail, whichever is larger (:class:`_Estimate`), of the values
+that are returned. ``tol = 0.01`` by default; ``niter`` alone runs a fixed number of iterations with
+no host sync in the loop. PEFT's fast-PiSSA setting (``torch.svd_lowrank``, q = r, 2 iterations)
+is ~13 % off on LLM-like matrices.
 """
 from __future__ import annotations
 
@@ -48,10 +55,9 @@ DEFAULT_TOL = 0.01
 DEFAULT_OVERSAMPLE = 0
 #: iterations the init's cost and memory models assume for a default (tol) call: what 2048² and
 #: 4096² LLM-like matrices at r = 64 / 128 needed (BENCHMARKS.md)
-DEFAULT_NITER = 7
+DEFAULT_NITER = 6
 #: the iteration cap with tol (and so the widest basis the init's memory model allows for)
 MAX_TOL_ITERS = 16
-JACOBI_SWEEPS = 30
 #: devices where a host check of a tensor is free (no device to wait for): there the loop skips
 #: work that ``torch.where`` would discard (a shifted Cholesky, a Gaussian refill) instead of doing
 #: it sync-free as on CUDA. Same results either way (tests run both)
@@ -104,24 +110,13 @@ def _chol_torch(G: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return L.mT.contiguous(), info
 
 
-def _jacobi_ext(R: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(S, V) with R·V having orthogonal columns of norms S (unsorted)."""
-    _, S, V = torch.ops.sorsa_kernels.jacobi_svd(R.contiguous(), JACOBI_SWEEPS)
-    return S, V
-
-
-def _jacobi_torch(R: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    _, S, Vh = torch.linalg.svd(R)
-    return S, Vh.mT
-
-
-_BLOCKS = {"ext": (_normal_ext, _chol_ext, _jacobi_ext), "torch": (_normal_torch, _chol_torch, _jacobi_torch)}
+_BLOCKS = {"ext": (_normal_ext, _chol_ext), "torch": (_normal_torch, _chol_torch)}
 
 
 # ---- algorithm -----------------------------------------------------------------------------
 class _Run:
     def __init__(self, backend: str, seed: int):
-        self.normal, self.chol, self.jacobi = _BLOCKS[backend]
+        self.normal, self.chol = _BLOCKS[backend]
         self.seed = seed
         self.draws = 0
         self.failed = torch.zeros((), dtype=torch.bool)
@@ -152,39 +147,42 @@ class _Run:
         self.failed = self.failed | (bad & (info2 != 0)).any()
         return torch.where(bad[:, None, None], Rs, R), torch.where(bad, s, torch.zeros_like(s))
 
-    def cholqr(self, Y: torch.Tensor, gram64: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One CholeskyQR pass: R from the Gram matrix (accumulated in fp64 when ``gram64``),
-        Q = Y·R⁻¹ as a GEMM in Y's dtype (R⁻¹ is k×k, formed in fp64)."""
-        Yg = Y.to(torch.float64) if gram64 else Y
-        G = (Yg.mT @ Yg).to(torch.float64)
+    def cholqr(self, Y: torch.Tensor, gram64: bool = True, G: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One CholeskyQR pass: R from the Gram matrix (accumulated in fp64 when ``gram64``; ``G``
+        if the caller has it), Q = Y·R⁻¹ as a GEMM in Y's dtype (R⁻¹ is k×k, formed in fp64)."""
+        if G is None:
+            Yg = Y.to(torch.float64) if gram64 else Y
+            G = (Yg.mT @ Yg).to(torch.float64)
         R, _ = self.chol_shifted(G, Y.shape[1])
         eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
         Rinv = torch.linalg.solve_triangular(R, eye, upper=True)
         return Y @ Rinv.to(Y.dtype), R
 
-    def orth(self, Y: torch.Tensor, passes: int = 3) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Basis of each Y's columns (in Y's dtype) and R (fp64) with Y = Q·R; null columns are
-        refilled with Gaussian ones first (``torch.where``: no host sync; on the CPU the Gaussian
-        is drawn only when some column is null). The first pass forms
-        its Gram in fp64 (Y may be ill-conditioned), later ones, on a nearly orthonormal Q, in
-        Y's dtype. ``passes=3`` is shifted CholeskyQR3 (orthonormal to rounding even when the
-        first pass needed the shift); the power iterations use ``passes=2``: their Q is only a
-        well-conditioned basis for the next product, which is re-orthonormalised anyway."""
-        nrm = Y.norm(dim=1)
-        null = nrm <= 1e-13 * nrm.amax(1, keepdim=True).clamp_min(1e-300)
+    def orth(self, Y: torch.Tensor, passes: int = 3, Y64: Optional[torch.Tensor] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Basis of each Y's columns (in Y's dtype) and R (fp64) with Y = Q·R; null columns (by
+        the norms on the fp64 Gram matrix's diagonal) are refilled with Gaussian ones first
+        (``torch.where``: no host sync; on the CPU the Gaussian is drawn, and the Gram matrix
+        formed again, only when some column is null). ``Y64``: Y in fp64, if the caller has it.
+        The first pass forms its Gram in fp64 (Y may be ill-conditioned), later ones, on a nearly
+        orthonormal Q, in Y's dtype. ``passes=3`` is shifted CholeskyQR3 (orthonormal to rounding
+        even when the first pass needed the shift); ``passes=1``-``2`` give a well-conditioned
+        basis where the caller re-orthonormalises anyway."""
+        Yg = Y.to(torch.float64) if Y64 is None else Y64
+        G = Yg.mT @ Yg
+        nrm2 = G.diagonal(dim1=-2, dim2=-1)
+        null = nrm2 <= 1e-26 * nrm2.amax(1, keepdim=True).clamp_min(1e-300)  # norm <= 1e-13 x the largest
         if Y.device.type in HOST_CHECK_DEVICES and not bool(null.any()):
             self.draws += 1  # the draw's stream is skipped, not reused: later draws keep their seeds
         else:
             Y = torch.where(null[:, None, :], self.gaussian(Y.shape, Y.dtype, Y.device), Y)
-        Q, R = self.cholqr(Y)
+            G = None
+        Q, R = self.cholqr(Y, G=G)
         for _ in range(passes - 1):
             Q, R2 = self.cholqr(Q, gram64=Y.dtype == torch.float64)
             R = R2 @ R
         return Q, R
-
-    def svdvals_small(self, R: torch.Tensor) -> torch.Tensor:
-        S, _ = self.jacobi(R)
-        return S.sort(dim=1, descending=True).values
 
 
 def _check_args(W, rank, oversample, niter, tol, seed, backend):
@@ -225,12 +223,23 @@ def default_oversample(rank: int) -> int:
     return max(DEFAULT_OVERSAMPLE, MIN_BLOCK - rank)
 
 
+#: max-abs exponents (|w| < 2^e) within ±this need no normalisation: every fp32 product, norm and
+#: Gram entry of such a matrix is far from under/overflow
+SAFE_EXPONENT = 32
+
+
 def _pow2_normalise(Wb: torch.Tensor, owned: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Divide each matrix by 2^e, e its max-abs exponent (exact: powers of 2 only change the
-    exponent), so the fp32 work sees entries in [0.5, 1) whatever the scale: no column norm or Gram
-    entry under/overflows for entries near 2^±100. Two factors, each within the dtype's range,
-    because 2^e itself may not be representable (fp32 subnormal inputs). Returns (W', e)."""
-    _, e = torch.frexp(Wb.abs().amax((1, 2)))  # 0 for an all-zero matrix
+    """Where some matrix's max-abs exponent e is beyond ±``SAFE_EXPONENT``, divide each matrix by
+    2^e (exact: powers of 2 only change the exponent), so the fp32 work sees entries in [0.5, 1)
+    whatever the scale: no column norm or Gram entry under/overflows for entries near 2^±100.
+    Two factors, each within the dtype's range, because 2^e itself may not be representable (fp32
+    subnormal inputs). Otherwise W is used as it is (no copy of the stack; every step is relative
+    to the matrix's scale, so the result is the normalised matrix's, scaled, to rounding).
+    Returns (W', e) with W = 2^e·W' (e = 0 where W is not normalised)."""
+    # max |w| from two reductions: no |W| temporary (measured 5x faster on a 16 x 2048^2 stack)
+    _, e = torch.frexp(torch.maximum(Wb.amax((1, 2)), -Wb.amin((1, 2))))  # 0 for an all-zero matrix
+    if bool((e.abs() <= SAFE_EXPONENT).all()):  # one host sync per call
+        return Wb, torch.zeros_like(e)
     e1 = torch.div(e, 2, rounding_mode="floor")
     one = torch.ones((), dtype=Wb.dtype, device=Wb.device)
     out = Wb if owned else Wb.clone()
@@ -258,15 +267,16 @@ def rsvd(
         rank: number of triplets (1 ≤ rank ≤ min(m, n)).
         oversample: extra columns per Krylov block (block size ``rank + oversample``; default
             :func:`default_oversample`).
-        niter: iterations, each adding one block ``Wᵀ·W·Z`` to the Krylov basis (2 GEMM passes).
+        niter: iterations, each adding one block to the Krylov basis (2 GEMM passes; the first
+            block costs 2 more).
             Alone: that many (fewer once the basis spans min(m, n): the result is then exact), no
             convergence check and no host sync in the loop. With
             ``tol``: the cap (default 16).
         tol: iterate until the estimated worst relative error of the top-``rank`` singular values
-            is ≤ tol (a host sync or two per iteration for the check), or warn at the cap. Default
+            is ≤ tol (one host sync per iteration for the check), or warn at the cap. Default
             ``0.01`` when ``niter`` is not given. The estimate is the last relative change of the
-            Ritz values or its geometric tail, whichever is larger (see :func:`_check`); measured
-            at or above the true error on every case in BENCHMARKS.md.
+            returned values or its geometric tail, whichever is larger (see :class:`_Estimate`);
+            measured at or above the true error on every case in BENCHMARKS.md.
         seed: sketch seed; the result is deterministic for a given seed, backend and batch: the
             Gaussian sketch is drawn for the whole batch, and the batch iterates until its worst
             matrix meets ``tol``, so one matrix's bits depend on the batch it is in (the init's
@@ -276,15 +286,16 @@ def rsvd(
             b×b steps (the GEMMs and the basis' d×d eigenproblems are torch's either way). "auto"
             is torch on both device types (see ``SPEC``: LAPACK measured faster than the
             extension on the CPU; on CUDA not measured yet).
-        iter_dtype: dtype of the ``Wᵀ·Q`` GEMMs that grow the basis (default: bfloat16 for float32
+        iter_dtype: dtype of the ``A·Z`` GEMMs that grow the basis (default: bfloat16 for float32
             work on CUDA, where tensor cores make them ~10× faster; else the working precision).
-            Rounding there only perturbs the next block's directions; the ``W·Z`` products that the
+            Rounding there only perturbs the next block's directions; the ``Aᵀ·Q`` products that the
             Rayleigh–Ritz step and the checks read always run in the working precision.
         info: if a dict is given, it receives ``iterations``, ``basis`` (the Krylov basis width)
             and ``error_estimate`` (the estimated max relative σ error; NaN without ``tol``).
 
-    Scale-equivariant: each matrix is divided by a power of 2 near its max-abs entry before any
-    fp32 work and σ is scaled back, so ``rsvd(c·W)`` is ``c·rsvd(W)`` to rounding for any finite c.
+    Scale-equivariant: a stack with max-abs entries beyond 2^±32 is divided, matrix by matrix, by a
+    power of 2 near its max-abs entry before any fp32 work and σ is scaled back, so ``rsvd(c·W)`` is
+    ``c·rsvd(W)`` to rounding for any finite c.
     TF32 is off inside (see :func:`no_tf32`). No host sync in the iteration loop with ``niter``
     alone.
 
@@ -306,107 +317,102 @@ def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype, info=None)
     *lead, m, n = W.shape
     Wb = W.reshape(-1, m, n)
     Wb, expo = _pow2_normalise(Wb.to(work), owned=Wb.dtype != work)
-    # the Krylov basis lives in the smaller dimension N: once it fills it the result is exact
-    flip = m < n
-    if flip:
-        Wb = Wb.mT
-    nb, M, N = Wb.shape
-    # bf16 Wᵀ·Q products only where they pay (CUDA tensor cores) and for fp32 work; the W·Z
-    # products, which the Rayleigh–Ritz step and the convergence checks read, stay in `work`
+    # the orthonormal basis Q lives in the smaller dimension N: its re-orthogonalisation is cheapest
+    # there, and once it fills it the result is exact
+    flip = m > n
+    A = Wb.mT if flip else Wb  # (nb, N, M), N <= M
+    nb, N, M = A.shape
+    # bf16 A·Z products only where they pay (CUDA tensor cores) and for fp32 work: they only choose
+    # the basis' next directions; the Aᵀ·Q products, which Rayleigh–Ritz and the checks read, stay in
+    # `work`
     fast = W.device.type == "cuda" and work == torch.float32
     it_dt = iter_dtype or (torch.bfloat16 if fast else work)
     if it_dt not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         raise ValueError(f"iter_dtype must be a floating dtype, got {it_dt}")
     # Off CUDA, low-precision products are emulated: operands rounded to it_dt, the product
     # formed in the working precision and rounded to it_dt, as a tensor-core GEMM does (up to
-    # summation order); CPU bf16 GEMMs would be ~10× slower than fp32 ones for no gain.
+    # summation order); CPU bf16 GEMMs would be ~10x slower than fp32 ones for no gain.
     emulate = it_dt != work and W.device.type != "cuda"
-    WiT = Wb.mT if it_dt == work else (Wb.mT.to(it_dt).to(work) if emulate else Wb.mT.to(it_dt))
+    Ai = A if it_dt == work else (A.to(it_dt).to(work) if emulate else A.to(it_dt))
 
-    def left_mm(Q: torch.Tensor) -> torch.Tensor:  # Wᵀ·Q in the iteration dtype
+    def grow_mm(Z: torch.Tensor) -> torch.Tensor:  # A·Z in the iteration dtype
         if it_dt == work:
-            return WiT @ Q
+            return Ai @ Z
         if emulate:
-            return (WiT @ Q.to(it_dt).to(work)).to(it_dt).to(work)
-        return (WiT @ Q.to(it_dt)).to(work)
+            return (Ai @ Z.to(it_dt).to(work)).to(it_dt).to(work)
+        return (Ai @ Z.to(it_dt)).to(work)
 
     b = min(rank + oversample, N)
     cap = (MAX_TOL_ITERS if niter is None else niter) if tol is not None else niter
-    # the basis, its products W·Z (fp64: what the Gram matrix and the Ritz vectors read) and their
-    # Gram matrix, allocated once at their widest and filled block by block (no regrowth, no copy)
+    # the basis, its products Aᵀ·Q (fp64: what the Gram matrix and V read) and their Gram matrix,
+    # allocated once at their widest and filled block by block (no regrowth, no copy). Stored
+    # transposed, a block per row band: a block's write touches only its own pages (row-major
+    # (N, dmax) buffers had the first block fault in most of every row's pages: ~2x the page faults)
     dmax = min(N, (cap + 1) * b)
-    Zall = torch.empty(nb, N, dmax, dtype=work, device=W.device)
-    Xall = torch.empty(nb, M, dmax, dtype=torch.float64, device=W.device)
-    G = torch.empty(nb, dmax, dmax, dtype=torch.float64, device=W.device)
+    QallT = torch.empty(nb, dmax, N, dtype=work, device=W.device)
+    YallT = torch.empty(nb, dmax, M, dtype=torch.float64, device=W.device)
+    H = torch.empty(nb, dmax, dmax, dtype=torch.float64, device=W.device)
     d = 0
-
-    def append(Z: torch.Tensor) -> torch.Tensor:
-        nonlocal d
-        w = Z.shape[-1]
-        X = Wb @ Z
-        Zall[..., d:d + w] = Z
-        Xall[..., d:d + w] = X
-        C = Xall[..., :d + w].mT @ Xall[..., d:d + w]  # the new block column of the Gram matrix
-        G[:, :d + w, d:d + w] = C
-        G[:, d:d + w, :d] = C[:, :d].mT
-        d += w
-        return X
-
-    X = append(run.orth(run.gaussian((nb, N, b), work, W.device), passes=2)[0])
-    prev = d_prev = None
-    est = float("nan")
+    Z = run.orth(run.gaussian((nb, M, b), work, W.device), passes=1)[0]
+    est, prev, eig = float("nan"), _Estimate(), None
     converged = tol is None
     done = 0
     while True:
+        # next block of the basis: A·Z made orthogonal to the basis by block classical Gram–Schmidt
+        # twice ("twice is enough"); orth refills null columns (an exhausted Krylov space, a zero
+        # matrix) with Gaussian ones, which the second projection makes orthogonal to the basis too
+        X = grow_mm(Z)[..., :min(b, N - d)]
+        if d:
+            QaT = QallT[:, :d]
+            X = X - QaT.mT @ (QaT @ X)
+            X, _ = run.orth(X, passes=2)
+            X = X - QaT.mT @ (QaT @ X)
+            Q, _ = run.cholqr(X, gram64=work == torch.float64)
+        else:
+            Q, _ = run.orth(X, passes=3)
+        w = Q.shape[-1]
+        QallT[:, d:d + w] = Q.mT
+        Yt = Q.mT @ A  # (Aᵀ·Q)ᵀ: the Rayleigh–Ritz products, in the working precision
+        YallT[:, d:d + w] = Yt
+        C = YallT[:, :d + w] @ YallT[:, d:d + w].mT  # the new block column of the Gram matrix
+        H[:, :d + w, d:d + w] = C
+        H[:, d:d + w, :d] = C[:, :d].mT
+        d += w
         if d >= N:  # the basis spans the whole space: Rayleigh–Ritz is exact
             converged, est = True, (0.0 if tol is not None else est)
             break
         if tol is not None:
-            prev, d_prev, est = _check(G[:, :d, :d], rank, prev, d_prev)
+            # a check predicted to pass also forms the eigenvectors, which the result then reuses
+            want = prev.predicted() <= tol
+            eig = torch.linalg.eigh(H[:, :d, :d]) if want else None
+            est = prev.update(eig[0] if want else torch.linalg.eigvalsh(H[:, :d, :d]), rank)
             if est <= tol:
                 converged = True
                 break
         if done >= cap:
             break
         done += 1
-        # next Krylov block: Wᵀ·orth(W·Z_last), made orthogonal to the basis by block classical
-        # Gram–Schmidt twice ("twice is enough"); orth refills null columns (an exhausted Krylov
-        # space) with Gaussian ones, which the second pass makes orthogonal to the basis too
-        Q, _ = run.orth(X, passes=2)
-        Za = Zall[..., :d]
-        Y = left_mm(Q)[..., :min(b, N - d)]
-        Y = Y - Za @ (Za.mT @ Y)
-        Y, _ = run.orth(Y, passes=2)
-        Y = Y - Za @ (Za.mT @ Y)
-        X = append(run.orth(Y, passes=2)[0])
+        # the next block's directions: a well-conditioned basis of Aᵀ·Q_last (A·Z_next is
+        # re-orthogonalised against the basis, so Z itself need not be orthogonal to earlier Z)
+        Z, _ = run.orth(Yt.mT, passes=1, Y64=YallT[:, d - w:d].mT)
     if not converged:
         warnings.warn(f"rsvd: tol={tol} not reached within {cap} iterations (estimated error {est:.3g}); "
                       "returning the last Rayleigh–Ritz result", RuntimeWarning, stacklevel=3)
     if info is not None:
         info.update(iterations=done, error_estimate=est, basis=d)
-    del Zall  # the result needs only the products
-    Xall, G = Xall[..., :d], G[:, :d, :d]
-    # Rayleigh–Ritz on span(Z_all): the top-b left Ritz vectors of W·Z_all = X_all, from the
-    # eigenvectors of its Gram matrix (one d×d fp64 eigh: cheaper than a Cholesky and an SVD of
-    # the factor, measured 0.11 vs 0.28 s at d = 896 on the CPU) ...
-    _, Vg = torch.linalg.eigh(G)  # ascending
-    Q, _ = run.orth((Xall @ Vg[..., -b:].flip(-1)).to(work))
-    # ... then one more half step, B = Qᵀ·W (b columns), whose small SVD gives the result: more
-    # accurate than the Ritz values the checks saw, and exact when W's rank is at most b
-    B = Q.mT @ Wb  # (nb, b, N)
-    B64 = B.to(torch.float64)
-    R, shift = run.chol_shifted(B64 @ B64.mT, N)
-    S, Vj = run.jacobi(R)  # Vj = left singular vectors of B
-    S = (S * S - shift[:, None]).clamp_min(0).sqrt()  # σ(R)² = λ(B·Bᵀ) + shift
-    S, order = S.sort(dim=1, descending=True)
-    UB = Vj.gather(2, order[:, None, :rank].expand(-1, Vj.shape[1], -1)).to(work)
-    U = Q @ UB
-    V, _ = run.orth(B.mT @ UB)  # = Bᵀ·U_B·Σ⁻¹ up to column scaling; orth keeps it orthonormal for σ ≈ 0
+    # Rayleigh–Ritz on span(Q): σ(Qᵀ·A) from the eigenpairs of its Gram matrix H = Yᵀ·Y (one d×d
+    # fp64 eigh, reused from the last check when it formed them); U = Q·v, V = Y·v / σ
+    lam, vec = eig if eig is not None else torch.linalg.eigh(H[:, :d, :d])  # ascending
+    S = lam[:, -rank:].flip(-1).clamp_min(0).sqrt()
+    Vg = vec[..., -rank:].flip(-1)
+    U = QallT[:, :d].mT @ Vg.to(work)
+    # = Aᵀ·U·Σ⁻¹ up to column scaling; orth keeps it orthonormal for σ ≈ 0
+    V, _ = run.orth((YallT[:, :d].mT @ Vg).to(work))
     if flip:
         U, V = V, U
     if bool(run.failed):  # the call's one host sync (besides one per convergence check)
         raise RuntimeError("rsvd: shifted Cholesky failed; the input has non-finite values or overflows")
-    S = torch.ldexp(S[:, :rank], expo[:, None].to(torch.float64)).to(work)  # undo the 2^-e scaling
+    S = torch.ldexp(S, expo[:, None].to(torch.float64)).to(work)  # undo the 2^-e scaling
     shape = lambda t, *tail: t.reshape(*lead, *tail)  # noqa: E731
     return shape(U, m, rank), shape(S, rank), shape(V.mT, rank, n)
 
@@ -416,23 +422,33 @@ def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype, info=None)
 CHECK_FLOOR = 1e-5
 
 
-def _check(G: torch.Tensor, rank: int, prev, d_prev):
-    """One convergence check (one host sync): the Ritz values are the top-``rank`` σ of W·Z_all
-    (eigenvalues of its Gram matrix); they grow monotonically towards the true σ as the Krylov
-    space grows, so the remaining error is the sum of the changes still to come. With ``d`` the
-    largest relative change over the last block and ``ρ`` its ratio to the one before, the estimate
-    is ``max(d, d·ρ/(1−ρ))`` (the geometric tail, and at least the last change). Returns
-    ``(σ, d, estimate)``; the estimate is inf until two changes are known."""
-    lam = torch.linalg.eigvalsh(G)  # ascending; values only
-    cur = lam[:, -rank:].flip(-1).clamp_min(0).sqrt()
-    if prev is None:
-        return cur, None, float("inf")
-    floor = CHECK_FLOOR * cur[:, :1]
-    d = ((cur - prev).abs() / torch.maximum(cur, floor).clamp_min(torch.finfo(cur.dtype).tiny)).amax().item()
-    if d_prev is None:
-        return cur, d, float("inf")
-    rho = min(d / d_prev, 0.95) if d_prev > 0 else 0.0
-    return cur, d, max(d, d * rho / (1 - rho))
+class _Estimate:
+    """The convergence checks' state. The Ritz values σ(Qᵀ·A) grow monotonically towards the true
+    σ as the basis grows (nested subspaces), so the remaining error is the sum of the changes
+    still to come. With ``c`` the largest relative change of the top-``rank`` values over the last
+    block and ``ρ`` its ratio to the one before, the estimate is ``max(c, c·ρ/(1−ρ))`` (the
+    geometric tail, and at least the last change); inf until two changes are known. One host
+    sync per check."""
+
+    def __init__(self):
+        self.sigma = self.change = self.rho = None
+        self.est = float("inf")
+
+    def predicted(self) -> float:
+        """The next check's estimate if the changes keep shrinking at the last ratio."""
+        return self.est * self.rho if self.rho is not None else float("inf")
+
+    def update(self, lam: torch.Tensor, rank: int) -> float:
+        cur = lam[:, -rank:].flip(-1).clamp_min(0).sqrt()  # eigenvalues ascending
+        if self.sigma is not None:
+            floor = CHECK_FLOOR * cur[:, :1]
+            c = ((cur - self.sigma).abs() / torch.maximum(cur, floor).clamp_min(torch.finfo(cur.dtype).tiny)).amax().item()
+            if self.change is not None:
+                self.rho = min(c / self.change, 0.95) if self.change > 0 else 0.0
+                self.est = max(c, c * self.rho / (1 - self.rho))
+            self.change = c
+        self.sigma = cur
+        return self.est
 
 
 def rsvd_naive(W: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
