@@ -19,6 +19,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from . import quant
+from ._dtensor import check_layout, gather_to, is_dtensor, scatter_from_, write_rows_
 from ._validate import FLOAT_DTYPES, check_finite, check_rank
 from ._zero3 import comm_device, full_shape, gathered, is_partitioned
 from ._precision import no_tf32
@@ -263,7 +264,17 @@ def init_layers(
     result equals a one-process init of the same weights bit for bit (same ``seed``,
     ``chunk_bytes`` and BLAS thread count). ``weight_dtype`` / ``adapter_dtype`` must be None (DeepSpeed owns the dtypes).
 
-    Sharded (DTensor) weights are refused: FSDP2's ``fully_shard`` must come after the init.
+    FSDP2-sharded weights (DTensor parameters sharded on dim 0 over a 1-D mesh of all ranks, as
+    ``fully_shard`` leaves them; the layers made by :func:`sorsa_kernels.apply_sorsa` with
+    ``init=None`` before ``fully_shard``, their base weights loaded after; every rank must call):
+    always shared out as with ``distributed=True``. Each weight is gathered on its chunk's owner
+    only (``torch.distributed.gather`` of the shards: no other rank ever holds it whole), the owners
+    decompose at once, and once all succeeded each chunk's factors are broadcast, its owner gathers
+    the weight again and scatters ``W_r``'s shards, and every rank writes its shards of A, S, B (in
+    the parameters' own dtypes: ``weight_dtype`` / ``adapter_dtype`` must be None). A layer never
+    initialised decomposes its base weight alone (its adapters' values are unknown after
+    ``to_empty``); one initialised before re-decomposes ``W_r + scale·B·diag(S)·A``. Equal bit for bit
+    to a one-process init of the same weights with ``adapter_dtype`` = the adapters' dtype.
     Adapters left on the meta device next to a real weight (a model built on the meta device,
     :func:`sorsa_kernels.apply_sorsa` with ``init=None``, then its base weights loaded with
     ``load_state_dict(..., assign=True)``) are first made zeros, so the base weight is decomposed:
@@ -283,7 +294,7 @@ def init_layers(
     if method != "svd":
         check_rsvd_options(**svd_kwargs)  # even where a group then takes the exact SVD
     groups: Dict[tuple, list] = defaultdict(list)
-    zero = None
+    zero = sharded = None
     for layer in layers:
         if layer.r == 0:
             raise ValueError("sorsa_init needs r >= 1; a layer has r = 0 (no adapters)")
@@ -293,10 +304,11 @@ def init_layers(
         if layer.weight.is_meta:
             raise ValueError("cannot initialise SORSA adapters on the meta device (the weights hold no values): "
                              "pass init=None (apply_sorsa) and initialise after loading real weights")
-        if _sharded(layer.weight):
-            raise ValueError("init_layers: a weight is a sharded DTensor (FSDP2 fully_shard or tensor parallelism "
-                             "already applied); initialise first and shard after: sk.apply_sorsa(model, ..., init=...)"
-                             " (distributed=True shares the work over ranks), then fully_shard")
+        if is_dtensor(layer.weight):
+            check_layout(_zero_params(layer), "init_layers")
+        if sharded is not None and is_dtensor(layer.weight) != sharded:
+            raise ValueError("init_layers: some weights are sharded DTensors and some are not; pass layers of one model")
+        sharded = is_dtensor(layer.weight)
         if zero is not None and is_partitioned(layer.weight) != zero:
             raise ValueError("init_layers: some weights are DeepSpeed ZeRO-3 partitions and some are not; "
                              "pass layers of one model")
@@ -306,7 +318,10 @@ def init_layers(
     if zero and (weight_dtype is not None or adapter_dtype is not None):
         raise ValueError(f"init_layers: weight_dtype and adapter_dtype must be None for DeepSpeed ZeRO-3 weights "
                          f"(DeepSpeed owns the parameters' dtypes), got {weight_dtype}, {adapter_dtype}")
-    dist_ = _distributed(distributed, layers, bool(zero)) if groups else None
+    if sharded and (weight_dtype is not None or adapter_dtype is not None):
+        raise ValueError(f"init_layers: weight_dtype and adapter_dtype must be None for sharded (DTensor) weights "
+                         f"(their shards keep the parameters' dtypes), got {weight_dtype}, {adapter_dtype}")
+    dist_ = _distributed(distributed, layers, bool(zero), bool(sharded)) if groups else None
     for layer in layers:
         _materialise_meta_adapters(layer)
     # the plan: (group key, method, chunk of layers) in one order on every rank
@@ -316,7 +331,7 @@ def init_layers(
         sizes.append(max(1, budget // bytes_per_matrix(m, n, r, dtype, svd_kwargs.get("oversample"),
                                                              svd_kwargs.get("niter"))))
     if dist_ is not None:
-        sizes = _agree_on_chunks(dist_, groups, sizes, bool(zero))
+        sizes = _agree_on_chunks(dist_, groups, sizes, bool(zero), bool(sharded))
         if svd_kwargs.get("seed") is None and method != "svd":  # one sketch seed for all ranks
             svd_kwargs = {**svd_kwargs, "seed": _broadcast_seed(dist_, next(iter(groups))[4])}
     plan = []
@@ -372,9 +387,12 @@ def init_layers(
     def install(i, U, S, Vh):
         key, chosen, chunk = plan[i]
         for j, layer in enumerate(chunk):
+            if sharded:
+                _install_sharded(layer, owners[i], *_oriented(layer, U[j], Vh[j]), S[j])
+                continue
             # ZeRO-3: W_r and the adapters leave with the owner's values (a no-op context otherwise)
             with gathered(_zero_params(layer) if zero else (), modifier_rank=owners[i]):
-                Ui, Vhi = (Vh[j].mT, U[j].mT) if layer.w.shape[0] < layer.w.shape[1] else (U[j], Vh[j])
+                Ui, Vhi = _oriented(layer, U[j], Vh[j])
                 if zero and owners[i] != rank:  # the owner's W_r arrives on leaving the context
                     parts = (layer.w.detach(), *_round_adapters(Ui, S[j], Vhi, adapter_dtype or layer.weight.dtype))
                 else:
@@ -394,8 +412,9 @@ def init_layers(
         # a rank first decomposes its own chunks (all ranks at once), then every chunk's factors are
         # broadcast from its owner (one collective per chunk) and applied everywhere, in plan order
         mine, failure = {}, None
-        if zero:
-            mine = _decompose_zero(dist_, plan, owners, decompose)
+        if zero or sharded:
+            mine = _decompose_rounds(dist_, plan, owners, decompose,
+                                     _zero_effective_weight if zero else _sharded_effective_weight)
         elif dist_ is not None:
             try:
                 mine = {i: decompose(*plan[i]) for i in range(len(plan)) if owners[i] == rank}
@@ -424,11 +443,15 @@ def _own_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _distributed(distributed: Optional[bool], layers, zero: bool = False):
-    """``torch.distributed`` when the init is split over ranks (``distributed=True``, or ZeRO-3
-    weights, which every rank must gather together anyway), else None."""
+def _distributed(distributed: Optional[bool], layers, zero: bool = False, sharded: bool = False):
+    """``torch.distributed`` when the init is split over ranks (``distributed=True``, or ZeRO-3 or
+    sharded DTensor weights, which every rank must gather together anyway), else None."""
     if distributed is not None and not isinstance(distributed, bool):
         raise TypeError(f"distributed must be None or a bool, got {distributed!r}")
+    if sharded:  # check_layout: an initialised group, a mesh of all its ranks
+        import torch.distributed as dist
+
+        return dist
     if zero:
         from .integrations.deepspeed_init import check_partitioned_over_world
 
@@ -457,18 +480,22 @@ def _comm_device(dist, device: torch.device) -> torch.device:
     return comm_device(dist)
 
 
-def _agree_on_chunks(dist, groups, sizes, zero: bool = False):
+def _agree_on_chunks(dist, groups, sizes, zero: bool = False, sharded: bool = False):
     """Every rank must hold the same weights (a rank gets the factors another decomposed) and cut
     the same chunks (the rsvd sketch depends on the batch): compare shapes and a float64
     fingerprint (sum, sum of squares) of every weight across ranks, and take the smallest chunk
-    size of each group (free memory differs). ZeRO-3 weights are one copy by construction: their
-    DeepSpeed ids are compared instead (the same layers, in the same order, on every rank)."""
+    size of each group (free memory differs). ZeRO-3 and sharded weights are one copy by
+    construction: their DeepSpeed ids, or the layers' shapes and scales, are compared instead (the
+    same layers, in the same order, on every rank)."""
     mine = []
     for k, v in groups.items():
         prints = []
         for layer in v:
             if zero:
                 prints.append(layer.weight.ds_id)
+                continue
+            if sharded:
+                prints.append((tuple(layer.weight.shape), layer.scale, layer.initial_adapter() is not None))
                 continue
             W = layer.effective_weight().to(torch.float64)
             prints.append((W.sum().item(), (W * W).sum().item()))
@@ -482,18 +509,6 @@ def _agree_on_chunks(dist, groups, sizes, zero: bool = False):
     t = torch.tensor(sizes, dtype=torch.int64, device=_comm_device(dist, next(iter(groups))[4]))
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t.tolist()
-
-
-def _sharded(w: torch.Tensor) -> bool:
-    """Whether ``w`` is a DTensor (FSDP2, tensor parallelism). ZeRO-3 weights are plain (empty)
-    tensors, told apart by :func:`is_partitioned`."""
-    if type(w.data) is torch.Tensor:
-        return False
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch build without distributed
-        return False
-    return isinstance(w.data, DTensor)
 
 
 def _zero_params(layer) -> list:
@@ -513,11 +528,12 @@ def _materialise_meta_adapters(layer) -> None:
                                                     requires_grad=p.requires_grad))
 
 
-def _decompose_zero(dist, plan, owners, decompose) -> dict:
-    """ZeRO-3: the factors of this rank's chunks, decomposed in rounds of one chunk per rank. Every
-    rank gathers the round's weights one at a time, in plan order (a collective), and only the
-    owner keeps a copy; the owners then decompose at once, and a failure anywhere is raised on
-    every rank before any layer changes."""
+def _decompose_rounds(dist, plan, owners, decompose, fetch) -> dict:
+    """ZeRO-3 / sharded weights: the factors of this rank's chunks, decomposed in rounds of one
+    chunk per rank. Every rank takes part in fetching the round's weights one at a time, in plan
+    order (``fetch(layer, owner)``: a collective, the whole effective weight on the owner only,
+    None elsewhere); the owners then decompose at once, and a failure anywhere is raised on every
+    rank before any layer changes."""
     rank, world = dist.get_rank(), dist.get_world_size()
     queues = [[i for i, o in enumerate(owners) if o == w] for w in range(world)]
     device = plan[0][0][4]
@@ -527,12 +543,9 @@ def _decompose_zero(dist, plan, owners, decompose) -> dict:
         Ws = []
         for i in batch:
             for layer in plan[i][2]:
-                with gathered(_zero_params(layer)):
-                    if owners[i] == rank:
-                        W = layer.effective_weight()
-                        # a view of the gathered data (merged layer) would not outlive the context
-                        same = W.untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr()
-                        Ws.append(W.clone() if same else W)
+                W = fetch(layer, owners[i])
+                if owners[i] == rank:
+                    Ws.append(W)
         failure = None
         try:
             for i in batch:
@@ -543,6 +556,61 @@ def _decompose_zero(dist, plan, owners, decompose) -> dict:
         del Ws
         _raise_if_any_failed(dist, failure, device)
     return mine
+
+
+def _zero_effective_weight(layer, owner: int) -> Optional[torch.Tensor]:
+    """ZeRO-3: the layer's effective weight on ``owner`` (every rank gathers: DeepSpeed's gather
+    is an all-gather; only the owner keeps a copy)."""
+    with gathered(_zero_params(layer)):
+        if owner != _own_rank():
+            return None
+        W = layer.effective_weight()
+        # a view of the gathered data (merged layer) would not outlive the context
+        same = W.untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr()
+        return W.clone() if same else W
+
+
+def _sharded_effective_weight(layer, owner: int) -> Optional[torch.Tensor]:
+    """Sharded (DTensor) layer: its effective weight (out×in) on ``owner`` only, gathered from the
+    shards; the base weight alone for a layer never initialised (no initial adapter recorded: its
+    adapters' values are unknown after ``to_empty``), else ``W + scale·B·diag(S)·A`` as
+    :meth:`SORSALinear.effective_weight` computes it."""
+    device = layer.weight.data.to_local().device
+    W = gather_to(layer.weight, owner, device)
+    with_adapters = layer.r > 0 and not layer.merged and layer.initial_adapter() is not None
+    adapters = [gather_to(p, owner, device) for p in (layer.sorsa_A, layer.sorsa_S, layer.sorsa_B)] \
+        if with_adapters else None
+    if W is None:
+        return None
+    W = W.T if layer.fan_in_fan_out else W
+    if not with_adapters:
+        return W
+    d = layer._delta(*adapters)
+    return W.to(d.dtype) + d
+
+
+def _oriented(layer, U: torch.Tensor, Vh: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's factors are of its m ≥ n orientation: (U, Vh) of the layer's out×in weight."""
+    return (Vh.mT, U.mT) if layer.w.shape[0] < layer.w.shape[1] else (U, Vh)
+
+
+def _install_sharded(layer, owner: int, U: torch.Tensor, Vh: torch.Tensor, S: torch.Tensor) -> None:
+    """Sharded layer: the owner gathers the effective weight again and scatters ``W_r``'s shards;
+    every rank writes its shards of A, S, B from the (broadcast, identical) factors rounded to the
+    adapters' dtype, and records the whole initial adapter."""
+    W = _sharded_effective_weight(layer, owner)
+    if W is not None:
+        W_r, A, S_, B = adapters_from_factors(W, U, S, Vh, layer.scale, layer.weight.dtype, layer.sorsa_A.dtype)
+        del W
+        W_r = W_r.T if layer.fan_in_fan_out else W_r
+    else:
+        W_r = None
+        A, S_, B = _round_adapters(U, S, Vh, layer.sorsa_A.dtype)
+    scatter_from_(layer.weight, W_r, owner)
+    for p, full in zip((layer.sorsa_A, layer.sorsa_S, layer.sorsa_B), (A, S_, B)):
+        write_rows_(p, full)
+    layer._record_initial(A, S_, B)
+    layer.merged = False
 
 
 def _broadcast_seed(dist, device) -> int:

@@ -13,7 +13,8 @@ from ._validate import check_dropout_p, check_finite, check_float, check_rank
 from . import checkpoints
 from ._zero3 import full_shape, is_partitioned
 from .adapters import adapter_config
-from .init import DEFAULT_CHUNK_BYTES, _sharded, init_layers
+from ._dtensor import is_dtensor
+from .init import DEFAULT_CHUNK_BYTES, init_layers
 from . import quant
 from .layer import SORSAConv1D, SORSALinear, _check_init_args, check_alpha, is_conv1d
 from .layer_4bit import SORSALinear4bit, dequantized_linear
@@ -74,10 +75,11 @@ def _validate_site(name: str, mod: nn.Module, r, init, quantize=None) -> None:
         out_f, in_f = quant.weight_shape(mod.weight)
     else:
         check_float(f"{name}.weight", mod.weight)
-        if _sharded(mod.weight):
+        if is_dtensor(mod.weight):
             raise ValueError(f"{name}.weight is a sharded DTensor (FSDP2 fully_shard or tensor parallelism already "
                              f"applied): apply_sorsa must run before fully_shard, so that sorsa_A/S/B are sharded "
-                             f"with their layer (distributed=True shares the SVDs over the ranks)")
+                             f"with their layer (distributed=True shares the SVDs over the ranks; or init=None, "
+                             f"fully_shard, load the weights, then sk.init_layers(sk.sorsa_layers(model), ...))")
         if is_partitioned(mod.weight) and getattr(mod.weight, "_z3_optimizer", None) is not None:
             raise ValueError(f"{name}.weight belongs to an initialised DeepSpeed engine: apply_sorsa must run before "
                              f"deepspeed.initialize (on the model built under deepspeed.zero.Init), so that the "
@@ -143,7 +145,9 @@ def apply_sorsa(
     way, and the init is shared over the ranks whatever ``distributed`` says: each weight is
     gathered one at a time and kept whole only by the rank that decomposes it (see
     :func:`sorsa_kernels.init.init_layers`); equal to a one-process init bit for bit. FSDP2: call before ``fully_shard`` (sharded DTensor weights
-    are refused). A model on the meta device takes ``init=None``; see ``init_layers`` for its init.
+    are refused); with ``init=None`` the init can follow ``fully_shard`` and the weights' loading:
+    ``sk.init_layers(sk.sorsa_layers(model), ...)`` gathers each weight on one rank only. A model on
+    the meta device takes ``init=None``; see ``init_layers`` for its init.
 
     ``match``: "substring" (default; sorsa 1.0.1's rule: a name matches when it contains a
     target) or "peft" (PEFT's rule: exact names or suffixes at a ``.`` boundary; a single str

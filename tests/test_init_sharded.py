@@ -4,8 +4,9 @@ Meta device: a model built on ``torch.device("meta")`` takes ``apply_sorsa(..., 
 its base weights are loaded (``assign=True``, all at once or one layer at a time) ``init_layers``
 decomposes them, equal bit for bit to initialising the real model; ``init=`` on meta weights is a
 clear error. FSDP2 (2 CPU ranks over gloo): ``apply_sorsa`` runs before ``fully_shard`` (then the
-sharded model computes what one process does); on DTensor weights both ``apply_sorsa`` and
-``init_layers`` are clear errors."""
+sharded model computes what one process does), and on DTensor weights it is a clear error; with
+``init=None`` before ``fully_shard``, ``init_layers`` on the sharded layers gathers each weight on
+its owner only and equals a one-process init bit for bit (ragged shards, re-initialisation)."""
 import os
 
 import pytest
@@ -91,11 +92,6 @@ def _worker(rank, world, init_file, out_dir):
             with pytest.raises(ValueError, match="apply_sorsa must run before fully_shard"):
                 sk.apply_sorsa(late, targets(), r=R, init=init)
         assert not any(isinstance(m, sk.SORSALinear) for m in late.modules())  # unchanged
-        shell = sk.apply_sorsa(build(), targets(), r=R, init=None)
-        for layer in shell:
-            fully_shard(layer, mesh=mesh)
-        with pytest.raises(ValueError, match="initialise first and shard after"):
-            sk.init_layers(list(sk.sorsa_layers(shell)), "rsvd", seed=3)
         torch.save(out, os.path.join(out_dir, f"out{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -108,3 +104,84 @@ def test_fsdp2_apply_before_fully_shard_and_clear_errors_after(tmp_path):
     want = sk.apply_sorsa(build(), targets(), r=R, init="rsvd", seed=3)(x()).detach()
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"out{rank}.pt"), want, rtol=1e-6, atol=1e-7)
+
+
+ODD = [37, 50, 50, 29, 64]  # ragged over 2 ranks: 25 + 25 rows, 15 + 14, 32 + 32; r = 3: 2 + 1
+
+
+def build_odd():
+    torch.manual_seed(0)
+    return nn.Sequential(*(nn.Linear(a, b) for a, b in zip(ODD, ODD[1:])))
+
+
+def odd_targets():
+    return [str(i) for i in range(len(ODD) - 1)]
+
+
+def _sharded_worker(rank, world, init_file, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        model = sk.apply_sorsa(build_odd(), odd_targets(), r=3, init=None)
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert isinstance(model[0].weight, DTensor) and isinstance(model[0].sorsa_S, DTensor)
+
+        def full_state():
+            return {k: (v.full_tensor() if isinstance(v, DTensor) else v).clone() for k, v in model.state_dict().items()}
+
+        # no rank but the owner ever holds a whole weight: no all-gather during the init
+        seen = []
+        spies = [(dist, "all_gather"), (dist, "all_gather_into_tensor"), (DTensor, "full_tensor")]
+        origs = [getattr(o, n) for o, n in spies]
+        for (o, n), f in zip(spies, origs):
+            setattr(o, n, lambda *a, _n=n, _f=f, **k: (seen.append(_n), _f(*a, **k))[1])
+        report = []
+        try:
+            sk.init_layers(list(sk.sorsa_layers(model)), "rsvd", seed=3, report=report)
+        finally:
+            for (o, n), f in zip(spies, origs):
+                setattr(o, n, f)
+        assert seen == [], seen
+        first, out = full_state(), model(torch.randn(6, ODD[0], generator=torch.Generator().manual_seed(1))).detach()
+        sk.init_layers(list(sk.sorsa_layers(model)), "rsvd", seed=5)  # re-decomposes W_r + B·S·A
+        second = full_state()
+        initial = [tuple(t.clone() for t in layer.initial_adapter()) for layer in sk.sorsa_layers(model)]
+        with pytest.raises(ValueError, match="must be None for sharded"):
+            sk.init_layers(list(sk.sorsa_layers(model)), "rsvd", weight_dtype=torch.bfloat16)
+        if rank == 0:
+            torch.save({"first": first, "second": second, "out": out, "initial": initial,
+                        "owners": sorted({o for e in report for o in e["owners"]})},
+                       os.path.join(out_dir, "sharded.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_init_on_the_owner_only_equals_one_process(tmp_path):
+    """apply_sorsa(init=None), fully_shard, then init_layers on the DTensor layers: each weight is
+    gathered on its owner only, W_r and A, S, B come back as shards, and every tensor equals a
+    one-process init_layers of the same weights bit for bit, also when re-initialised."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build")
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    got = torch.load(tmp_path / "sharded.pt")
+    assert got["owners"] == [0, 1]  # both ranks decomposed a share
+    want = sk.apply_sorsa(build_odd(), odd_targets(), r=3, init=None)
+    sk.init_layers(list(sk.sorsa_layers(want)), "rsvd", seed=3)
+    assert set(got["first"]) == set(want.state_dict())
+    for k, v in want.state_dict().items():
+        assert torch.equal(got["first"][k], v), k
+    x6 = torch.randn(6, ODD[0], generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got["out"], want(x6).detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(want(x6), build_odd()(x6), rtol=1e-5, atol=1e-6)  # the base's function
+    sk.init_layers(list(sk.sorsa_layers(want)), "rsvd", seed=5)
+    for k, v in want.state_dict().items():
+        assert torch.equal(got["second"][k], v), k
+    for mine, ref in zip(got["initial"], (layer.initial_adapter() for layer in sk.sorsa_layers(want))):
+        assert all(torch.equal(a, b) for a, b in zip(mine, ref))
