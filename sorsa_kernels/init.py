@@ -31,6 +31,12 @@ INIT_METHODS = ("svd", "rsvd", "rsvd_always")
 DEFAULT_CHUNK_BYTES: Optional[int] = None
 #: fraction of the free device memory (CUDA) or of MemAvailable (CPU) one chunk may use
 MEMORY_FRACTION = {"cuda": 0.5, "cpu": 0.25}
+#: at most this many weight elements per batched call, whatever the memory allows (8 × 4096²): a
+#: large model's shape group is then several chunks, which ``distributed`` init shares over the
+#: ranks (a 7B model's 128 attention projections: 16 chunks; 11008×4096: 2 per chunk). The same
+#: cap applies on one process, so a distributed init still equals it bit for bit; small matrices
+#: still batch widely (32 of 2048², 227 of 768²)
+CHUNK_ELEMENTS = 8 * 4096 * 4096
 
 
 def _work_dtype(W: torch.Tensor) -> torch.dtype:
@@ -233,8 +239,9 @@ def init_layers(
     Layers are grouped by (shape up to transposition, rank, dtype, device) — an out×in and an
     in×out weight share a batch, one of them transposed — and each group is decomposed in one
     batched call (:func:`svd_factors`; the SVD is chosen per group, see the module doc), split
-    into chunks only where the group does not fit in ``chunk_bytes`` (default: a fraction of the
-    memory free now, :func:`memory_budget`). Everything is validated before any layer changes.
+    into chunks where the group does not fit in ``chunk_bytes`` (default: a fraction of the
+    memory free now, :func:`memory_budget`) or holds more than ``CHUNK_ELEMENTS`` weight elements
+    (8 × 4096²: so that large groups spread over ranks). Everything is validated before any layer changes.
     ``progress`` shows a tqdm bar counting matrices, with the shape group and the chosen method.
     ``report``: a list that receives one dict per shape group — ``shape`` (m, n; m ≥ n), ``r``,
     ``count``, ``dtype``, ``method`` ("svd" | "rsvd"), ``chunks``, ``iterations`` (rsvd's, per
@@ -328,8 +335,9 @@ def init_layers(
     sizes = []
     for (m, n, r, dtype, device), members in groups.items():
         budget = memory_budget(device) if chunk_bytes is None else chunk_bytes
-        sizes.append(max(1, budget // bytes_per_matrix(m, n, r, dtype, svd_kwargs.get("oversample"),
-                                                             svd_kwargs.get("niter"))))
+        sizes.append(min(max(1, budget // bytes_per_matrix(m, n, r, dtype, svd_kwargs.get("oversample"),
+                                                                 svd_kwargs.get("niter"))),
+                          max(1, CHUNK_ELEMENTS // (m * n))))
     if dist_ is not None:
         sizes = _agree_on_chunks(dist_, groups, sizes, bool(zero), bool(sharded))
         if svd_kwargs.get("seed") is None and method != "svd":  # one sketch seed for all ranks

@@ -287,3 +287,18 @@ def test_init_layers_takes_a_generator_with_progress_and_apply_sorsa_reports():
     assert report and all("method" in e and "iterations" in e for e in report)
     with pytest.raises(TypeError, match="pass report=\\[\\] instead"):
         sk.apply_sorsa(small_llama(1), ["q_proj"], r=4, info={})
+
+
+def test_init_chunks_capped_by_weight_elements(monkeypatch):
+    """Whatever the memory budget, a chunk holds at most CHUNK_ELEMENTS weight elements, so a
+    large model's shape groups are several chunks that distributed init can share over ranks."""
+    torch.manual_seed(0)
+    layers = [sk.SORSALinear.from_linear(nn.Linear(48, 40), 4, init=None) for _ in range(5)]
+    monkeypatch.setattr(init_mod, "CHUNK_ELEMENTS", 2 * 48 * 40)
+    report = []
+    init_mod.init_layers(layers, "rsvd_always", report=report, seed=0)
+    assert [(e["count"], e["chunks"]) for e in report] == [(5, 3)]
+    monkeypatch.setattr(init_mod, "CHUNK_ELEMENTS", 1)  # below one matrix: one per chunk
+    report.clear()
+    init_mod.init_layers(layers, "rsvd_always", report=report, seed=0)
+    assert [(e["count"], e["chunks"]) for e in report] == [(5, 5)]
