@@ -403,3 +403,20 @@ def test_tol_estimate_bounds_the_true_error(family_name, tol):
     with pytest.warns(RuntimeWarning, match="not reached"):
         sk.rsvd(W, 32, tol=tol, niter=info["iterations"] - 1, seed=0, info=short)
     assert short["error_estimate"] > tol
+
+
+def test_eigh_of_a_check_is_reused_only_for_its_own_basis(monkeypatch):
+    """A check predicted to pass forms eigenvectors; when it fails and the next block fills the
+    space (the exact exit, no check), the result must come from the whole basis, not the stale
+    eigenpairs (before the fix: a shape error)."""
+    import sys
+    rsvd_mod = sys.modules["sorsa_kernels.ops.rsvd"]
+    monkeypatch.setattr(rsvd_mod._Estimate, "predicted", lambda self: 0.0)  # every check forms vectors
+    W = family("gaussian", b=2, m=100, n=90)  # flat: never meets tol before the basis fills 90
+    info = {}
+    U, S, Vh = sk.rsvd(W, 16, tol=1e-12, seed=0, info=info)
+    assert info["basis"] == 90 and info["error_estimate"] == 0.0
+    _, S64, _ = rsvd_naive(W, 16)
+    torch.testing.assert_close(S, S64, rtol=1e-10, atol=0)
+    check_orthonormal(U, 1e-10)
+    check_orthonormal(Vh.mT, 1e-10)

@@ -378,6 +378,7 @@ def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype, info=None)
         H[:, :d + w, d:d + w] = C
         H[:, d:d + w, :d] = C[:, :d].mT
         d += w
+        eig = None  # an earlier check's eigenpairs are of a smaller basis
         if d >= N:  # the basis spans the whole space: Rayleigh–Ritz is exact
             converged, est = True, (0.0 if tol is not None else est)
             break
