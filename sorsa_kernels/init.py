@@ -256,8 +256,8 @@ def init_layers(
     owner (one collective per chunk). Weights are compared across ranks first (shapes and a
     float64 fingerprint: an error, not another rank's SVD, if they differ); a failure on one rank
     is raised on all. The result equals a one-process init bit for bit, given the same ``seed`` and
-    ``chunk_bytes`` (ranks take the smallest chunk size any of them can hold; without a seed rank
-    0's draw is shared). ``report``'s ``iterations`` and ``error_estimate`` then cover this rank's
+    ``chunk_bytes`` (ranks take the smallest chunk size any of them can hold; ``seed`` defaults to
+    0, as everywhere in init). ``report``'s ``iterations`` and ``error_estimate`` then cover this rank's
     chunks; the progress bar runs on rank 0.
 
     DeepSpeed ZeRO-3 weights (partitioned by ``deepspeed.zero.Init``, or transformers'
@@ -300,6 +300,8 @@ def init_layers(
     _check_dtype("adapter_dtype", adapter_dtype)
     if method != "svd":
         check_rsvd_options(**svd_kwargs)  # even where a group then takes the exact SVD
+        if svd_kwargs.get("seed") is None:  # explicit, as apply_sorsa's: never the global RNG
+            svd_kwargs = {**svd_kwargs, "seed": 0}
     groups: Dict[tuple, list] = defaultdict(list)
     zero = sharded = None
     for layer in layers:
@@ -313,6 +315,10 @@ def init_layers(
                              "pass init=None (apply_sorsa) and initialise after loading real weights")
         if is_dtensor(layer.weight):
             check_layout(_zero_params(layer), "init_layers")
+        elif _fsdp_unsharded(layer):
+            raise ValueError("init_layers: an FSDP2 layer's parameters are unsharded (after a forward with "
+                             "reshard_after_forward=False, or between forward and backward); an init now would be "
+                             "lost at the next reshard: call model.reshard() first")
         if sharded is not None and is_dtensor(layer.weight) != sharded:
             raise ValueError("init_layers: some weights are sharded DTensors and some are not; pass layers of one model")
         sharded = is_dtensor(layer.weight)
@@ -340,8 +346,6 @@ def init_layers(
                           max(1, CHUNK_ELEMENTS // (m * n))))
     if dist_ is not None:
         sizes = _agree_on_chunks(dist_, groups, sizes, bool(zero), bool(sharded))
-        if svd_kwargs.get("seed") is None and method != "svd":  # one sketch seed for all ranks
-            svd_kwargs = {**svd_kwargs, "seed": _broadcast_seed(dist_, next(iter(groups))[4])}
     plan = []
     for (key, members), per_chunk in zip(groups.items(), sizes):
         chosen = choose_method(key[0], key[1], key[2], method, **svd_kwargs)
@@ -373,7 +377,7 @@ def init_layers(
         m, n, r, dtype, device = key
         t0 = time.perf_counter()
         if Ws is None:
-            Ws = [layer.effective_weight() for layer in chunk]
+            Ws = [layer.init_weight() for layer in chunk]
         # orient every matrix as m×n, m ≥ n
         stack = torch.stack([W.mT if W.shape[0] < W.shape[1] else W for W in Ws])
         del Ws
@@ -404,7 +408,7 @@ def init_layers(
                 if zero and owners[i] != rank:  # the owner's W_r arrives on leaving the context
                     parts = (layer.w.detach(), *_round_adapters(Ui, S[j], Vhi, adapter_dtype or layer.weight.dtype))
                 else:
-                    parts = adapters_from_factors(layer.effective_weight(), Ui, S[j], Vhi, layer.scale,
+                    parts = adapters_from_factors(layer.init_weight(), Ui, S[j], Vhi, layer.scale,
                                                   weight_dtype or layer.weight.dtype, adapter_dtype)
                 layer.set_decomposition(*parts)
         if bar is not None:
@@ -503,9 +507,9 @@ def _agree_on_chunks(dist, groups, sizes, zero: bool = False, sharded: bool = Fa
                 prints.append(layer.weight.ds_id)
                 continue
             if sharded:
-                prints.append((tuple(layer.weight.shape), layer.scale, layer.initial_adapter() is not None))
+                prints.append((tuple(layer.weight.shape), layer.scale, getattr(layer, "_fresh", False)))
                 continue
-            W = layer.effective_weight().to(torch.float64)
+            W = layer.init_weight().to(torch.float64)
             prints.append((W.sum().item(), (W * W).sum().item()))
         mine.append((k[0], k[1], k[2], str(k[3]), k[4].type, prints))
     everyone = [None] * dist.get_world_size()
@@ -534,6 +538,15 @@ def _materialise_meta_adapters(layer) -> None:
         if p.is_meta:
             setattr(layer, name, torch.nn.Parameter(torch.zeros(p.shape, dtype=p.dtype, device=layer.weight.device),
                                                     requires_grad=p.requires_grad))
+
+
+def _fsdp_unsharded(layer) -> bool:
+    """Whether ``layer`` is an FSDP2 module whose parameters are currently unsharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch builds without distributed
+        return False
+    return isinstance(layer, FSDPModule) and not is_dtensor(layer.weight)
 
 
 def _decompose_rounds(dist, plan, owners, decompose, fetch) -> dict:
@@ -572,7 +585,7 @@ def _zero_effective_weight(layer, owner: int) -> Optional[torch.Tensor]:
     with gathered(_zero_params(layer)):
         if owner != _own_rank():
             return None
-        W = layer.effective_weight()
+        W = layer.init_weight()
         # a view of the gathered data (merged layer) would not outlive the context
         same = W.untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr()
         return W.clone() if same else W
@@ -585,7 +598,7 @@ def _sharded_effective_weight(layer, owner: int) -> Optional[torch.Tensor]:
     :meth:`SORSALinear.effective_weight` computes it."""
     device = layer.weight.data.to_local().device
     W = gather_to(layer.weight, owner, device)
-    with_adapters = layer.r > 0 and not layer.merged and layer.initial_adapter() is not None
+    with_adapters = layer.r > 0 and not layer.merged and not getattr(layer, "_fresh", False)
     adapters = [gather_to(p, owner, device) for p in (layer.sorsa_A, layer.sorsa_S, layer.sorsa_B)] \
         if with_adapters else None
     if W is None:
@@ -606,26 +619,25 @@ def _install_sharded(layer, owner: int, U: torch.Tensor, Vh: torch.Tensor, S: to
     """Sharded layer: the owner gathers the effective weight again and scatters ``W_r``'s shards;
     every rank writes its shards of A, S, B from the (broadcast, identical) factors rounded to the
     adapters' dtype, and records the whole initial adapter."""
-    W = _sharded_effective_weight(layer, owner)
-    if W is not None:
-        W_r, A, S_, B = adapters_from_factors(W, U, S, Vh, layer.scale, layer.weight.dtype, layer.sorsa_A.dtype)
-        del W
-        W_r = W_r.T if layer.fan_in_fan_out else W_r
-    else:
-        W_r = None
-        A, S_, B = _round_adapters(U, S, Vh, layer.sorsa_A.dtype)
+    import torch.distributed as dist
+
+    W, failure = _sharded_effective_weight(layer, owner), None
+    W_r = None
+    try:
+        if W is not None:
+            W_r, A, S_, B = adapters_from_factors(W, U, S, Vh, layer.scale, layer.weight.dtype, layer.sorsa_A.dtype)
+            del W
+            W_r = W_r.T if layer.fan_in_fan_out else W_r
+        else:
+            A, S_, B = _round_adapters(U, S, Vh, layer.sorsa_A.dtype)
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory on the owner: raised on every rank, not a hang
+        failure = e
+    _raise_if_any_failed(dist, failure, U.device)
     scatter_from_(layer.weight, W_r, owner)
     for p, full in zip((layer.sorsa_A, layer.sorsa_S, layer.sorsa_B), (A, S_, B)):
         write_rows_(p, full)
     layer._record_initial(A, S_, B)
     layer.merged = False
-
-
-def _broadcast_seed(dist, device) -> int:
-    """One rsvd seed for all ranks (rank 0's draw from its global generator)."""
-    t = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64).to(_comm_device(dist, device))
-    dist.broadcast(t, src=0)
-    return int(t.item())
 
 
 def _raise_if_any_failed(dist, failure: Optional[BaseException], device) -> None:

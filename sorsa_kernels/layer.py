@@ -146,6 +146,7 @@ class SORSALinear(nn.Module):
             self.sorsa_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
             self.weight.requires_grad = False
             self._record_initial()
+            self._fresh = True  # adapters never set: an init decomposes the weight alone
 
     def reset_parameters(self) -> None:
         """``nn.Linear``'s init for weight and bias (the reference leaves them uninitialised)."""
@@ -209,6 +210,7 @@ class SORSALinear(nn.Module):
             for name, shape in (("sorsa_A", (r, in_f)), ("sorsa_S", (r,)), ("sorsa_B", (out_f, r))):
                 setattr(mod, name, nn.Parameter(mod.weight.new_zeros(shape)))
             mod._record_initial()
+            mod._fresh = True  # until an init or a load sets the adapters (their values may be garbage after to_empty)
             if init is not None:
                 mod.sorsa_init(method=init, **kwargs)
         elif init is not None and kwargs:
@@ -218,7 +220,10 @@ class SORSALinear(nn.Module):
     # -- the initial adapter --------------------------------------------------------------
     @torch.no_grad()
     def _record_initial(self, A=None, S=None, B=None) -> None:
-        """Keep (clones of) the initial adapter; default: the current adapters."""
+        """Keep (clones of) the initial adapter; default: the current adapters. Given ones (a
+        loaded adapter) make the layer no longer fresh."""
+        if A is not None:
+            self._fresh = False
         for name, t in zip(_INIT_NAMES, (A, S, B) if A is not None else
                            (self.sorsa_A, self.sorsa_S, self.sorsa_B)):
             self.register_buffer(name, t.detach().clone(), persistent=False)
@@ -264,6 +269,13 @@ class SORSALinear(nn.Module):
         return self.w.to(d.dtype) + d
 
     @torch.no_grad()
+    def init_weight(self) -> torch.Tensor:
+        """The weight an init decomposes: the effective weight, or ``weight`` alone while the
+        adapters were never set (a layer made with ``init=None``: after ``to_empty`` its adapters
+        hold garbage)."""
+        return self.w.detach() if getattr(self, "_fresh", False) else self.effective_weight()
+
+    @torch.no_grad()
     def original_weight(self) -> torch.Tensor:
         """The weight before fine-tuning, ``W_r + scale·B0·diag(S0)·A0`` (out×in, float32 or
         float64); raises when the initial adapter is unknown."""
@@ -282,6 +294,7 @@ class SORSALinear(nn.Module):
         self._set_w(W_r)
         self.sorsa_A.data, self.sorsa_S.data, self.sorsa_B.data = A, S, B
         self._record_initial()
+        self._fresh = False
         self.merged = False
 
     @torch.no_grad()
@@ -377,6 +390,8 @@ class SORSALinear(nn.Module):
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
             seen = {n for n in ("sorsa_A", "sorsa_S", "sorsa_B") if prefix + n in state_dict}
+            if seen:
+                self._fresh = False  # the adapters now hold loaded values
             if self.r > 0 and new_w is None and seen:  # adapters alone: maybe a shard of a checkpoint
                 self.__dict__.setdefault("_sorsa_seen", set()).update(seen)
             if self.r > 0 and new_w is not None and not same_w:
@@ -397,6 +412,7 @@ class SORSALinear(nn.Module):
         ``W_r`` is kept bit for bit when this layer was initialised like the saved one (same
         initial adapter: a resume), else recovered from the merged weight (one rounding)."""
         pend = self.__dict__.pop("_sorsa_pending", None) or {"got": set()}
+        self._fresh = False
         pend.update({n: state_dict[prefix + n] for n in CHECKPOINT_KEYS if prefix + n in state_dict})
         if prefix + "weight" in state_dict:
             pend["weight"] = state_dict[prefix + "weight"]

@@ -37,7 +37,7 @@ def _worker(rank, world, init_file, out_dir):
         torch.save({"sd": sd, "report": report}, os.path.join(out_dir, f"rank{rank}.pt"))
         m = sk.apply_sorsa(build(), list(build().keys()), r=6, init="rsvd_always", chunk_bytes=CHUNK, distributed=True)
         torch.save({k: v.detach().clone() for k, v in m.state_dict().items()}, os.path.join(out_dir, f"apply{rank}.pt"))
-        # without a seed, rank 0's draw is shared: the ranks still agree
+        # without a seed: seed 0 on every rank
         torch.save(run_init(build(), distributed=True, seed=None), os.path.join(out_dir, f"noseed{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -69,7 +69,8 @@ def test_two_ranks_split_the_work_and_equal_one_process_bit_for_bit(tmp_path):
     flat = [o for group in owners[0] for o in group]
     assert len(flat) >= 6 and 0.3 <= flat.count(0) / len(flat) <= 0.7  # the chunks are shared out
     a, b = torch.load(tmp_path / "noseed0.pt"), torch.load(tmp_path / "noseed1.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    seeded = torch.load(tmp_path / "rank0.pt")["sd"]
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], seeded[k]) for k in a)  # no seed = seed 0
 
 
 def _worker_errors(rank, world, init_file, out_dir):

@@ -132,6 +132,9 @@ def _sharded_worker(rank, world, init_file, out_dir):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         assert isinstance(model[0].weight, DTensor) and isinstance(model[0].sorsa_S, DTensor)
+        for layer in model:  # what to_empty leaves: the never-set adapters' values are garbage
+            for p in (layer.sorsa_A, layer.sorsa_S, layer.sorsa_B):
+                p.data.to_local().fill_(float("nan"))
 
         def full_state():
             return {k: (v.full_tensor() if isinstance(v, DTensor) else v).clone() for k, v in model.state_dict().items()}
@@ -185,3 +188,24 @@ def test_fsdp2_sharded_init_on_the_owner_only_equals_one_process(tmp_path):
         assert torch.equal(got["second"][k], v), k
     for mine, ref in zip(got["initial"], (layer.initial_adapter() for layer in sk.sorsa_layers(want))):
         assert all(torch.equal(a, b) for a, b in zip(mine, ref))
+
+
+def test_to_empty_garbage_adapters_are_ignored_until_set():
+    """A layer made with init=None never had its adapters set: after to_empty they hold garbage,
+    and init_layers decomposes the base weight alone (before: NaN errors or silently wrong
+    factors); once initialised, a second init re-decomposes W_r + B·S·A as before."""
+    want = sk.apply_sorsa(build(), targets(), r=R, init="rsvd", seed=3)
+    with torch.device("meta"):
+        model = sk.apply_sorsa(build(), targets(), r=R, init=None)
+    model.to_empty(device="cpu")
+    for layer in sk.sorsa_layers(model):
+        for p in (layer.sorsa_A, layer.sorsa_S, layer.sorsa_B):
+            p.data.fill_(float("nan"))
+    model.load_state_dict(build().state_dict(), strict=False)
+    sk.init_layers(list(sk.sorsa_layers(model)), "rsvd", seed=3)
+    for k, v in want.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    sk.init_layers(list(sk.sorsa_layers(model)), "rsvd", seed=4)
+    sk.init_layers(list(sk.sorsa_layers(want)), "rsvd", seed=4)
+    for k, v in want.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k

@@ -254,3 +254,22 @@ def test_conv1d_layer_fused_path_reads_the_transposed_weight():
         outs.append((y.detach(), x.grad, m.sorsa_A.grad, m.sorsa_S.grad, m.sorsa_B.grad))
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (2, 3, 8)])
+def test_output_is_not_a_view_and_takes_in_place_ops(shape):
+    """Like nn.Linear, the output owns its autograd history (FSDP2 warns on view outputs, and an
+    in-place op on them broke its backward): h += x gives the gradients of h = h + x."""
+    torch.manual_seed(0)
+    layer = sk.SORSALinear.from_linear(nn.Linear(8, 8), 2, init="svd")
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    assert y._base is None
+    y += x
+    y.square().sum().backward()
+    g = [x.grad.clone(), layer.sorsa_A.grad.clone()]
+    x.grad = None
+    layer.zero_grad()
+    (layer(x) + x).square().sum().backward()
+    torch.testing.assert_close(x.grad, g[0])
+    torch.testing.assert_close(layer.sorsa_A.grad, g[1])

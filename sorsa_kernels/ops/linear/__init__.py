@@ -104,7 +104,11 @@ def sorsa_linear(
     impl = _backend.choose(OP, backend, x.device, lambda: linear_case(
         x2, weight, A, bias, p, train=_autotune.wants_grad(x, weight, A, S, B, bias)), dtype=x.dtype)
     y = op.linear(x2, weight, A, S, B, bias, scale, p, impl)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    if x.dim() == 2:
+        return y
+    # not a view of y (as aten's linear): FSDP2 and in-place ops on the output (h += x) need an
+    # output that owns its autograd history
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
 
 
 __all__ = ["sorsa_linear", "sorsa_linear_naive", "check_linear_args", "OP", "SPEC"]

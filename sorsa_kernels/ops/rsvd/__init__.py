@@ -11,10 +11,13 @@ so the Rayleigh–Ritz values over the basis — ``σ(Q_allᵀ·A)``, square roo
 growing fp64 Gram matrix ``H = Y_allᵀ·Y_all`` — cost no pass over A: a convergence check is one
 small eigenvalue problem (and one host sync). The result is exactly what the last check measured:
 ``U = Q_all·v``, ``σ``, ``V = orth(Y_all·v)`` from H's top eigenpairs (exact once the basis spans
-N). Orthonormalisation is CholeskyQR with fp64 Gram matrices and the shifted CholeskyQR3 fallback
-(Fukaya et al. 2020) for panels whose Gram matrix is not numerically positive definite;
-exactly-null columns (an exhausted Krylov space, a zero matrix) are replaced by Gaussian ones so
-``U`` and ``V`` are always orthonormal. The GEMMs are torch's (cuBLAS/MKL); the Gaussian sketch and
+N; for fp64 work the σ and V come from an SVD of ``Y_all·v``, which keeps small σ relatively
+accurate). A new block is orthonormalised eigen-based first (SVQB: ``eigh`` of its fp64 Gram
+matrix after the first projection): its directions at the rounding level of the block (numerically
+in the basis' span — an exhausted Krylov space —, dependent — a rank below the block width —, or
+zero) are replaced by Gaussian ones, then projected again and finished by CholeskyQR (fp64 Gram),
+so ``U`` and ``V`` are orthonormal whatever W is. ``Z`` is CholeskyQR with the shifted
+CholeskyQR3 fallback (Fukaya et al. 2020) and Gaussian refill of null columns. The GEMMs are torch's (cuBLAS/MKL); the Gaussian sketch and
 the batched k×k Cholesky are the building blocks below, from the C++/CUDA extension (``"ext"``,
 per-matrix code shared between the CPU and CUDA builds) or plain torch (``"torch"``); the d×d
 eigenproblems (checks, Rayleigh–Ritz) are torch's either way.
@@ -40,6 +43,7 @@ is ~13 % off on LLM-like matrices.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional, Tuple
 
@@ -184,6 +188,45 @@ class _Run:
             R = R2 @ R
         return Q, R
 
+    def extend(self, X: torch.Tensor, QaT: Optional[torch.Tensor]) -> torch.Tensor:
+        """An orthonormal block spanning X's new directions, orthogonal to the basis (the rows of
+        ``QaT``; None: empty): block classical Gram–Schmidt twice, the first orthonormalisation
+        eigen-based (SVQB, Stathopoulos & Wu 2002). Directions of X whose norm after the first
+        projection is at X's rounding level (at most ``τ = 10·eps·√N`` times its largest column:
+        numerically in the basis' span — an exhausted Krylov space —, dependent on the block's
+        other columns — a rank below the block width —, or zero) are replaced with Gaussian ones,
+        so the block is orthonormal and new whatever W is (``torch.where``: no host sync; on the
+        CPU the Gaussian is drawn only when some direction is replaced)."""
+        N = X.shape[-2]
+        X64 = X.to(torch.float64)
+        big = (X64 * X64).sum(1).amax(1)  # the largest squared column norm, before the projection
+        if QaT is not None:
+            X = X - QaT.mT @ (QaT @ X)
+            X64 = X.to(torch.float64)
+        lam, V = torch.linalg.eigh(X64.mT @ X64)
+        tau = 10 * torch.finfo(X.dtype).eps * math.sqrt(N)
+        keep = lam > (tau * tau) * big[:, None]
+        Xr = (X @ V.to(X.dtype)) * torch.where(keep, lam, 1.0).rsqrt().to(X.dtype)[:, None, :]
+        if X.device.type in HOST_CHECK_DEVICES and bool(keep.all()):
+            self.draws += 1  # the draw's stream is skipped, not reused: later draws keep their seeds
+        else:
+            g = self.gaussian(X.shape, X.dtype, X.device) / math.sqrt(N)
+            Xr = torch.where(keep[:, None, :], Xr, g)
+        if QaT is not None:
+            Xr = Xr - QaT.mT @ (QaT @ Xr)
+        Q, R = self.cholqr(Xr)
+        # Xr is well conditioned unless Gaussian refills fill the last few dimensions (a nearly
+        # square random block in the basis' complement: κ ~ its size) or R says otherwise: then
+        # CholQR's Q = Xr·R⁻¹ is orthonormal only to ~eps·κ and the basis' components it amplified
+        # must go: one more projection and pass (where needed)
+        d = 0 if QaT is None else QaT.shape[-2]
+        dg = R.diagonal(dim1=-2, dim2=-1).abs()
+        need = (dg.amax(1) > 64 * dg.amin(1)) | (N - d < 4 * X.shape[-1])
+        if X.device.type not in HOST_CHECK_DEVICES or bool(need.any()):
+            Q2 = Q if QaT is None else Q - QaT.mT @ (QaT @ Q)
+            Q = torch.where(need[:, None, None], self.cholqr(Q2)[0], Q)
+        return Q
+
 
 def _check_args(W, rank, oversample, niter, tol, seed, backend):
     check_float("W", W)
@@ -228,7 +271,7 @@ def default_oversample(rank: int) -> int:
 SAFE_EXPONENT = 32
 
 
-def _pow2_normalise(Wb: torch.Tensor, owned: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _pow2_normalise(Wb: torch.Tensor, owned: bool, force: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Where some matrix's max-abs exponent e is beyond ±``SAFE_EXPONENT``, divide each matrix by
     2^e (exact: powers of 2 only change the exponent), so the fp32 work sees entries in [0.5, 1)
     whatever the scale: no column norm or Gram entry under/overflows for entries near 2^±100.
@@ -238,7 +281,7 @@ def _pow2_normalise(Wb: torch.Tensor, owned: bool) -> Tuple[torch.Tensor, torch.
     Returns (W', e) with W = 2^e·W' (e = 0 where W is not normalised)."""
     # max |w| from two reductions: no |W| temporary (measured 5x faster on a 16 x 2048^2 stack)
     _, e = torch.frexp(torch.maximum(Wb.amax((1, 2)), -Wb.amin((1, 2))))  # 0 for an all-zero matrix
-    if bool((e.abs() <= SAFE_EXPONENT).all()):  # one host sync per call
+    if not force and bool((e.abs() <= SAFE_EXPONENT).all()):  # one host sync per call
         return Wb, torch.zeros_like(e)
     e1 = torch.div(e, 2, rounding_mode="floor")
     one = torch.ones((), dtype=Wb.dtype, device=Wb.device)
@@ -316,7 +359,16 @@ def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype, info=None)
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     *lead, m, n = W.shape
     Wb = W.reshape(-1, m, n)
-    Wb, expo = _pow2_normalise(Wb.to(work), owned=Wb.dtype != work)
+    fast = W.device.type == "cuda" and work == torch.float32
+    it_dt = iter_dtype or (torch.bfloat16 if fast else work)
+    if it_dt not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        raise ValueError(f"iter_dtype must be a floating dtype, got {it_dt}")
+    owned = Wb.dtype != work
+    Wb = Wb.to(work)
+    if Wb.stride(-1) != 1 and Wb.stride(-2) != 1:  # no BLAS layout: one copy, not one per GEMM
+        Wb, owned = Wb.contiguous(), True
+    # fp16 products have fp16's exponent range: always normalised then
+    Wb, expo = _pow2_normalise(Wb, owned=owned, force=it_dt == torch.float16)
     # the orthonormal basis Q lives in the smaller dimension N: its re-orthogonalisation is cheapest
     # there, and once it fills it the result is exact
     flip = m > n
@@ -325,10 +377,6 @@ def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype, info=None)
     # bf16 A·Z products only where they pay (CUDA tensor cores) and for fp32 work: they only choose
     # the basis' next directions; the Aᵀ·Q products, which Rayleigh–Ritz and the checks read, stay in
     # `work`
-    fast = W.device.type == "cuda" and work == torch.float32
-    it_dt = iter_dtype or (torch.bfloat16 if fast else work)
-    if it_dt not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        raise ValueError(f"iter_dtype must be a floating dtype, got {it_dt}")
     # Off CUDA, low-precision products are emulated: operands rounded to it_dt, the product
     # formed in the working precision and rounded to it_dt, as a tensor-core GEMM does (up to
     # summation order); CPU bf16 GEMMs would be ~10x slower than fp32 ones for no gain.
@@ -358,18 +406,9 @@ def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype, info=None)
     converged = tol is None
     done = 0
     while True:
-        # next block of the basis: A·Z made orthogonal to the basis by block classical Gram–Schmidt
-        # twice ("twice is enough"); orth refills null columns (an exhausted Krylov space, a zero
-        # matrix) with Gaussian ones, which the second projection makes orthogonal to the basis too
-        X = grow_mm(Z)[..., :min(b, N - d)]
-        if d:
-            QaT = QallT[:, :d]
-            X = X - QaT.mT @ (QaT @ X)
-            X, _ = run.orth(X, passes=2)
-            X = X - QaT.mT @ (QaT @ X)
-            Q, _ = run.cholqr(X, gram64=work == torch.float64)
-        else:
-            Q, _ = run.orth(X, passes=3)
+        # next block of the basis: A·Z made orthonormal and orthogonal to the basis (Gaussian
+        # directions where it adds nothing new: see _Run.extend)
+        Q = run.extend(grow_mm(Z)[..., :min(b, N - d)], QallT[:, :d] if d else None)
         w = Q.shape[-1]
         QallT[:, d:d + w] = Q.mT
         Yt = Q.mT @ A  # (Aᵀ·Q)ᵀ: the Rayleigh–Ritz products, in the working precision
@@ -404,11 +443,19 @@ def _rsvd(W, rank, oversample, niter, tol, seed, backend, iter_dtype, info=None)
     # Rayleigh–Ritz on span(Q): σ(Qᵀ·A) from the eigenpairs of its Gram matrix H = Yᵀ·Y (one d×d
     # fp64 eigh, reused from the last check when it formed them); U = Q·v, V = Y·v / σ
     lam, vec = eig if eig is not None else torch.linalg.eigh(H[:, :d, :d])  # ascending
-    S = lam[:, -rank:].flip(-1).clamp_min(0).sqrt()
-    Vg = vec[..., -rank:].flip(-1)
+    if work == torch.float64:
+        # √λ has absolute error ~eps·σ_max²/σ: for fp64 work the SVD of Y·v (top b eigenvectors:
+        # an orthogonal rotation of the basis, the same σ) keeps small σ relatively accurate
+        k = min(d, b)
+        Uy, S, Vhy = torch.linalg.svd(YallT[:, :d].mT @ vec[..., -k:], full_matrices=False)
+        S, V = S[:, :rank], Uy[..., :rank]
+        Vg = vec[..., -k:] @ Vhy[:, :rank].mT
+    else:
+        S = lam[:, -rank:].flip(-1).clamp_min(0).sqrt()
+        Vg = vec[..., -rank:].flip(-1)
+        # = Aᵀ·U·Σ⁻¹ up to column scaling; orth keeps it orthonormal for σ ≈ 0
+        V, _ = run.orth((YallT[:, :d].mT @ Vg).to(work))
     U = QallT[:, :d].mT @ Vg.to(work)
-    # = Aᵀ·U·Σ⁻¹ up to column scaling; orth keeps it orthonormal for σ ≈ 0
-    V, _ = run.orth((YallT[:, :d].mT @ Vg).to(work))
     if flip:
         U, V = V, U
     if bool(run.failed):  # the call's one host sync (besides one per convergence check)
