@@ -467,3 +467,8 @@ def test_strided_input_is_copied_once_and_equals_the_contiguous_one():
     W = base[:, ::2, ::2]  # neither of the last two strides is 1
     for a, b in zip(sk.rsvd(W, 8, seed=0), sk.rsvd(W.contiguous(), 8, seed=0)):
         assert torch.equal(a, b)
+
+
+def test_info_must_be_a_dict():
+    with pytest.raises(TypeError, match="info must be None or a dict"):
+        sk.rsvd(torch.randn(20, 10), 2, info=[])

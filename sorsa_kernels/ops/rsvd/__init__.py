@@ -198,11 +198,12 @@ class _Run:
         so the block is orthonormal and new whatever W is (``torch.where``: no host sync; on the
         CPU the Gaussian is drawn only when some direction is replaced)."""
         N = X.shape[-2]
-        X64 = X.to(torch.float64)
-        big = (X64 * X64).sum(1).amax(1)  # the largest squared column norm, before the projection
+        # the largest squared column norm, before the projection (in X's dtype: W is normalised
+        # to max-abs within 2^±32, far from under/overflow)
+        big = torch.linalg.vector_norm(X, dim=1).amax(1).to(torch.float64).square()
         if QaT is not None:
             X = X - QaT.mT @ (QaT @ X)
-            X64 = X.to(torch.float64)
+        X64 = X.to(torch.float64)
         lam, V = torch.linalg.eigh(X64.mT @ X64)
         tau = 10 * torch.finfo(X.dtype).eps * math.sqrt(N)
         keep = lam > (tau * tau) * big[:, None]
@@ -214,7 +215,9 @@ class _Run:
             Xr = torch.where(keep[:, None, :], Xr, g)
         if QaT is not None:
             Xr = Xr - QaT.mT @ (QaT @ Xr)
-        Q, R = self.cholqr(Xr)
+        # Xr is orthonormal to ~eps/τ (the rotation's rounding on its smallest kept direction):
+        # a Gram matrix in X's dtype suffices
+        Q, R = self.cholqr(Xr, gram64=X.dtype == torch.float64)
         # Xr is well conditioned unless Gaussian refills fill the last few dimensions (a nearly
         # square random block in the basis' complement: κ ~ its size) or R says otherwise: then
         # CholQR's Q = Xr·R⁻¹ is orthonormal only to ~eps·κ and the basis' components it amplified
@@ -224,7 +227,7 @@ class _Run:
         need = (dg.amax(1) > 64 * dg.amin(1)) | (N - d < 4 * X.shape[-1])
         if X.device.type not in HOST_CHECK_DEVICES or bool(need.any()):
             Q2 = Q if QaT is None else Q - QaT.mT @ (QaT @ Q)
-            Q = torch.where(need[:, None, None], self.cholqr(Q2)[0], Q)
+            Q = torch.where(need[:, None, None], self.cholqr(Q2, gram64=X.dtype == torch.float64)[0], Q)
         return Q
 
 
@@ -347,6 +350,9 @@ def rsvd(
         (float64 when W is float64).
     """
     oversample = _check_args(W, rank, oversample, niter, tol, seed, backend)
+    if info is not None and not isinstance(info, dict):
+        raise TypeError(f"info must be None or a dict (it receives iterations, basis, error_estimate), "
+                        f"got {type(info).__name__}")
     if tol is None and niter is None:
         tol = DEFAULT_TOL
     with no_tf32():
