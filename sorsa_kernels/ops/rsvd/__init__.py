@@ -15,7 +15,8 @@ N; for fp64 work the σ and V come from an SVD of ``Y_all·v``, which keeps smal
 accurate). A new block is orthonormalised eigen-based first (SVQB: ``eigh`` of its fp64 Gram
 matrix after the first projection): its directions at the rounding level of the block (numerically
 in the basis' span — an exhausted Krylov space —, dependent — a rank below the block width —, or
-zero) are replaced by Gaussian ones, then projected again and finished by CholeskyQR (fp64 Gram),
+zero) are replaced by Gaussian ones, then projected again and finished by CholeskyQR (a Gram
+matrix in the working dtype suffices: the block is orthonormal to ~eps/τ by then),
 so ``U`` and ``V`` are orthonormal whatever W is. ``Z`` is CholeskyQR with the shifted
 CholeskyQR3 fallback (Fukaya et al. 2020) and Gaussian refill of null columns. The GEMMs are torch's (cuBLAS/MKL); the Gaussian sketch and
 the batched k×k Cholesky are the building blocks below, from the C++/CUDA extension (``"ext"``,
