@@ -593,9 +593,9 @@ def _zero_effective_weight(layer, owner: int) -> Optional[torch.Tensor]:
 
 def _sharded_effective_weight(layer, owner: int) -> Optional[torch.Tensor]:
     """Sharded (DTensor) layer: its effective weight (out×in) on ``owner`` only, gathered from the
-    shards; the base weight alone for a layer never initialised (no initial adapter recorded: its
-    adapters' values are unknown after ``to_empty``), else ``W + scale·B·diag(S)·A`` as
-    :meth:`SORSALinear.effective_weight` computes it."""
+    shards; the base weight alone while the adapters were never set (see
+    :meth:`SORSALinear.init_weight`: after ``to_empty`` their values are garbage), else
+    ``W + scale·B·diag(S)·A`` as :meth:`SORSALinear.effective_weight` computes it."""
     device = layer.weight.data.to_local().device
     W = gather_to(layer.weight, owner, device)
     with_adapters = layer.r > 0 and not layer.merged and not getattr(layer, "_fresh", False)
