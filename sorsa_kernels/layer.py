@@ -210,7 +210,6 @@ class SORSALinear(nn.Module):
             for name, shape in (("sorsa_A", (r, in_f)), ("sorsa_S", (r,)), ("sorsa_B", (out_f, r))):
                 setattr(mod, name, nn.Parameter(mod.weight.new_zeros(shape)))
             mod._record_initial()
-            mod._fresh = True  # until an init or a load sets the adapters (their values may be garbage after to_empty)
             if init is not None:
                 mod.sorsa_init(method=init, **kwargs)
         elif init is not None and kwargs:
